@@ -1,0 +1,835 @@
+"""
+The Kelpie wire types, shared by the client SDK and the API server.
+
+Every model is an attrs class with an explicit ``to_json()`` (a JSON-able dict in
+the exact wire shape) and ``from_json(data)`` (tolerant of unknown keys, strict
+about missing or mistyped required ones, raising ``ResponseValidationError``).
+
+The server decodes request bodies into these very classes, so there is one
+definition of the wire format. Field order follows the original API's column
+order (``kelpie-protocol.md`` §2.6); fields this project adds to the protocol
+(``attempt``, ``num_interruptions``, ``lease_expires``, ``progress``,
+``last_error``) are optional and omitted when unset, so a job read from the
+hosted API round-trips exactly too.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from collections.abc import Iterable, Mapping
+from typing import Any, NoReturn, Self, TypeAlias
+
+import attrs
+
+from kelpie_sdk.errors import ResponseValidationError
+
+__all__ = [
+    "LEGACY_STORAGE_FIELDS",
+    "MAX_BATCH_SIZE",
+    "JSONValue",
+    "Job",
+    "JobList",
+    "JobStatus",
+    "JobSubmission",
+    "ScalingRule",
+    "ScalingRuleSubmission",
+    "ScalingRuleUpdate",
+    "SyncConfig",
+    "SyncDirection",
+    "SyncSpec",
+    "User",
+    "WorkerReport",
+    "format_timestamp",
+    "parse_timestamp",
+]
+
+JSONValue: TypeAlias = (
+    "bool | int | float | str | list[JSONValue] | dict[str, JSONValue] | None"
+)
+
+#: The most jobs ``POST /jobs/batch`` accepts in one request.
+MAX_BATCH_SIZE = 1000
+
+#: The flat ("legacy") storage fields of a job, in wire order.
+LEGACY_STORAGE_FIELDS = (
+    "input_bucket",
+    "input_prefix",
+    "checkpoint_bucket",
+    "checkpoint_prefix",
+    "output_bucket",
+    "output_prefix",
+)
+
+
+class JobStatus(enum.StrEnum):
+    """
+    The five states of a job.
+    """
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    CANCELED = "canceled"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        """
+        Whether the job reached a final state and will never run again.
+        """
+        return self in (JobStatus.COMPLETED, JobStatus.CANCELED, JobStatus.FAILED)
+
+
+class SyncDirection(enum.StrEnum):
+    """
+    Which way a sync entry moves files.
+    """
+
+    DOWNLOAD = "download"
+    UPLOAD = "upload"
+
+
+def format_timestamp(value: dt.datetime) -> str:
+    """
+    Format a timestamp the way the Kelpie API does: ISO 8601, UTC, ms, ``Z``.
+
+    Args:
+        value: A timezone-aware datetime (naive values are taken as UTC).
+
+    Returns:
+        For example ``"2025-08-11T21:49:44.000Z"``.
+    """
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    value = value.astimezone(dt.UTC)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def parse_timestamp(value: str) -> dt.datetime:
+    """
+    Parse a Kelpie timestamp into an aware UTC datetime.
+
+    Accepts ISO 8601 with or without ``Z`` and SQLite's ``YYYY-MM-DD HH:MM:SS``
+    (the hosted API returns scaling rules and users in that form).
+
+    Raises:
+        ValueError: Not a timestamp.
+    """
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    parsed = dt.datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.astimezone(dt.UTC)
+
+
+# -- from_json helpers -------------------------------------------------------
+
+
+def _fail(model: str, key: str, expected: str, data: Mapping[str, Any]) -> NoReturn:
+    raise ResponseValidationError(
+        f"{model}: field {key!r} must be {expected}, got {data.get(key)!r}"
+    )
+
+
+def _mapping(model: str, data: object) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ResponseValidationError(
+            f"{model}: expected a JSON object, got {type(data).__name__}"
+        )
+    return data
+
+
+def _req_str(model: str, data: Mapping[str, Any], key: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str):
+        _fail(model, key, "a string", data)
+    return value
+
+
+def _opt_str(model: str, data: Mapping[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        _fail(model, key, "a string or null", data)
+    return value
+
+
+def _int(model: str, data: Mapping[str, Any], key: str, default: int | None) -> int:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(model, key, "an integer", data)
+    return value
+
+
+def _opt_int(model: str, data: Mapping[str, Any], key: str) -> int | None:
+    if data.get(key) is None:
+        return None
+    return _int(model, data, key, None)
+
+
+def _bool(model: str, data: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        _fail(model, key, "a boolean", data)
+    return value
+
+
+def _opt_time(model: str, data: Mapping[str, Any], key: str) -> dt.datetime | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        _fail(model, key, "a timestamp string", data)
+    try:
+        return parse_timestamp(value)
+    except ValueError as exc:
+        raise ResponseValidationError(
+            f"{model}: field {key!r} is not a timestamp: {value!r}"
+        ) from exc
+
+
+def _req_time(model: str, data: Mapping[str, Any], key: str) -> dt.datetime:
+    value = _opt_time(model, data, key)
+    if value is None:
+        _fail(model, key, "a timestamp string", data)
+    return value
+
+
+def _str_list(model: str, data: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        _fail(model, key, "a list of strings", data)
+    return tuple(value)
+
+
+def _str_map(model: str, data: Mapping[str, Any], key: str) -> dict[str, str]:
+    value = data.get(key, {})
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        _fail(model, key, "an object of strings", data)
+    return dict(value)
+
+
+def _status(model: str, data: Mapping[str, Any]) -> JobStatus:
+    value = data.get("status")
+    if not isinstance(value, str) or value not in JobStatus._value2member_map_:
+        _fail(model, "status", "a job status", data)
+    return JobStatus(value)
+
+
+# -- validators (run by attrs, hence also by the server's decoder) ------------
+
+
+def _at_least(minimum: int) -> Any:
+    def check(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+        if value < minimum:
+            raise ValueError(
+                f"{attribute.name} must be at least {minimum}, got {value}"
+            )
+
+    return check
+
+
+def _between(low: int, high: int) -> Any:
+    def check(
+        instance: object, attribute: attrs.Attribute[int | None], value: int | None
+    ) -> None:
+        if value is not None and not low <= value <= high:
+            raise ValueError(
+                f"{attribute.name} must be between {low} and {high}, got {value}"
+            )
+
+    return check
+
+
+def _to_tuple(value: Iterable[Any] | None) -> tuple[Any, ...] | None:
+    return None if value is None else tuple(value)
+
+
+def _str_tuple(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
+def _str_dict(value: Mapping[str, str]) -> dict[str, str]:
+    return dict(value)
+
+
+def _job_tuple(value: Iterable[Job]) -> tuple[Job, ...]:
+    return tuple(value)
+
+
+# -- models ------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class SyncConfig:
+    """
+    One managed-storage rule: a bucket prefix and a local directory.
+
+    Attributes:
+        bucket: The bucket.
+        prefix: The key prefix; the server appends a trailing ``/``.
+        local_path: The directory in the job's container.
+        direction: ``download`` in ``before``, ``upload`` in ``during``/``after``.
+        pattern: An optional regular expression that file names must match.
+    """
+
+    bucket: str
+    prefix: str
+    local_path: str
+    direction: SyncDirection = attrs.field(converter=SyncDirection)
+    pattern: str | None = None
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """
+        The wire form.
+        """
+        out: dict[str, JSONValue] = {
+            "bucket": self.bucket,
+            "prefix": self.prefix,
+            "local_path": self.local_path,
+            "direction": self.direction.value,
+        }
+        if self.pattern is not None:
+            out["pattern"] = self.pattern
+        return out
+
+    @classmethod
+    def from_json(cls, data: object) -> Self:
+        """
+        Parse the wire form.
+
+        Raises:
+            ResponseValidationError: A field is missing or mistyped.
+        """
+        m = _mapping("SyncConfig", data)
+        direction = _req_str("SyncConfig", m, "direction")
+        if direction not in ("download", "upload"):
+            _fail("SyncConfig", "direction", '"download" or "upload"', m)
+        return cls(
+            bucket=_req_str("SyncConfig", m, "bucket"),
+            prefix=_req_str("SyncConfig", m, "prefix"),
+            local_path=_req_str("SyncConfig", m, "local_path"),
+            direction=SyncDirection(direction),
+            pattern=_opt_str("SyncConfig", m, "pattern"),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class SyncSpec:
+    """
+    The ``sync`` block of a job. ``SyncSpec()`` (wire ``{}``) means "no managed
+    storage": the job does its own I/O.
+
+    Attributes:
+        before: Downloads before the command starts.
+        during: Uploads while it runs.
+        after: Uploads after it exits 0.
+    """
+
+    before: tuple[SyncConfig, ...] | None = attrs.field(
+        default=None, converter=_to_tuple
+    )
+    during: tuple[SyncConfig, ...] | None = attrs.field(
+        default=None, converter=_to_tuple
+    )
+    after: tuple[SyncConfig, ...] | None = attrs.field(
+        default=None, converter=_to_tuple
+    )
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """
+        The wire form; phases that are unset are omitted.
+        """
+        out: dict[str, JSONValue] = {}
+        for phase in ("before", "during", "after"):
+            entries: tuple[SyncConfig, ...] | None = getattr(self, phase)
+            if entries is not None:
+                out[phase] = [e.to_json() for e in entries]
+        return out
+
+    @classmethod
+    def from_json(cls, data: object) -> Self:
+        """
+        Parse the wire form.
+
+        Raises:
+            ResponseValidationError: A phase is not a list of sync entries.
+        """
+        m = _mapping("SyncSpec", data)
+        phases: dict[str, tuple[SyncConfig, ...] | None] = {}
+        for phase in ("before", "during", "after"):
+            value = m.get(phase)
+            if value is None:
+                phases[phase] = None
+            elif isinstance(value, list):
+                phases[phase] = tuple(SyncConfig.from_json(v) for v in value)
+            else:
+                _fail("SyncSpec", phase, "a list", m)
+        return cls(**phases)
+
+    def entries(self) -> Iterable[tuple[str, SyncConfig]]:
+        """
+        Every entry with its phase name, in order.
+        """
+        for phase in ("before", "during", "after"):
+            for entry in getattr(self, phase) or ():
+                yield phase, entry
+
+
+@attrs.frozen(kw_only=True)
+class JobSubmission:
+    """
+    The body of ``POST /jobs`` (and one element of ``POST /jobs/batch``).
+
+    Use either the six flat storage fields or ``sync`` (``SyncSpec()`` for none).
+    """
+
+    command: str
+    container_group_id: str
+    arguments: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
+    environment: dict[str, str] = attrs.field(factory=dict, converter=_str_dict)
+    input_bucket: str | None = None
+    input_prefix: str | None = None
+    checkpoint_bucket: str | None = None
+    checkpoint_prefix: str | None = None
+    output_bucket: str | None = None
+    output_prefix: str | None = None
+    max_failures: int = attrs.field(default=3, validator=_at_least(1))
+    heartbeat_interval: int = attrs.field(default=30, validator=_at_least(1))
+    webhook: str | None = None
+    compression: bool = False
+    sync: SyncSpec | None = None
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """
+        The wire form: unset optional fields are omitted.
+        """
+        out: dict[str, JSONValue] = {
+            "command": self.command,
+            "arguments": list(self.arguments),
+            "environment": dict(self.environment),
+        }
+        for key in LEGACY_STORAGE_FIELDS:
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        out["max_failures"] = self.max_failures
+        out["heartbeat_interval"] = self.heartbeat_interval
+        if self.webhook is not None:
+            out["webhook"] = self.webhook
+        out["container_group_id"] = self.container_group_id
+        out["compression"] = self.compression
+        if self.sync is not None:
+            out["sync"] = self.sync.to_json()
+        return out
+
+    @classmethod
+    def from_json(cls, data: object) -> Self:
+        """
+        Parse the wire form (the server decodes with Litestar instead).
+
+        Raises:
+            ResponseValidationError: A field is missing or mistyped.
+        """
+        name = "JobSubmission"
+        m = _mapping(name, data)
+        sync = m.get("sync")
+        try:
+            return cls(
+                command=_req_str(name, m, "command"),
+                container_group_id=_req_str(name, m, "container_group_id"),
+                arguments=_str_list(name, m, "arguments"),
+                environment=_str_map(name, m, "environment"),
+                **{k: _opt_str(name, m, k) for k in LEGACY_STORAGE_FIELDS},
+                max_failures=_int(name, m, "max_failures", 3),
+                heartbeat_interval=_int(name, m, "heartbeat_interval", 30),
+                webhook=_opt_str(name, m, "webhook"),
+                compression=_bool(name, m, "compression", False),
+                sync=None if sync is None else SyncSpec.from_json(sync),
+            )
+        except ValueError as exc:
+            raise ResponseValidationError(f"{name}: {exc}") from exc
+
+
+@attrs.frozen(kw_only=True)
+class Job:
+    """
+    A job as the API returns it.
+
+    Timestamps that are unset are ``None`` and omitted on the wire. When ``sync``
+    is set the six flat storage fields are absent (``None``); otherwise ``sync``
+    is ``None`` and they are present.
+
+    The fields after ``sync`` are this project's additions to the protocol:
+    ``attempt`` (claims so far), ``num_interruptions`` (expired leases and
+    releases, never counted as failures), ``lease_expires``, the latest
+    ``progress`` record a worker reported, and ``last_error`` (the latest
+    failure reason). The hosted API does not send them; they are then ``None``.
+    """
+
+    id: str
+    user_id: str
+    status: JobStatus = attrs.field(converter=JobStatus)
+    created: dt.datetime
+    started: dt.datetime | None = None
+    completed: dt.datetime | None = None
+    canceled: dt.datetime | None = None
+    failed: dt.datetime | None = None
+    heartbeat: dt.datetime | None = None
+    num_failures: int = 0
+    machine_id: str | None = None
+    command: str
+    arguments: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
+    environment: dict[str, str] = attrs.field(factory=dict, converter=_str_dict)
+    input_bucket: str | None = None
+    input_prefix: str | None = None
+    checkpoint_bucket: str | None = None
+    checkpoint_prefix: str | None = None
+    output_bucket: str | None = None
+    output_prefix: str | None = None
+    max_failures: int = 3
+    heartbeat_interval: int = 30
+    container_group_id: str
+    webhook: str | None = None
+    compression: bool = False
+    num_heartbeats: int = 0
+    sync: SyncSpec | None = None
+    attempt: int | None = None
+    num_interruptions: int | None = None
+    lease_expires: dt.datetime | None = None
+    progress: dict[str, Any] | None = None
+    last_error: str | None = None
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """
+        The wire form, key for key as the API sends it.
+        """
+        out: dict[str, JSONValue] = {
+            "id": self.id,
+            "user_id": self.user_id,
+            "status": self.status.value,
+            "created": format_timestamp(self.created),
+        }
+        for key in ("started", "completed", "canceled", "failed", "heartbeat"):
+            value: dt.datetime | None = getattr(self, key)
+            if value is not None:
+                out[key] = format_timestamp(value)
+        out["num_failures"] = self.num_failures
+        out["machine_id"] = self.machine_id
+        out["command"] = self.command
+        out["arguments"] = list(self.arguments)
+        out["environment"] = dict(self.environment)
+        if self.sync is None:
+            for key in LEGACY_STORAGE_FIELDS:
+                out[key] = getattr(self, key)
+        out["max_failures"] = self.max_failures
+        out["heartbeat_interval"] = self.heartbeat_interval
+        out["container_group_id"] = self.container_group_id
+        out["webhook"] = self.webhook
+        out["compression"] = self.compression
+        out["num_heartbeats"] = self.num_heartbeats
+        out["sync"] = None if self.sync is None else self.sync.to_json()
+        if self.attempt is not None:
+            out["attempt"] = self.attempt
+        if self.num_interruptions is not None:
+            out["num_interruptions"] = self.num_interruptions
+        if self.lease_expires is not None:
+            out["lease_expires"] = format_timestamp(self.lease_expires)
+        if self.progress is not None:
+            out["progress"] = self.progress
+        if self.last_error is not None:
+            out["last_error"] = self.last_error
+        return out
+
+    @classmethod
+    def from_json(cls, data: object) -> Self:
+        """
+        Parse a job from the API.
+
+        Raises:
+            ResponseValidationError: A required field is missing or mistyped.
+        """
+        name = "Job"
+        m = _mapping(name, data)
+        sync = m.get("sync")
+        progress = m.get("progress")
+        if progress is not None and not isinstance(progress, dict):
+            _fail(name, "progress", "an object", m)
+        return cls(
+            id=_req_str(name, m, "id"),
+            user_id=_req_str(name, m, "user_id"),
+            status=_status(name, m),
+            created=_req_time(name, m, "created"),
+            started=_opt_time(name, m, "started"),
+            completed=_opt_time(name, m, "completed"),
+            canceled=_opt_time(name, m, "canceled"),
+            failed=_opt_time(name, m, "failed"),
+            heartbeat=_opt_time(name, m, "heartbeat"),
+            num_failures=_int(name, m, "num_failures", 0),
+            machine_id=_opt_str(name, m, "machine_id"),
+            command=_req_str(name, m, "command"),
+            arguments=_str_list(name, m, "arguments"),
+            environment=_str_map(name, m, "environment"),
+            **{k: _opt_str(name, m, k) for k in LEGACY_STORAGE_FIELDS},
+            max_failures=_int(name, m, "max_failures", 3),
+            heartbeat_interval=_int(name, m, "heartbeat_interval", 30),
+            container_group_id=_req_str(name, m, "container_group_id"),
+            webhook=_opt_str(name, m, "webhook"),
+            compression=_bool(name, m, "compression", False),
+            num_heartbeats=_int(name, m, "num_heartbeats", 0),
+            sync=None if sync is None else SyncSpec.from_json(sync),
+            attempt=_opt_int(name, m, "attempt"),
+            num_interruptions=_opt_int(name, m, "num_interruptions"),
+            lease_expires=_opt_time(name, m, "lease_expires"),
+            progress=progress,
+            last_error=_opt_str(name, m, "last_error"),
+        )
+
+    @property
+    def finished(self) -> bool:
+        """
+        Whether the job is completed, canceled or failed.
+        """
+        return self.status.finished
+
+
+@attrs.frozen(kw_only=True)
+class JobList:
+    """
+    One page of ``GET /jobs``: ``_count`` is the number of jobs on this page.
+    """
+
+    jobs: tuple[Job, ...] = attrs.field(converter=_job_tuple)
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """
+        The wire form.
+        """
+        return {"_count": len(self.jobs), "jobs": [j.to_json() for j in self.jobs]}
+
+    @classmethod
+    def from_json(cls, data: object) -> Self:
+        """
+        Parse a page.
+
+        Raises:
+            ResponseValidationError: Not a page of jobs.
+        """
+        m = _mapping("JobList", data)
+        jobs = m.get("jobs")
+        if not isinstance(jobs, list):
+            _fail("JobList", "jobs", "a list", m)
+        return cls(jobs=[Job.from_json(j) for j in jobs])
+
+
+@attrs.frozen(kw_only=True)
+class WorkerReport:
+    """
+    The body of the worker's heartbeat, completed, failed and release calls.
+
+    ``machine_id`` and ``container_group_id`` are the original protocol. The
+    rest are this project's optional additions, which servers unaware of them
+    ignore: ``attempt`` fences a report to one claim; ``progress`` is the job's
+    latest progress record; ``exit_code`` and ``error`` explain a failure.
+    """
+
+    machine_id: str
+    container_group_id: str
+    attempt: int | None = None
+    progress: dict[str, Any] | None = None
+    exit_code: int | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """
+        The wire form; unset optional fields are omitted.
+        """
+        out: dict[str, JSONValue] = {
+            "machine_id": self.machine_id,
+            "container_group_id": self.container_group_id,
+        }
+        for key in ("attempt", "progress", "exit_code", "error"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        return out
+
+    @classmethod
+    def from_json(cls, data: object) -> Self:
+        """
+        Parse the wire form.
+
+        Raises:
+            ResponseValidationError: A field is missing or mistyped.
+        """
+        name = "WorkerReport"
+        m = _mapping(name, data)
+        progress = m.get("progress")
+        if progress is not None and not isinstance(progress, dict):
+            _fail(name, "progress", "an object", m)
+        return cls(
+            machine_id=_req_str(name, m, "machine_id"),
+            container_group_id=_req_str(name, m, "container_group_id"),
+            attempt=_opt_int(name, m, "attempt"),
+            progress=progress,
+            exit_code=_opt_int(name, m, "exit_code"),
+            error=_opt_str(name, m, "error"),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class ScalingRuleSubmission:
+    """
+    The body of ``POST /scaling-rules``.
+
+    ``container_group_name`` is optional here: the hosted API looks the name up
+    in SaladCloud, a self-hosted server cannot.
+    """
+
+    container_group_id: str
+    min_replicas: int = attrs.field(validator=_between(0, 500))
+    max_replicas: int = attrs.field(validator=_between(0, 500))
+    idle_threshold_seconds: int = attrs.field(validator=_between(0, 3600))
+    container_group_name: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must not exceed "
+                f"max_replicas ({self.max_replicas})"
+            )
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """
+        The wire form.
+        """
+        out: dict[str, JSONValue] = {
+            "container_group_id": self.container_group_id,
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "idle_threshold_seconds": self.idle_threshold_seconds,
+        }
+        if self.container_group_name is not None:
+            out["container_group_name"] = self.container_group_name
+        return out
+
+
+@attrs.frozen(kw_only=True)
+class ScalingRuleUpdate:
+    """
+    The body of ``PATCH /scaling-rules/{id}``: any subset of the limits.
+    """
+
+    min_replicas: int | None = attrs.field(default=None, validator=_between(0, 500))
+    max_replicas: int | None = attrs.field(default=None, validator=_between(0, 500))
+    idle_threshold_seconds: int | None = attrs.field(
+        default=None, validator=_between(0, 3600)
+    )
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """
+        The wire form: only the fields being changed.
+        """
+        return {
+            k: v
+            for k in ("min_replicas", "max_replicas", "idle_threshold_seconds")
+            if (v := getattr(self, k)) is not None
+        }
+
+
+@attrs.frozen(kw_only=True)
+class ScalingRule:
+    """
+    A stored scaling rule: one per container group.
+    """
+
+    container_group_id: str
+    org_name: str | None
+    project_name: str | None
+    container_group_name: str | None
+    user_id: str
+    created: dt.datetime
+    updated: dt.datetime
+    min_replicas: int
+    max_replicas: int
+    idle_threshold_seconds: int
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """
+        The wire form (timestamps in ISO 8601, unlike the original's SQLite strings).
+        """
+        return {
+            "container_group_id": self.container_group_id,
+            "org_name": self.org_name,
+            "project_name": self.project_name,
+            "container_group_name": self.container_group_name,
+            "user_id": self.user_id,
+            "created": format_timestamp(self.created),
+            "updated": format_timestamp(self.updated),
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "idle_threshold_seconds": self.idle_threshold_seconds,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> Self:
+        """
+        Parse a rule (ISO or SQLite-style timestamps).
+
+        Raises:
+            ResponseValidationError: A field is missing or mistyped.
+        """
+        name = "ScalingRule"
+        m = _mapping(name, data)
+        return cls(
+            container_group_id=_req_str(name, m, "container_group_id"),
+            org_name=_opt_str(name, m, "org_name"),
+            project_name=_opt_str(name, m, "project_name"),
+            container_group_name=_opt_str(name, m, "container_group_name"),
+            user_id=_req_str(name, m, "user_id"),
+            created=_req_time(name, m, "created"),
+            updated=_req_time(name, m, "updated"),
+            min_replicas=_int(name, m, "min_replicas", None),
+            max_replicas=_int(name, m, "max_replicas", None),
+            idle_threshold_seconds=_int(name, m, "idle_threshold_seconds", None),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class User:
+    """
+    A Kelpie user: jobs and rules are scoped to one.
+    """
+
+    id: str
+    username: str
+    created: dt.datetime
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """
+        The wire form.
+        """
+        return {
+            "id": self.id,
+            "username": self.username,
+            "created": format_timestamp(self.created),
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> Self:
+        """
+        Parse a user.
+
+        Raises:
+            ResponseValidationError: A field is missing or mistyped.
+        """
+        m = _mapping("User", data)
+        return cls(
+            id=_req_str("User", m, "id"),
+            username=_req_str("User", m, "username"),
+            created=_req_time("User", m, "created"),
+        )
