@@ -1,0 +1,422 @@
+"""
+The one place that speaks HTTP: a ``requests.Session`` with timeouts, retries
+and error mapping.
+
+No ``requests`` or ``urllib3`` exception leaves this module: transport failures
+become ``APIConnectionError`` / ``APITimeoutError`` (the original is the
+``__cause__``), non-2xx answers the ``APIStatusError`` subclass for the status,
+and a 2xx answer that is not JSON a ``ResponseValidationError``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeAlias
+
+import requests
+import requests.adapters
+import urllib3.exceptions
+
+from kelpie_sdk._retry import (
+    Failure,
+    backoff_delay,
+    parse_retry_after,
+    should_retry,
+)
+from kelpie_sdk.config import CREDENTIAL_HEADERS
+from kelpie_sdk.errors import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    APITimeoutError,
+    ConfigError,
+    ResponseValidationError,
+    status_error_class,
+)
+
+__all__ = [
+    "DEFAULT_MAX_RETRIES",
+    "DEFAULT_TIMEOUT",
+    "IDEMPOTENT_METHODS",
+    "Timeout",
+    "Transport",
+    "normalize_timeout",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds: a single number for both, or ``(connect, read)``.
+Timeout: TypeAlias = float | tuple[float, float]
+
+DEFAULT_TIMEOUT: Timeout = (5.0, 30.0)
+DEFAULT_MAX_RETRIES = 2
+#: Methods that are safe to repeat unless the caller says otherwise.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
+_USER_AGENT = "kelpie-sdk-python"
+
+
+def _positive(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{what} must be a number of seconds, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or number <= 0:
+        raise ConfigError(f"{what} must be a positive number of seconds, got {value!r}")
+    return number
+
+
+def normalize_timeout(timeout: object) -> tuple[float, float]:
+    """
+    Check a ``Timeout`` and return it as ``(connect, read)`` seconds.
+
+    Raises:
+        ConfigError: ``None``, a non-number, or a value that is not positive.
+    """
+    if timeout is None:
+        raise ConfigError(
+            "timeout=None (wait forever) is not allowed; pass seconds or "
+            "(connect, read)"
+        )
+    if isinstance(timeout, tuple):
+        if len(timeout) != 2:
+            raise ConfigError(f"timeout must be (connect, read), got {timeout!r}")
+        return (
+            _positive(timeout[0], "connect timeout"),
+            _positive(timeout[1], "read timeout"),
+        )
+    value = _positive(timeout, "timeout")
+    return (value, value)
+
+
+def _check_retries(max_retries: object) -> int:
+    if (
+        isinstance(max_retries, bool)
+        or not isinstance(max_retries, int)
+        or max_retries < 0
+    ):
+        raise ConfigError(
+            f"max_retries must be a non-negative integer, got {max_retries!r}"
+        )
+    return max_retries
+
+
+def _mask(headers: Mapping[str, str]) -> dict[str, str]:
+    return {
+        k: ("***" if k.lower() in CREDENTIAL_HEADERS else v) for k, v in headers.items()
+    }
+
+
+def _chain(exc: BaseException) -> list[object]:
+    """The exception, its args, and what they wrap (urllib3 nests reasons)."""
+    seen: list[object] = []
+    todo: list[object] = [exc]
+    while todo and len(seen) < 20:
+        item = todo.pop()
+        if any(item is s for s in seen):
+            continue
+        seen.append(item)
+        if isinstance(item, BaseException):
+            todo.extend(item.args)
+            for attr in ("reason", "__cause__", "__context__"):
+                inner = getattr(item, attr, None)
+                if isinstance(inner, BaseException):
+                    todo.append(inner)
+    return seen
+
+
+def classify(exc: BaseException) -> Failure:
+    """
+    Say how a transport exception failed: before sending, by timeout, or after.
+    """
+    chain = _chain(exc)
+    if isinstance(exc, requests.exceptions.ConnectTimeout) or any(
+        isinstance(
+            e,
+            urllib3.exceptions.NewConnectionError
+            | urllib3.exceptions.ConnectTimeoutError,
+        )
+        for e in chain
+    ):
+        return Failure.CONNECT
+    if isinstance(exc, requests.exceptions.Timeout) or any(
+        isinstance(e, urllib3.exceptions.ReadTimeoutError | TimeoutError) for e in chain
+    ):
+        return Failure.READ_TIMEOUT
+    return Failure.CONNECTION
+
+
+class Transport:
+    """
+    Sends requests to one Kelpie API server, with retries.
+
+    Thread-safe as far as ``requests.Session`` is (fine for concurrent simple
+    requests; do not mutate the session while others use it).
+
+    Args:
+        base_url: The server, without a trailing slash.
+        headers: Sent with every request (credentials included).
+        timeout: The default timeout.
+        max_retries: The default number of retries.
+        sleep: Called with the seconds to wait between attempts.
+        session: A session to share; a new one is made when ``None``.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        headers: Mapping[str, str],
+        *,
+        timeout: Timeout = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        sleep: Callable[[float], None] = time.sleep,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = normalize_timeout(timeout)
+        self.max_retries = _check_retries(max_retries)
+        self.sleep = sleep
+        self.headers = {
+            "Accept": "application/json",
+            "User-Agent": _USER_AGENT,
+            **headers,
+        }
+        if session is None:
+            session = requests.Session()
+            # No hidden retries below ours.
+            adapter = requests.adapters.HTTPAdapter(max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+        self.session = session
+
+    def close(self) -> None:
+        """
+        Close the session's pooled connections.
+        """
+        self.session.close()
+
+    def with_options(
+        self, *, timeout: Timeout | None = None, max_retries: int | None = None
+    ) -> Transport:
+        """
+        A copy with other defaults that shares this one's session.
+        """
+        return Transport(
+            self.base_url,
+            self.headers,
+            timeout=self.timeout if timeout is None else timeout,
+            max_retries=self.max_retries if max_retries is None else max_retries,
+            sleep=self.sleep,
+            session=self.session,
+        )
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str | int | float] | None = None,
+        json_body: Any = None,
+        idempotent: bool | None = None,
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> Any:
+        """
+        Send a request, retrying where it is safe, and decode the answer.
+
+        Args:
+            method: The HTTP method.
+            path: The path below the base URL, starting with ``/``.
+            params: Query parameters.
+            json_body: A JSON-able body, or ``None`` for none.
+            idempotent: Whether repeating is harmless; by default, true for
+                GET, HEAD, OPTIONS, PUT and DELETE.
+            timeout: Overrides the default timeout for this call.
+            max_retries: Overrides the default retries for this call.
+
+        Returns:
+            The decoded JSON body, or ``None`` for an empty body (e.g. 204).
+
+        Raises:
+            APIStatusError: A non-2xx answer (the subclass for its status).
+            APIConnectionError: No usable answer (``APITimeoutError`` on timeouts).
+            ResponseValidationError: A 2xx answer whose body is not JSON.
+        """
+        method = method.upper()
+        limits = self.timeout if timeout is None else normalize_timeout(timeout)
+        retries = (
+            self.max_retries if max_retries is None else _check_retries(max_retries)
+        )
+        safe = method in IDEMPOTENT_METHODS if idempotent is None else idempotent
+        url = self.base_url + path
+        headers = dict(self.headers)
+        data: bytes | None = None
+        if json_body is not None:
+            data = json.dumps(json_body).encode()
+            headers["Content-Type"] = "application/json"
+        attempt = 0
+        while True:
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    "request %s %s params=%s headers=%s",
+                    method,
+                    url,
+                    dict(params or {}),
+                    _mask(headers),
+                )
+            started = time.monotonic()
+            try:
+                response = self.session.request(
+                    method,
+                    url,
+                    params=params,
+                    data=data,
+                    headers=headers,
+                    timeout=limits,
+                    allow_redirects=False,
+                )
+            except (
+                requests.exceptions.RequestException,
+                urllib3.exceptions.HTTPError,
+                http.client.HTTPException,
+                OSError,
+            ) as exc:
+                failure = classify(exc)
+                error: APIError
+                if failure is Failure.CONNECTION:
+                    error = APIConnectionError(
+                        f"{method} {path}: connection failed: {exc}",
+                        method=method,
+                        url=url,
+                    )
+                elif failure is Failure.CONNECT:
+                    error_cls: type[APIConnectionError] = (
+                        APITimeoutError
+                        if isinstance(exc, requests.exceptions.Timeout)
+                        else APIConnectionError
+                    )
+                    error = error_cls(
+                        f"{method} {path}: cannot connect to {self.base_url}: {exc}",
+                        method=method,
+                        url=url,
+                    )
+                else:
+                    error = APITimeoutError(
+                        f"{method} {path}: timed out after {limits[1]:g} s "
+                        f"waiting for the server",
+                        method=method,
+                        url=url,
+                    )
+                if should_retry(
+                    failure, idempotent=safe, attempt=attempt, max_retries=retries
+                ):
+                    self._pause(attempt, None, f"{failure.value} error", method, path)
+                    attempt += 1
+                    continue
+                raise error from exc
+            logger.debug(
+                "response %s %s -> %d in %.3f s",
+                method,
+                url,
+                response.status_code,
+                time.monotonic() - started,
+            )
+            if 200 <= response.status_code < 300:
+                return self._decode(response, method, path, url)
+            status_error = self._status_error(response, method, path, url)
+            if should_retry(
+                Failure.STATUS,
+                status=response.status_code,
+                idempotent=safe,
+                attempt=attempt,
+                max_retries=retries,
+            ):
+                self._pause(
+                    attempt,
+                    status_error.retry_after,
+                    f"status {response.status_code}",
+                    method,
+                    path,
+                )
+                attempt += 1
+                continue
+            raise status_error
+
+    def _pause(
+        self,
+        attempt: int,
+        retry_after: float | None,
+        reason: str,
+        method: str,
+        path: str,
+    ) -> None:
+        delay = backoff_delay(attempt, retry_after=retry_after)
+        logger.info(
+            "retrying %s %s after %s (retry %d) in %.2f s",
+            method,
+            path,
+            reason,
+            attempt + 1,
+            delay,
+        )
+        self.sleep(delay)
+
+    @staticmethod
+    def _decode(response: requests.Response, method: str, path: str, url: str) -> Any:
+        if not response.content.strip():
+            return None
+        try:
+            return json.loads(response.content)
+        except ValueError as exc:
+            snippet = response.text[:200]
+            raise ResponseValidationError(
+                f"{response.status_code} {method} {path}: the answer is not JSON: "
+                f"{snippet!r}",
+                method=method,
+                url=url,
+            ) from exc
+
+    @staticmethod
+    def _status_error(
+        response: requests.Response, method: str, path: str, url: str
+    ) -> APIStatusError:
+        body: Any
+        try:
+            body = json.loads(response.content)
+        except ValueError:
+            body = response.text
+        message = ""
+        if isinstance(body, Mapping):
+            for key in ("message", "error"):
+                value = body.get(key)
+                if isinstance(value, str) and value:
+                    message = value
+                    break
+            errors = body.get("errors")
+            if isinstance(errors, list) and errors:
+                details = "; ".join(
+                    str(e.get("message", e)) if isinstance(e, Mapping) else str(e)
+                    for e in errors[:5]
+                )
+                message = f"{message}: {details}" if message else details
+        if not message:
+            raw = body if isinstance(body, str) else json.dumps(body)
+            message = raw.strip()[:200] or response.reason or "no message"
+        request_id = response.headers.get("x-request-id")
+        text = f"{response.status_code} {method} {path}: {message}"
+        if request_id:
+            text += f" (request_id={request_id})"
+        error_cls = status_error_class(response.status_code)
+        return error_cls(
+            text,
+            status_code=response.status_code,
+            body=body,
+            request_id=request_id,
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+            method=method,
+            url=url,
+        )

@@ -1,0 +1,897 @@
+"""
+The Kelpie API client.
+
+>>> from kelpie_sdk import Client
+>>> with Client() as client:  # KELPIE_API_URL / KELPIE_API_KEY   # doctest: +SKIP
+...     job = client.submit_job(command="python", arguments=["train.py"],
+...                             container_group_id=cg, sync={})
+...     client.wait(job)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Self
+
+from kelpie_sdk._pagination import Paginator
+from kelpie_sdk._transport import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    Timeout,
+    Transport,
+    normalize_timeout,
+)
+from kelpie_sdk.config import Settings
+from kelpie_sdk.errors import ResponseValidationError, WaitTimeoutError
+from kelpie_sdk.models import (
+    MAX_BATCH_SIZE,
+    Job,
+    JobList,
+    JobStatus,
+    JobSubmission,
+    JSONValue,
+    ScalingRule,
+    ScalingRuleSubmission,
+    ScalingRuleUpdate,
+    SyncSpec,
+    User,
+    WorkerReport,
+)
+
+__all__ = ["DEFAULT_MAX_RETRIES", "DEFAULT_TIMEOUT", "Client", "Timeout"]
+
+logger = logging.getLogger(__name__)
+
+#: Extra read time on top of a long-poll ``wait`` for ``claim_work``.
+CLAIM_WAIT_MARGIN = 5.0
+
+
+def _quote(segment: str) -> str:
+    from urllib.parse import quote
+
+    return quote(segment, safe="")
+
+
+def _expect_mapping(data: Any, what: str) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ResponseValidationError(
+            f"{what}: expected a JSON object, got {type(data).__name__}"
+        )
+    return data
+
+
+def _expect_list(data: Any, what: str) -> list[Any]:
+    if not isinstance(data, list):
+        raise ResponseValidationError(
+            f"{what}: expected a JSON array, got {type(data).__name__}"
+        )
+    return data
+
+
+def _submission_json(job: JobSubmission | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(job, JobSubmission):
+        return job.to_json()
+    if isinstance(job, Mapping):
+        # Sent as given: the server validates and names any problem.
+        return dict(job)
+    raise TypeError(
+        f"a job must be a JobSubmission or a mapping, got {type(job).__name__}"
+    )
+
+
+class Client:
+    """
+    A client for one Kelpie API server.
+
+    Settings come from the arguments, else the environment (see
+    ``kelpie_sdk.config``); the environment is read only here.
+
+    A client may be shared between threads for concurrent requests. It is a
+    context manager; ``close()`` releases its pooled connections (and those of
+    every ``with_options`` copy, which share them).
+
+    Args:
+        base_url: The server, e.g. ``http://127.0.0.1:8787``
+            (``KELPIE_API_URL``).
+        api_key: A Kelpie key, sent as ``X-Kelpie-Key`` (``KELPIE_API_KEY``).
+        salad_api_key: A SaladCloud key, the alternative (``SALAD_API_KEY``).
+        salad_organization: With ``salad_api_key`` (``SALAD_ORGANIZATION``).
+        salad_project: With ``salad_api_key`` (``SALAD_PROJECT``).
+        timeout: Seconds per request, or ``(connect, read)``; never ``None``.
+        max_retries: Retries of a failed request, where repeating is safe.
+        environ: The environment to read instead of ``os.environ``.
+        sleep: Waits between retries and polls (injectable for tests).
+
+    Raises:
+        ConfigError: No credentials, or an invalid timeout or retry count.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        salad_api_key: str | None = None,
+        salad_organization: str | None = None,
+        salad_project: str | None = None,
+        timeout: Timeout = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        environ: Mapping[str, str] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        settings = Settings.from_env(environ).override(
+            api_url=base_url,
+            api_key=api_key,
+            salad_api_key=salad_api_key,
+            salad_organization=salad_organization,
+            salad_project=salad_project,
+        )
+        headers = settings.auth_headers()
+        self.settings = settings
+        self._sleep = sleep
+        self._transport = Transport(
+            settings.api_url,
+            headers,
+            timeout=timeout,
+            max_retries=max_retries,
+            sleep=sleep,
+        )
+
+    @property
+    def base_url(self) -> str:
+        """
+        The server's base URL.
+        """
+        return self._transport.base_url
+
+    @property
+    def timeout(self) -> tuple[float, float]:
+        """
+        The default ``(connect, read)`` timeout in seconds.
+        """
+        return self._transport.timeout
+
+    @property
+    def max_retries(self) -> int:
+        """
+        The default number of retries.
+        """
+        return self._transport.max_retries
+
+    def __repr__(self) -> str:
+        return f"<Client {self.base_url}>"
+
+    def close(self) -> None:
+        """
+        Release pooled connections. The client should not be used afterwards.
+        """
+        self._transport.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def with_options(
+        self, *, timeout: Timeout | None = None, max_retries: int | None = None
+    ) -> Client:
+        """
+        Return a client with other defaults that shares this one's connections.
+
+        Args:
+            timeout: The new default timeout (unchanged when ``None``).
+            max_retries: The new default retries (unchanged when ``None``).
+        """
+        clone = object.__new__(Client)
+        clone.settings = self.settings
+        clone._sleep = self._sleep
+        clone._transport = self._transport.with_options(
+            timeout=timeout, max_retries=max_retries
+        )
+        return clone
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str | int | float] | None = None,
+        json_body: Any = None,
+        idempotent: bool | None = None,
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> Any:
+        return self._transport.request(
+            method,
+            path,
+            params=params,
+            json_body=json_body,
+            idempotent=idempotent,
+            timeout=timeout,
+            max_retries=max_retries,
+        )
+
+    # -- jobs ------------------------------------------------------------------
+
+    def submit_job(
+        self,
+        *,
+        command: str,
+        container_group_id: str,
+        arguments: Sequence[str] = (),
+        environment: Mapping[str, str] | None = None,
+        input_bucket: str | None = None,
+        input_prefix: str | None = None,
+        checkpoint_bucket: str | None = None,
+        checkpoint_prefix: str | None = None,
+        output_bucket: str | None = None,
+        output_prefix: str | None = None,
+        max_failures: int = 3,
+        heartbeat_interval: int = 30,
+        webhook: str | None = None,
+        compression: bool = False,
+        sync: SyncSpec | Mapping[str, Any] | None = None,
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> Job:
+        """
+        Queue one job.
+
+        Give either the six flat storage fields or ``sync`` (``sync={}`` or
+        ``SyncSpec()`` for no managed storage). Not retried once the request may
+        have reached the server, so a job is never queued twice.
+
+        Args:
+            command: The program to run.
+            container_group_id: The container group whose workers run it.
+            arguments: The program's arguments.
+            environment: Extra environment variables for the job.
+            input_bucket: Legacy storage: the input bucket.
+            input_prefix: Legacy storage: the input prefix.
+            checkpoint_bucket: Legacy storage: the checkpoint bucket.
+            checkpoint_prefix: Legacy storage: the checkpoint prefix.
+            output_bucket: Legacy storage: the output bucket.
+            output_prefix: Legacy storage: the output prefix.
+            max_failures: Failures after which the job is failed for good.
+            heartbeat_interval: Seconds between worker heartbeats.
+            webhook: A URL told about status changes.
+            compression: Whether the worker compresses uploads.
+            sync: The managed-storage rules.
+            timeout: Overrides the timeout for this call.
+            max_retries: Overrides the retries for this call.
+
+        Returns:
+            The queued job (``pending``).
+
+        Raises:
+            ValueError: ``max_failures`` or ``heartbeat_interval`` below 1.
+            BadRequestError: The server rejected the job.
+        """
+        submission = JobSubmission(
+            command=command,
+            container_group_id=container_group_id,
+            arguments=arguments,
+            environment=environment or {},
+            input_bucket=input_bucket,
+            input_prefix=input_prefix,
+            checkpoint_bucket=checkpoint_bucket,
+            checkpoint_prefix=checkpoint_prefix,
+            output_bucket=output_bucket,
+            output_prefix=output_prefix,
+            max_failures=max_failures,
+            heartbeat_interval=heartbeat_interval,
+            webhook=webhook,
+            compression=compression,
+            sync=sync if isinstance(sync, SyncSpec) else None,
+        )
+        body = submission.to_json()
+        if sync is not None and not isinstance(sync, SyncSpec):
+            body["sync"] = dict(sync)
+        data = self._request(
+            "POST", "/jobs", json_body=body, timeout=timeout, max_retries=max_retries
+        )
+        return Job.from_json(data)
+
+    def submit_jobs(
+        self,
+        jobs: Iterable[JobSubmission | Mapping[str, Any]],
+        *,
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> list[Job]:
+        """
+        Queue many jobs, in batches of up to ``MAX_BATCH_SIZE`` (1000).
+
+        Each batch is all-or-nothing on the server; if a later batch fails,
+        the earlier ones stay queued (the error says how many).
+
+        Args:
+            jobs: ``JobSubmission`` objects or wire-shaped mappings.
+            timeout: Overrides the timeout for each batch request.
+            max_retries: Overrides the retries for each batch request.
+
+        Returns:
+            The queued jobs, in the order given.
+
+        Raises:
+            BadRequestError: The server rejected a batch.
+        """
+        bodies = [_submission_json(job) for job in jobs]
+        queued: list[Job] = []
+        for start in range(0, len(bodies), MAX_BATCH_SIZE):
+            chunk = bodies[start : start + MAX_BATCH_SIZE]
+            if start:
+                logger.debug("submitting jobs %d..%d", start, start + len(chunk) - 1)
+            data = _expect_list(
+                self._request(
+                    "POST",
+                    "/jobs/batch",
+                    json_body=chunk,
+                    timeout=timeout,
+                    max_retries=max_retries,
+                ),
+                "POST /jobs/batch",
+            )
+            if len(data) != len(chunk):
+                raise ResponseValidationError(
+                    f"POST /jobs/batch: sent {len(chunk)} jobs, got {len(data)} back"
+                )
+            queued.extend(Job.from_json(item) for item in data)
+        return queued
+
+    def get_job(
+        self,
+        job_id: str,
+        *,
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> Job:
+        """
+        Fetch one job.
+
+        Raises:
+            NotFoundError: No such job (or not yours).
+        """
+        data = self._request(
+            "GET",
+            f"/jobs/{_quote(job_id)}",
+            timeout=timeout,
+            max_retries=max_retries,
+        )
+        return Job.from_json(data)
+
+    def list_jobs(
+        self,
+        *,
+        status: JobStatus | str | None = None,
+        container_group_id: str | None = None,
+        page_size: int = 100,
+        asc: bool = False,
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> Paginator[Job]:
+        """
+        List jobs, newest first (oldest first with ``asc=True``).
+
+        Nothing is fetched until you iterate; pages are fetched as needed.
+        Use ``.pages()`` on the result to get whole pages.
+
+        Args:
+            status: Only jobs in this status.
+            container_group_id: Only jobs of this container group.
+            page_size: Jobs per request.
+            asc: Oldest first.
+            timeout: Overrides the timeout for each page request.
+            max_retries: Overrides the retries for each page request.
+
+        Raises:
+            ValueError: An unknown status or a page size below 1.
+        """
+        if status is not None:
+            status = JobStatus(status)
+        params: dict[str, str | int | float] = {"asc": "true" if asc else "false"}
+        if status is not None:
+            params["status"] = status.value
+        if container_group_id is not None:
+            params["container_group_id"] = container_group_id
+
+        def fetch(page: int, size: int) -> Sequence[Job]:
+            data = self._request(
+                "GET",
+                "/jobs",
+                params={**params, "page": page, "page_size": size},
+                timeout=timeout,
+                max_retries=max_retries,
+            )
+            return JobList.from_json(data).jobs
+
+        return Paginator(fetch, page_size=page_size)
+
+    def cancel(
+        self,
+        job_id: str,
+        *,
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> None:
+        """
+        Cancel a pending or running job; a running worker stops at its next
+        heartbeat.
+
+        Raises:
+            NotFoundError: No such job.
+            ConflictError: The job already completed or failed.
+        """
+        self._request(
+            "DELETE",
+            f"/jobs/{_quote(job_id)}",
+            timeout=timeout,
+            max_retries=max_retries,
+        )
+
+    def wait(
+        self,
+        jobs: str | Job | Iterable[str | Job],
+        *,
+        timeout: float | None = None,
+        poll_interval: float = 2.0,
+    ) -> list[Job]:
+        """
+        Wait until every job is completed, canceled or failed.
+
+        Args:
+            jobs: A job, a job id, or several.
+            timeout: Overall seconds to wait; ``None`` waits as long as it takes.
+                Each request still has its own timeout.
+            poll_interval: Seconds between polls.
+
+        Returns:
+            The finished jobs, in the order given.
+
+        Raises:
+            WaitTimeoutError: The deadline passed first.
+            ValueError: A negative timeout or a poll interval that is not positive.
+        """
+        if poll_interval <= 0:
+            raise ValueError(f"poll_interval must be positive, got {poll_interval}")
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must not be negative, got {timeout}")
+        if isinstance(jobs, str | Job):
+            jobs = [jobs]
+        ids = [job.id if isinstance(job, Job) else job for job in jobs]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        done: dict[str, Job] = {}
+        while True:
+            for job_id in ids:
+                if job_id not in done:
+                    job = self.get_job(job_id)
+                    if job.finished:
+                        done[job_id] = job
+            pending = [i for i in ids if i not in done]
+            if not pending:
+                return [done[i] for i in ids]
+            delay = poll_interval
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise WaitTimeoutError(
+                        f"{len(pending)} of {len(ids)} job(s) still unfinished after "
+                        f"{timeout:g} s: {', '.join(pending[:5])}"
+                        + (" ..." if len(pending) > 5 else "")
+                    )
+                delay = min(delay, remaining)
+            self._sleep(delay)
+
+    def purge_container_group(
+        self,
+        container_group_id: str,
+        *,
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> int:
+        """
+        Delete your pending jobs of a container group and cancel its running ones.
+
+        Returns:
+            The number of jobs deleted or canceled.
+        """
+        data = _expect_mapping(
+            self._request(
+                "DELETE",
+                f"/jobs/container-groups/{_quote(container_group_id)}",
+                timeout=timeout,
+                max_retries=max_retries,
+            ),
+            "DELETE /jobs/container-groups",
+        )
+        count = data.get("count")
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise ResponseValidationError(
+                f"DELETE /jobs/container-groups: 'count' must be an integer, "
+                f"got {count!r}"
+            )
+        return count
+
+    # -- scaling rules ---------------------------------------------------------
+
+    def create_scaling_rule(
+        self,
+        *,
+        container_group_id: str,
+        min_replicas: int,
+        max_replicas: int,
+        idle_threshold_seconds: int,
+        container_group_name: str | None = None,
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> ScalingRule:
+        """
+        Create the scaling rule of a container group.
+
+        Raises:
+            ValueError: Limits out of range, or min above max.
+            ConflictError: The group already has a rule.
+        """
+        body = ScalingRuleSubmission(
+            container_group_id=container_group_id,
+            min_replicas=min_replicas,
+            max_replicas=max_replicas,
+            idle_threshold_seconds=idle_threshold_seconds,
+            container_group_name=container_group_name,
+        ).to_json()
+        data = self._request(
+            "POST",
+            "/scaling-rules",
+            json_body=body,
+            timeout=timeout,
+            max_retries=max_retries,
+        )
+        return ScalingRule.from_json(data)
+
+    def list_scaling_rules(
+        self, *, timeout: Timeout | None = None, max_retries: int | None = None
+    ) -> list[ScalingRule]:
+        """
+        Every scaling rule you own (all of them for the admin).
+        """
+        data = _expect_mapping(
+            self._request(
+                "GET", "/scaling-rules", timeout=timeout, max_retries=max_retries
+            ),
+            "GET /scaling-rules",
+        )
+        rules = _expect_list(data.get("rules"), "GET /scaling-rules: 'rules'")
+        return [ScalingRule.from_json(r) for r in rules]
+
+    def get_scaling_rule(
+        self,
+        container_group_id: str,
+        *,
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> ScalingRule:
+        """
+        The scaling rule of a container group.
+
+        Raises:
+            NotFoundError: The group has no rule.
+        """
+        data = self._request(
+            "GET",
+            f"/scaling-rules/{_quote(container_group_id)}",
+            timeout=timeout,
+            max_retries=max_retries,
+        )
+        return ScalingRule.from_json(data)
+
+    def update_scaling_rule(
+        self,
+        container_group_id: str,
+        *,
+        min_replicas: int | None = None,
+        max_replicas: int | None = None,
+        idle_threshold_seconds: int | None = None,
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> ScalingRule:
+        """
+        Change some limits of a scaling rule (absolute values, so retried).
+
+        Raises:
+            ValueError: Nothing to change, or a limit out of range.
+            NotFoundError: The group has no rule.
+        """
+        body = ScalingRuleUpdate(
+            min_replicas=min_replicas,
+            max_replicas=max_replicas,
+            idle_threshold_seconds=idle_threshold_seconds,
+        ).to_json()
+        if not body:
+            raise ValueError("update_scaling_rule needs at least one limit to change")
+        data = self._request(
+            "PATCH",
+            f"/scaling-rules/{_quote(container_group_id)}",
+            json_body=body,
+            idempotent=True,
+            timeout=timeout,
+            max_retries=max_retries,
+        )
+        return ScalingRule.from_json(data)
+
+    def delete_scaling_rule(
+        self,
+        container_group_id: str,
+        *,
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> None:
+        """
+        Delete the scaling rule of a container group (no error if there is none).
+        """
+        self._request(
+            "DELETE",
+            f"/scaling-rules/{_quote(container_group_id)}",
+            timeout=timeout,
+            max_retries=max_retries,
+        )
+
+    # -- users and admin ---------------------------------------------------------
+
+    def me(
+        self, *, timeout: Timeout | None = None, max_retries: int | None = None
+    ) -> User:
+        """
+        The user these credentials belong to.
+        """
+        data = self._request(
+            "GET", "/users/me", timeout=timeout, max_retries=max_retries
+        )
+        return User.from_json(data)
+
+    def create_user(
+        self,
+        username: str,
+        *,
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> User:
+        """
+        Admin: create a user.
+
+        Raises:
+            PermissionDeniedError: Not the admin.
+            BadRequestError: The user exists.
+        """
+        data = self._request(
+            "POST",
+            "/users",
+            json_body={"username": username},
+            timeout=timeout,
+            max_retries=max_retries,
+        )
+        return User.from_json(data)
+
+    def create_token(
+        self,
+        user_id: str,
+        *,
+        org_name: str = "",
+        project_name: str = "",
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> str:
+        """
+        Admin: issue an API key (``X-Kelpie-Key``) for a user.
+
+        Returns:
+            The new key.
+
+        Raises:
+            NotFoundError: No such user.
+        """
+        data = _expect_mapping(
+            self._request(
+                "POST",
+                f"/users/{_quote(user_id)}/token",
+                json_body={"org_name": org_name, "project_name": project_name},
+                timeout=timeout,
+                max_retries=max_retries,
+            ),
+            "POST /users/{id}/token",
+        )
+        token = data.get("token")
+        if not isinstance(token, str) or not token:
+            raise ResponseValidationError(
+                f"POST /users/{{id}}/token: 'token' must be a string, got {token!r}"
+            )
+        return token
+
+    def delete_all_users(
+        self, *, timeout: Timeout | None = None, max_retries: int | None = None
+    ) -> None:
+        """
+        Admin: delete every user but the admin, and their keys.
+        """
+        self._request("DELETE", "/users", timeout=timeout, max_retries=max_retries)
+
+    def delete_all_jobs(
+        self, *, timeout: Timeout | None = None, max_retries: int | None = None
+    ) -> None:
+        """
+        Admin: delete every job of every user.
+        """
+        self._request("DELETE", "/jobs", timeout=timeout, max_retries=max_retries)
+
+    def delete_all_scaling_rules(
+        self, *, timeout: Timeout | None = None, max_retries: int | None = None
+    ) -> None:
+        """
+        Admin: delete every scaling rule.
+        """
+        self._request(
+            "DELETE", "/scaling-rules", timeout=timeout, max_retries=max_retries
+        )
+
+    # -- worker endpoints --------------------------------------------------------
+
+    def claim_work(
+        self,
+        *,
+        machine_id: str,
+        container_group_id: str,
+        wait: float | None = None,
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> Job | None:
+        """
+        Worker: take the next job of a container group, if there is one.
+
+        Retried only when the request cannot have reached the server (a lost
+        answer would otherwise leave a second claimed job behind). The worker's
+        poll loop repeats the call anyway.
+
+        Args:
+            machine_id: This machine.
+            container_group_id: The group it serves.
+            wait: Long-poll: seconds the server may hold the request while the
+                queue is empty. The read timeout is raised to ``wait + 5`` s.
+            timeout: Overrides the timeout for this call.
+            max_retries: Overrides the retries for this call.
+
+        Returns:
+            The claimed job (now ``running``), or ``None`` if the queue is empty.
+        """
+        params: dict[str, str | int | float] = {
+            "machine_id": machine_id,
+            "container_group_id": container_group_id,
+        }
+        limits = normalize_timeout(self.timeout if timeout is None else timeout)
+        if wait is not None:
+            if wait < 0:
+                raise ValueError(f"wait must not be negative, got {wait}")
+            params["wait"] = f"{wait:g}"
+            limits = (limits[0], max(limits[1], wait + CLAIM_WAIT_MARGIN))
+        data = _expect_list(
+            self._request(
+                "GET",
+                "/work",
+                params=params,
+                idempotent=False,
+                timeout=limits,
+                max_retries=max_retries,
+            ),
+            "GET /work",
+        )
+        if not data:
+            return None
+        if len(data) != 1:
+            raise ResponseValidationError(
+                f"GET /work: expected at most one job, got {len(data)}"
+            )
+        return Job.from_json(data[0])
+
+    def heartbeat(
+        self,
+        job_id: str,
+        report: WorkerReport,
+        *,
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> JobStatus:
+        """
+        Worker: report that the job is still running (idempotent, so retried).
+
+        Returns:
+            The job's status; ``canceled`` means stop now.
+        """
+        data = _expect_mapping(
+            self._request(
+                "POST",
+                f"/jobs/{_quote(job_id)}/heartbeat",
+                json_body=report.to_json(),
+                idempotent=True,
+                timeout=timeout,
+                max_retries=max_retries,
+            ),
+            "POST /jobs/{id}/heartbeat",
+        )
+        value = data.get("status")
+        if not isinstance(value, str) or value not in JobStatus._value2member_map_:
+            raise ResponseValidationError(
+                f"POST /jobs/{{id}}/heartbeat: 'status' must be a job status, "
+                f"got {value!r}"
+            )
+        return JobStatus(value)
+
+    def _report(
+        self,
+        job_id: str,
+        outcome: str,
+        report: WorkerReport,
+        timeout: Timeout | None,
+        max_retries: int | None,
+    ) -> None:
+        body: dict[str, JSONValue] = report.to_json()
+        self._request(
+            "POST",
+            f"/jobs/{_quote(job_id)}/{outcome}",
+            json_body=body,
+            idempotent=False,
+            timeout=timeout,
+            max_retries=max_retries,
+        )
+
+    def report_completed(
+        self,
+        job_id: str,
+        report: WorkerReport,
+        *,
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> None:
+        """
+        Worker: report that the job finished successfully.
+
+        Raises:
+            ConflictError: This machine no longer holds the job.
+            NotFoundError: No such job.
+        """
+        self._report(job_id, "completed", report, timeout, max_retries)
+
+    def report_failed(
+        self,
+        job_id: str,
+        report: WorkerReport,
+        *,
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> None:
+        """
+        Worker: report that the job failed on this machine.
+
+        Raises:
+            ConflictError: This machine no longer holds the job.
+            NotFoundError: No such job.
+        """
+        self._report(job_id, "failed", report, timeout, max_retries)
+
+    def release(
+        self,
+        job_id: str,
+        report: WorkerReport,
+        *,
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> None:
+        """
+        Worker: give the job back to the queue unfinished (e.g. on shutdown);
+        counted as an interruption, not a failure.
+
+        Raises:
+            ConflictError: This machine no longer holds the job.
+            NotFoundError: No such job.
+        """
+        self._report(job_id, "release", report, timeout, max_retries)
