@@ -717,6 +717,10 @@ def _bind_upload(
     content_type: str | None,
 ) -> Callable[[], tuple[str, int]]:
     def upload() -> tuple[str, int]:
+        if not os.path.isfile(local):
+            # Not retried: the local side will not get better by waiting.
+            msg = f"cannot read {local}: not a file"
+            raise StorageError(msg)
         with _maybe_gzip(local, compress) as source:
             size = os.path.getsize(source)
             backend.upload(
@@ -826,10 +830,6 @@ class _S3Backend:
         *,
         request_concurrency: int,
     ) -> None:
-        import boto3.session
-        import botocore.config
-        from boto3.s3.transfer import TransferConfig, create_transfer_manager
-
         known = {
             "key",
             "secret",
@@ -845,42 +845,72 @@ class _S3Backend:
 
             msg = f"unknown storage_options for s3://: {sorted(unknown)}"
             raise ConfigError(msg)
-        session = boto3.session.Session(
-            aws_access_key_id=options.get("key") or env.get("AWS_ACCESS_KEY_ID"),
-            aws_secret_access_key=options.get("secret")
-            or env.get("AWS_SECRET_ACCESS_KEY"),
-            aws_session_token=options.get("token") or env.get("AWS_SESSION_TOKEN"),
-            region_name=options.get("region_name")
-            or env.get("AWS_REGION")
-            or env.get("AWS_DEFAULT_REGION"),
-            profile_name=env.get("AWS_PROFILE") or None,
-        )
-        config_kwargs: dict[str, Any] = {
-            "max_pool_connections": request_concurrency + 4,
-            "connect_timeout": 10,
-            "read_timeout": 60,
-            "retries": {"mode": "standard"},
-        }
-        config_kwargs.update(options.get("config_kwargs") or {})
-        client_kwargs: dict[str, Any] = {
-            "endpoint_url": options.get("endpoint_url")
-            or env.get("AWS_ENDPOINT_URL_S3")
-            or env.get("AWS_ENDPOINT_URL")
-            or None,
-            "config": botocore.config.Config(**config_kwargs),
-        }
-        client_kwargs.update(options.get("client_kwargs") or {})
-        self.client = session.client("s3", **client_kwargs)
-        self.endpoint = self.client.meta.endpoint_url
-        self.manager = create_transfer_manager(
-            self.client,
-            TransferConfig(
-                multipart_threshold=MULTIPART_THRESHOLD,
-                multipart_chunksize=MULTIPART_CHUNKSIZE,
-                max_concurrency=request_concurrency,
-                use_threads=True,
-            ),
-        )
+        self.options = dict(options)
+        self.env = dict(env)
+        self.request_concurrency = request_concurrency
+        self.lock = threading.Lock()
+        self._client: Any = None
+        self._manager: Any = None
+
+    @property
+    def client(self) -> Any:
+        """The boto3 S3 client, created on first use (creation may query IMDS)."""
+        if self._client is None:
+            self._create()
+        return self._client
+
+    @property
+    def manager(self) -> Any:
+        """The transfer manager that all threads share."""
+        if self._manager is None:
+            self._create()
+        return self._manager
+
+    def _create(self) -> None:
+        import boto3.session
+        import botocore.config
+        from boto3.s3.transfer import TransferConfig, create_transfer_manager
+
+        options, env = self.options, self.env
+        with self.lock:
+            if self._manager is not None:
+                return
+            session = boto3.session.Session(
+                aws_access_key_id=options.get("key") or env.get("AWS_ACCESS_KEY_ID"),
+                aws_secret_access_key=options.get("secret")
+                or env.get("AWS_SECRET_ACCESS_KEY"),
+                aws_session_token=options.get("token") or env.get("AWS_SESSION_TOKEN"),
+                region_name=options.get("region_name")
+                or env.get("AWS_REGION")
+                or env.get("AWS_DEFAULT_REGION"),
+                profile_name=env.get("AWS_PROFILE") or None,
+            )
+            config_kwargs: dict[str, Any] = {
+                "max_pool_connections": self.request_concurrency + 4,
+                "connect_timeout": 10,
+                "read_timeout": 60,
+                "retries": {"mode": "standard"},
+            }
+            config_kwargs.update(options.get("config_kwargs") or {})
+            client_kwargs: dict[str, Any] = {
+                "endpoint_url": options.get("endpoint_url")
+                or env.get("AWS_ENDPOINT_URL_S3")
+                or env.get("AWS_ENDPOINT_URL")
+                or None,
+                "config": botocore.config.Config(**config_kwargs),
+            }
+            client_kwargs.update(options.get("client_kwargs") or {})
+            client = session.client("s3", **client_kwargs)
+            self._manager = create_transfer_manager(
+                client,
+                TransferConfig(
+                    multipart_threshold=MULTIPART_THRESHOLD,
+                    multipart_chunksize=MULTIPART_CHUNKSIZE,
+                    max_concurrency=self.request_concurrency,
+                    use_threads=True,
+                ),
+            )
+            self._client = client
 
     def list(self, bucket: str, prefix: str) -> list[tuple[str, int, str | None]]:
         out: list[tuple[str, int, str | None]] = []
@@ -946,13 +976,21 @@ class _S3Backend:
             if code in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500):
                 return None
             return StorageError(f"storage refused {where}: {exc}")
-        if isinstance(exc, bex.ParamValidationError | bex.InvalidRegionError):
+        if isinstance(exc, bex.ProfileNotFound):
+            return StoragePermissionError(f"no storage credentials for {where}: {exc}")
+        if isinstance(
+            exc,
+            bex.ParamValidationError | bex.InvalidRegionError | bex.NoRegionError,
+        ):
             return StorageError(f"invalid request for {where}: {exc}")
         return None
 
     def close(self) -> None:
-        self.manager.shutdown()
-        self.client.close()
+        with self.lock:
+            if self._manager is not None:
+                self._manager.shutdown()
+                self._client.close()
+            self._manager = self._client = None
 
 
 class _KnownObject:

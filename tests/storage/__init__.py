@@ -1,0 +1,3 @@
+"""
+Tests of kelpie_sdk.storage.
+"""
