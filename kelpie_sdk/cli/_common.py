@@ -1,0 +1,203 @@
+"""
+What every command group shares: the context, API options, output helpers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeAlias
+
+import attrs
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from kelpie_sdk.client import Client
+from kelpie_sdk.models import Job
+
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "Context",
+    "Handler",
+    "UsageError",
+    "add_api_options",
+    "format_progress",
+    "format_time",
+    "jobs_table",
+    "print_json",
+]
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """
+    The arguments make no sense together (exit code 2).
+    """
+
+
+@attrs.define
+class Context:
+    """
+    What a command handler gets besides its arguments.
+
+    Attributes:
+        console: Where output goes (stdout).
+        args: The parsed arguments.
+    """
+
+    console: Console
+    args: argparse.Namespace
+    _client: Client | None = None
+
+    def client(self) -> Client:
+        """
+        The API client, made on first use from ``--api-url``/``--api-key`` and
+        the environment.
+        """
+        if self._client is None:
+            self._client = Client(
+                getattr(self.args, "api_url", None),
+                getattr(self.args, "api_key", None),
+            )
+        return self._client
+
+    def close(self) -> None:
+        """
+        Close the client, if one was made.
+        """
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+#: A command handler: returns the exit code.
+Handler: TypeAlias = Callable[[argparse.Namespace, Context], int]
+
+
+def add_api_options(
+    parser: argparse.ArgumentParser, *, suppress_defaults: bool
+) -> None:
+    """
+    Add ``--api-url`` and ``--api-key``.
+
+    The top-level parser has them with ``None`` defaults; leaf parsers repeat
+    them with suppressed defaults, so they may come before or after the
+    subcommand without one position resetting the other.
+    """
+    default = argparse.SUPPRESS if suppress_defaults else None
+    parser.add_argument(
+        "--api-url",
+        metavar="URL",
+        default=default,
+        help="the Kelpie API (default: $KELPIE_API_URL or http://127.0.0.1:8787)",
+    )
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=default,
+        help="the API key (default: $KELPIE_API_KEY)",
+    )
+
+
+def print_json(console: Console, data: Any) -> None:
+    """
+    Print stable JSON (indented, keys in wire order) and nothing else.
+    """
+    console.out(json.dumps(data, indent=2, ensure_ascii=False), highlight=False)
+
+
+def format_time(value: dt.datetime | None) -> str:
+    """
+    A timestamp as ``YYYY-MM-DD HH:MM:SS`` UTC, or empty.
+    """
+    if value is None:
+        return ""
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _fmt(number: float) -> str:
+    return f"{number:g}" if number != int(number) else str(int(number))
+
+
+def format_progress(progress: Mapping[str, Any] | None) -> str:
+    """
+    A short text for a job's progress record, e.g. ``42% step 420/1000``.
+
+    Understands ``percent`` (0-100) or ``fraction`` (0-1), ``step`` with
+    ``total``/``total_steps``, and ``message``; shows up to three other keys
+    as ``key=value`` when none of those is present.
+    """
+    if not progress:
+        return ""
+    percent = _number(progress.get("percent"))
+    fraction = _number(progress.get("fraction"))
+    step = _number(progress.get("step"))
+    total = _number(progress.get("total", progress.get("total_steps")))
+    if percent is None and fraction is not None:
+        percent = fraction * 100
+    if percent is None and step is not None and total:
+        percent = step / total * 100
+    parts: list[str] = []
+    if percent is not None:
+        parts.append(f"{percent:.0f}%")
+    if step is not None:
+        parts.append(
+            f"step {_fmt(step)}/{_fmt(total)}" if total else f"step {_fmt(step)}"
+        )
+    message = progress.get("message")
+    if isinstance(message, str) and message:
+        parts.append(message)
+    if not parts:
+        parts = [f"{k}={v}" for k, v in list(progress.items())[:3]]
+    return " ".join(parts)
+
+
+_STATUS_STYLES = {
+    "pending": "yellow",
+    "running": "cyan",
+    "completed": "green",
+    "canceled": "magenta",
+    "failed": "red",
+}
+
+
+def jobs_table(jobs: Iterable[Job], *, title: str | None = None) -> Table:
+    """
+    A table of jobs: id, status, group, created, failures, heartbeats, progress.
+    """
+    table = Table(title=title)
+    table.add_column("ID", no_wrap=True)
+    table.add_column("Status")
+    table.add_column("Container group", overflow="fold")
+    table.add_column("Created", no_wrap=True)
+    table.add_column("Failures", justify="right")
+    table.add_column("Heartbeats", justify="right")
+    table.add_column("Progress")
+    for job in jobs:
+        status = job.status.value
+        table.add_row(
+            Text(job.id),
+            Text(status, style=_STATUS_STYLES[status]),
+            Text(job.container_group_id),
+            format_time(job.created),
+            f"{job.num_failures}/{job.max_failures}",
+            str(job.num_heartbeats),
+            Text(format_progress(job.progress)),
+        )
+    return table

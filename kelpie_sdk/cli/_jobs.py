@@ -1,0 +1,418 @@
+"""
+``kelpie submit`` and ``kelpie jobs list|get|cancel|wait``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+from rich.table import Table
+from rich.text import Text
+
+from kelpie_sdk.cli._common import (
+    EXIT_ERROR,
+    EXIT_OK,
+    Context,
+    UsageError,
+    add_api_options,
+    format_progress,
+    format_time,
+    jobs_table,
+    print_json,
+)
+from kelpie_sdk.models import LEGACY_STORAGE_FIELDS, Job, JobStatus, JobSubmission
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """
+    Add ``submit`` and the ``jobs`` group.
+    """
+    _register_submit(subparsers)
+    jobs = subparsers.add_parser(
+        "jobs", help="list, inspect, cancel and wait for jobs", description="Jobs."
+    )
+    actions = jobs.add_subparsers(dest="jobs_command", metavar="ACTION")
+    actions.required = True
+
+    listing = _leaf(actions, "list", "list jobs, newest first")
+    listing.add_argument(
+        "--status", choices=[s.value for s in JobStatus], help="only this status"
+    )
+    listing.add_argument("--container-group-id", metavar="ID", help="only this group")
+    listing.add_argument(
+        "--limit",
+        type=_non_negative_int,
+        default=50,
+        help="show at most this many jobs; 0 for all (default: 50)",
+    )
+    listing.add_argument(
+        "--page-size",
+        type=_positive_int,
+        default=100,
+        help="jobs per request (default: 100)",
+    )
+    listing.add_argument("--asc", action="store_true", help="oldest first")
+    listing.set_defaults(handler=_list)
+
+    get = _leaf(actions, "get", "show one job")
+    get.add_argument("job_id", metavar="JOB_ID")
+    get.set_defaults(handler=_get)
+
+    cancel = _leaf(actions, "cancel", "cancel jobs")
+    cancel.add_argument("job_ids", metavar="JOB_ID", nargs="+")
+    cancel.set_defaults(handler=_cancel)
+
+    wait = _leaf(
+        actions,
+        "wait",
+        "wait until jobs finish; exit 1 if any did not complete",
+    )
+    wait.add_argument("job_ids", metavar="JOB_ID", nargs="+")
+    wait.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="give up after this long (default: wait as long as it takes)",
+    )
+    wait.add_argument(
+        "--poll-interval",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between polls (default: 2)",
+    )
+    wait.set_defaults(handler=_wait)
+
+
+def _leaf(
+    actions: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
+) -> argparse.ArgumentParser:
+    parser = actions.add_parser(
+        name, help=help, description=help[0].upper() + help[1:] + "."
+    )
+    add_api_options(parser, suppress_defaults=True)
+    parser.add_argument(
+        "--json", action="store_true", help="print JSON on stdout and nothing else"
+    )
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+# -- submit --------------------------------------------------------------------
+
+_FLAG_FIELDS = (
+    "command",
+    "args",
+    "env",
+    "max_failures",
+    "heartbeat_interval",
+    "sync_json",
+    "webhook",
+    "compression",
+    *LEGACY_STORAGE_FIELDS,
+)
+
+
+def _register_submit(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    submit = subparsers.add_parser(
+        "submit",
+        help="queue jobs from a JSON file or from flags",
+        description=(
+            "Queue jobs. Either give FILE (a JSON job object, or an array of them "
+            "for one batch submission; '-' reads stdin), or describe one job with "
+            "flags. Without --sync-json or bucket/prefix flags, a job gets "
+            '"sync": {} (no managed storage).'
+        ),
+    )
+    add_api_options(submit, suppress_defaults=True)
+    submit.add_argument("file", nargs="?", metavar="FILE", help="a JSON file, or -")
+    submit.add_argument("--command", help="the program to run")
+    submit.add_argument(
+        "--arg",
+        dest="args",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an argument of the program (repeat for more)",
+    )
+    submit.add_argument(
+        "--env",
+        action="append",
+        type=_env_pair,
+        default=[],
+        metavar="KEY=VALUE",
+        help="an environment variable of the job (repeat for more)",
+    )
+    submit.add_argument(
+        "--container-group-id",
+        metavar="ID",
+        help="the container group that runs it (also fills in FILE jobs lacking one)",
+    )
+    submit.add_argument(
+        "--max-failures", type=_positive_int, help="failures before giving up (3)"
+    )
+    submit.add_argument(
+        "--heartbeat-interval",
+        type=_positive_int,
+        metavar="SECONDS",
+        help="seconds between heartbeats (30)",
+    )
+    submit.add_argument(
+        "--sync-json",
+        metavar="JSON",
+        help="the sync block as JSON, e.g. '{\"before\": [...]}'",
+    )
+    submit.add_argument("--webhook", metavar="URL", help="told about status changes")
+    submit.add_argument(
+        "--compression", action="store_true", default=None, help="compress uploads"
+    )
+    for field in LEGACY_STORAGE_FIELDS:
+        submit.add_argument(
+            "--" + field.replace("_", "-"),
+            dest=field,
+            metavar=field.rsplit("_", 1)[1].upper(),
+            help=f"legacy storage: {field.replace('_', ' ')}",
+        )
+    submit.add_argument(
+        "--json", action="store_true", help="print JSON on stdout and nothing else"
+    )
+    submit.set_defaults(handler=_submit)
+
+
+def _read_file(name: str) -> Any:
+    if name == "-":
+        text = sys.stdin.read()
+    else:
+        with open(name, encoding="utf-8") as handle:
+            text = handle.read()
+    return json.loads(text)
+
+
+def _with_group(job: Any, group: str | None, index: int | None) -> dict[str, Any]:
+    where = "the job" if index is None else f"job {index}"
+    if not isinstance(job, Mapping):
+        raise ValueError(f"{where} in the file is not a JSON object")
+    body = dict(job)
+    if group is not None and "container_group_id" not in body:
+        body["container_group_id"] = group
+    return body
+
+
+def _submission_from_flags(args: argparse.Namespace) -> JobSubmission:
+    if not args.command:
+        raise UsageError("give a FILE, or at least --command and --container-group-id")
+    if not args.container_group_id:
+        raise UsageError("--container-group-id is required")
+    legacy = {f: getattr(args, f) for f in LEGACY_STORAGE_FIELDS}
+    sync = None
+    if args.sync_json is not None:
+        try:
+            sync_data = json.loads(args.sync_json)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--sync-json is not valid JSON: {exc}") from exc
+        if not isinstance(sync_data, Mapping):
+            raise UsageError("--sync-json must be a JSON object")
+        from kelpie_sdk.models import SyncSpec
+
+        sync = SyncSpec.from_json(sync_data)
+    elif not any(legacy.values()):
+        from kelpie_sdk.models import SyncSpec
+
+        sync = SyncSpec()
+    optional: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "max_failures": args.max_failures,
+            "heartbeat_interval": args.heartbeat_interval,
+            "webhook": args.webhook,
+            "compression": args.compression,
+        }.items()
+        if v is not None
+    }
+    return JobSubmission(
+        command=args.command,
+        container_group_id=args.container_group_id,
+        arguments=args.args,
+        environment=dict(args.env),
+        sync=sync,
+        **legacy,
+        **optional,
+    )
+
+
+def _submit(args: argparse.Namespace, ctx: Context) -> int:
+    if args.file is not None:
+        used = [
+            "--" + {"args": "arg"}.get(f, f).replace("_", "-")
+            for f in _FLAG_FIELDS
+            if getattr(args, f) not in (None, [], False)
+        ]
+        if used:
+            raise UsageError(f"give either FILE or job flags, not both ({used[0]})")
+        data = _read_file(args.file)
+        if isinstance(data, list):
+            if not data:
+                raise ValueError("the file holds an empty array: no jobs to submit")
+            bodies = [
+                _with_group(job, args.container_group_id, i)
+                for i, job in enumerate(data)
+            ]
+            jobs = ctx.client().submit_jobs(bodies)
+            return _show_submitted(ctx, jobs, as_list=True)
+        submission = JobSubmission.from_json(
+            _with_group(data, args.container_group_id, None)
+        )
+    else:
+        submission = _submission_from_flags(args)
+    fields = {f.name: getattr(submission, f.name) for f in attrs.fields(JobSubmission)}
+    job = ctx.client().submit_job(**fields)
+    return _show_submitted(ctx, [job], as_list=False)
+
+
+def _show_submitted(ctx: Context, jobs: list[Job], *, as_list: bool) -> int:
+    if ctx.args.json:
+        print_json(
+            ctx.console,
+            [j.to_json() for j in jobs] if as_list else jobs[0].to_json(),
+        )
+    else:
+        ctx.console.print(jobs_table(jobs, title=f"Submitted {len(jobs)} job(s)"))
+    return EXIT_OK
+
+
+# -- jobs ------------------------------------------------------------------------
+
+
+def _list(args: argparse.Namespace, ctx: Context) -> int:
+    page_size = min(args.page_size, args.limit) if args.limit else args.page_size
+    paginator = ctx.client().list_jobs(
+        status=args.status,
+        container_group_id=args.container_group_id,
+        page_size=page_size,
+        asc=args.asc,
+    )
+    jobs = list(itertools.islice(paginator, args.limit or None))
+    if args.json:
+        print_json(ctx.console, [j.to_json() for j in jobs])
+    elif jobs:
+        ctx.console.print(jobs_table(jobs))
+    else:
+        ctx.console.print("No jobs.")
+    return EXIT_OK
+
+
+def _job_details(job: Job) -> Table:
+    table = Table(show_header=False, box=None)
+    table.add_column("Field", style="bold")
+    table.add_column("Value", overflow="fold")
+    rows: list[tuple[str, str]] = [
+        ("id", job.id),
+        ("status", job.status.value),
+        ("container group", job.container_group_id),
+        ("command", " ".join([job.command, *job.arguments])),
+        ("created", format_time(job.created)),
+    ]
+    for name in ("started", "heartbeat", "completed", "canceled", "failed"):
+        value = getattr(job, name)
+        if value is not None:
+            rows.append((name, format_time(value)))
+    rows += [
+        ("failures", f"{job.num_failures}/{job.max_failures}"),
+        ("heartbeats", f"{job.num_heartbeats} (every {job.heartbeat_interval} s)"),
+        ("machine", job.machine_id or ""),
+    ]
+    if job.attempt is not None:
+        rows.append(("attempt", str(job.attempt)))
+    if job.num_interruptions is not None:
+        rows.append(("interruptions", str(job.num_interruptions)))
+    if job.progress:
+        rows.append(("progress", format_progress(job.progress)))
+    if job.last_error:
+        rows.append(("last error", job.last_error))
+    if job.environment:
+        rows.append(("environment", ", ".join(sorted(job.environment))))
+    if job.sync is not None:
+        rows.append(("sync", json.dumps(job.sync.to_json())))
+    else:
+        for name in LEGACY_STORAGE_FIELDS:
+            value = getattr(job, name)
+            if value:
+                rows.append((name.replace("_", " "), value))
+    if job.webhook:
+        rows.append(("webhook", job.webhook))
+    for key, value in rows:
+        table.add_row(key, Text(value))
+    return table
+
+
+def _get(args: argparse.Namespace, ctx: Context) -> int:
+    job = ctx.client().get_job(args.job_id)
+    if args.json:
+        print_json(ctx.console, job.to_json())
+    else:
+        ctx.console.print(_job_details(job))
+    return EXIT_OK
+
+
+def _cancel(args: argparse.Namespace, ctx: Context) -> int:
+    client = ctx.client()
+    canceled: list[str] = []
+    for job_id in args.job_ids:
+        client.cancel(job_id)
+        canceled.append(job_id)
+        if not args.json:
+            ctx.console.print(Text(f"Canceled {job_id}"))
+    if args.json:
+        print_json(ctx.console, {"canceled": canceled})
+    return EXIT_OK
+
+
+def _wait(args: argparse.Namespace, ctx: Context) -> int:
+    jobs = ctx.client().wait(
+        args.job_ids, timeout=args.timeout, poll_interval=args.poll_interval
+    )
+    if args.json:
+        print_json(ctx.console, [j.to_json() for j in jobs])
+    else:
+        ctx.console.print(jobs_table(jobs))
+    unsuccessful = [j for j in jobs if j.status is not JobStatus.COMPLETED]
+    if unsuccessful:
+        detail = ", ".join(f"{j.id} ({j.status.value})" for j in unsuccessful[:5])
+        print(
+            f"Error: {len(unsuccessful)} of {len(jobs)} job(s) did not complete: "
+            f"{detail}",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    return EXIT_OK
