@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -78,3 +79,116 @@ def s3_bucket(moto_endpoint: str) -> str:
     name = f"test-{uuid.uuid4().hex[:20]}"
     boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket=name)
     return name
+
+
+# -- the Kelpie API server -------------------------------------------------------
+
+
+class FakeClock:
+    """
+    Real time plus an offset that tests can advance, to expire leases at once.
+    """
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        import time
+
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+@pytest.fixture(scope="session")
+def server_clock() -> FakeClock:
+    """The clock of the session's API server."""
+    return FakeClock()
+
+
+@pytest.fixture(scope="session")
+def api_server(server_clock: FakeClock) -> Iterator[Any]:
+    """The real API server (SQLite in a temp dir) on 127.0.0.1, for the session."""
+    from kelpie_sdk.testing import run_server
+
+    with run_server(clock=server_clock) as handle:
+        yield handle
+
+
+class Api:
+    """
+    Raw HTTP against the server, to test the wire format itself.
+    """
+
+    def __init__(self, url: str, key: str | None) -> None:
+        import requests
+
+        self.url = url
+        self.session = requests.Session()
+        if key is not None:
+            self.session.headers["X-Kelpie-Key"] = key
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        kwargs.setdefault("timeout", 30)
+        return self.session.request(method, self.url + path, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> Any:
+        return self.request("POST", path, **kwargs)
+
+    def patch(self, path: str, **kwargs: Any) -> Any:
+        return self.request("PATCH", path, **kwargs)
+
+    def delete(self, path: str, **kwargs: Any) -> Any:
+        return self.request("DELETE", path, **kwargs)
+
+
+@pytest.fixture
+def admin_api(api_server: Any) -> Api:
+    """Raw HTTP as the admin."""
+    return Api(api_server.url, api_server.admin_key)
+
+
+@pytest.fixture
+def user_key(admin_api: Api) -> str:
+    """The API key of a fresh user, so that every test has its own jobs."""
+    user = admin_api.post("/users", json={"username": f"u-{uuid.uuid4().hex}"}).json()
+    return str(
+        admin_api.post(
+            f"/users/{user['id']}/token",
+            json={"org_name": "acme", "project_name": "proj"},
+        ).json()["token"]
+    )
+
+
+@pytest.fixture
+def api(api_server: Any, user_key: str) -> Api:
+    """Raw HTTP as a fresh user."""
+    return Api(api_server.url, user_key)
+
+
+@pytest.fixture
+def container_group_id() -> str:
+    """A fresh queue name."""
+    return str(uuid.uuid4())
+
+
+@pytest.fixture
+def admin_client(api_server: Any) -> Any:
+    """The SDK client as the admin."""
+    from kelpie_sdk.client import Client
+
+    with Client(api_server.url, api_server.admin_key) as client:
+        yield client
+
+
+@pytest.fixture
+def client(api_server: Any, user_key: str) -> Any:
+    """The SDK client as a fresh user."""
+    from kelpie_sdk.client import Client
+
+    with Client(api_server.url, user_key) as client:
+        yield client

@@ -1,0 +1,87 @@
+"""
+The Kelpie API server: ``kelpie server``.
+
+``create_app`` builds the Litestar application; ``open_store`` connects to a
+database (SQLite by default) and migrates it; ``serve`` runs it under uvicorn.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Callable
+
+from kelpie_sdk.server._app import HTTPProblem, create_app, validate_submission
+from kelpie_sdk.server._db import ADMIN_ID, make_engine, upgrade
+from kelpie_sdk.server._store import Principal, Store
+
+__all__ = [
+    "ADMIN_ID",
+    "DEFAULT_PORT",
+    "HTTPProblem",
+    "Principal",
+    "Store",
+    "create_app",
+    "default_database_url",
+    "open_store",
+    "serve",
+    "validate_submission",
+]
+
+#: The port ``kelpie server`` listens on unless told otherwise.
+DEFAULT_PORT = 8787
+
+
+def default_database_url() -> str:
+    """
+    A SQLite file under the user's data directory.
+    """
+    from platformdirs import user_data_dir
+
+    path = pathlib.Path(user_data_dir("kelpie", appauthor=False)) / "kelpie.db"
+    return f"sqlite:///{path}"
+
+
+def open_store(
+    database_url: str | None = None, *, clock: Callable[[], float] = time.time
+) -> Store:
+    """
+    Connect to a database, create or upgrade its schema, and return the store.
+    """
+    engine = make_engine(database_url or default_database_url())
+    upgrade(engine)
+    return Store(engine, clock=clock)
+
+
+def serve(
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    database_url: str | None = None,
+    admin_key: str | None = None,
+    log_level: str = "info",
+) -> None:
+    """
+    Run the server in the foreground until interrupted.
+
+    Args:
+        host: The address to bind.
+        port: The port to bind (0 picks a free one).
+        database_url: A SQLAlchemy URL; default: a SQLite file under the user's
+            data directory.
+        admin_key: The admin's API key; default ``KELPIE_ADMIN_KEY``, else one
+            is generated at first start and printed once.
+    """
+    import uvicorn
+
+    store = open_store(database_url)
+    generated = store.ensure_admin(admin_key or os.environ.get("KELPIE_ADMIN_KEY"))
+    if generated:
+        print(  # noqa: T201 - shown once, by design
+            f"Generated the admin API key (shown only once): {generated}",
+            file=sys.stderr,
+        )
+    app = create_app(store)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)

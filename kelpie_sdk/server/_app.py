@@ -1,0 +1,908 @@
+"""
+The Litestar application: routes, authentication and error shapes.
+
+Handlers run on the event loop and call the synchronous ``Store`` inline. With
+SQLite that serialises all database work in one thread, which is what SQLite
+wants anyway (one writer), and avoids a thread hop per request; see
+docs/server.md for the measurements behind this choice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit
+
+import attrs
+import msgspec
+from litestar import Litestar, Request, Response, delete, get, patch, post
+from litestar.di import NamedDependency, Provide
+from litestar.enums import RequestEncodingType
+from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.params import BodyKwarg, FromPath, FromQuery, JSONBody
+from litestar.plugins.attrs import AttrsSchemaPlugin
+
+from kelpie_sdk.models import (
+    LEGACY_STORAGE_FIELDS,
+    MAX_BATCH_SIZE,
+    Job,
+    JobStatus,
+    JobSubmission,
+    ScalingRule,
+    ScalingRuleSubmission,
+    ScalingRuleUpdate,
+    SyncConfig,
+    SyncDirection,
+    SyncSpec,
+    User,
+    WorkerReport,
+)
+from kelpie_sdk.server._store import Principal, ReportOutcome, Store
+
+__all__ = ["MAX_LONG_POLL", "MAX_PAGE_SIZE", "HTTPProblem", "create_app"]
+
+logger = logging.getLogger(__name__)
+
+#: The largest ``page_size`` that ``GET /jobs`` accepts.
+MAX_PAGE_SIZE = 1000
+#: The longest ``wait`` (seconds) that ``GET /work`` accepts.
+MAX_LONG_POLL = 60.0
+#: How long a looked-up API key is trusted without asking the database again.
+KEY_CACHE_SECONDS = 5.0
+
+_JSON = "application/json"
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+M = TypeVar("M")
+
+
+class HTTPProblem(Exception):
+    """
+    An error answered as ``{"error": ..., "message": ..., **extra}``.
+    """
+
+    def __init__(
+        self, status: int, error: str, message: str | None = None, **extra: Any
+    ) -> None:
+        super().__init__(message or error)
+        self.status = status
+        self.error = error
+        self.message = message
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"error": self.error}
+        if self.message is not None:
+            out["message"] = self.message
+        out.update(self.extra)
+        return out
+
+
+def _json(content: Any, status: int = 200) -> Response[Any]:
+    return Response(
+        content=msgspec.json.encode(content), status_code=status, media_type=_JSON
+    )
+
+
+def _problem_response(problem: HTTPProblem) -> Response[Any]:
+    return _json(problem.body(), problem.status)
+
+
+# -- error handlers -----------------------------------------------------------
+
+
+def _on_problem(_: Request[Any, Any, Any], exc: HTTPProblem) -> Response[Any]:
+    return _problem_response(exc)
+
+
+def _on_validation(
+    _: Request[Any, Any, Any], exc: ValidationException
+) -> Response[Any]:
+    errors = exc.extra if isinstance(exc.extra, list) else []
+    details = "; ".join(
+        f"{e.get('key')}: {e.get('message')}" for e in errors if isinstance(e, dict)
+    )
+    message = f"{exc.detail}: {details}" if details else exc.detail
+    return _json(
+        {
+            "error": "Bad Request",
+            "message": message,
+            "errors": errors,
+            "success": False,
+            "result": {},
+        },
+        400,
+    )
+
+
+def _on_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    if isinstance(exc, NotFoundException) and exc.detail == "Not Found":
+        return _json({"error": "Route Not Found", "message": request.url.path}, 404)
+    return _json(
+        {"error": _reason(exc.status_code), "message": exc.detail}, exc.status_code
+    )
+
+
+def _on_crash(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    logger.error("unhandled error", exc_info=exc)
+    return _json(
+        {"error": "Internal server error", "message": f"{type(exc).__name__}: {exc}"},
+        500,
+    )
+
+
+def _reason(status: int) -> str:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+# -- request decoding -----------------------------------------------------------
+
+
+def _strict(raw: Any, model: type[M], where: str = "body") -> M:
+    """
+    Decode already-parsed JSON into a model with no type coercion.
+
+    Litestar converts bodies leniently (``"3"`` becomes ``3``); the protocol
+    says wrong types are errors, so every body is re-checked strictly.
+    """
+    try:
+        return msgspec.convert(raw, model, strict=True)
+    except (msgspec.ValidationError, ValueError, TypeError) as exc:
+        raise HTTPProblem(400, "Bad Request", f"invalid {where}: {exc}") from exc
+
+
+async def _raw_json(request: Request[Any, Any, Any]) -> Any:
+    body = await request.body()
+    if not body.strip():
+        raise HTTPProblem(400, "Bad Request", "request body is empty; expected JSON")
+    try:
+        return msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise HTTPProblem(400, "Bad Request", f"malformed JSON: {exc}") from exc
+
+
+def _normalise_prefix(prefix: str) -> str:
+    # An empty prefix is the bucket root; the original turned it into "/",
+    # a different (and surprising) key prefix.
+    return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
+def validate_submission(sub: JobSubmission) -> JobSubmission:
+    """
+    Apply the protocol's post-schema rules and normalise prefixes.
+
+    Raises:
+        HTTPProblem: 400 naming the rule that failed.
+    """
+    if not sub.command.strip():
+        raise HTTPProblem(400, "Invalid request", "command must not be empty")
+    if not sub.container_group_id.strip():
+        raise HTTPProblem(
+            400, "Invalid request", "container_group_id must not be empty"
+        )
+    if sub.webhook is not None:
+        parts = urlsplit(sub.webhook)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise HTTPProblem(
+                400, "Invalid request", "webhook must be an http:// or https:// URL"
+            )
+    legacy = {k: getattr(sub, k) for k in LEGACY_STORAGE_FIELDS}
+    if sub.sync is not None:
+        if any(legacy.values()):
+            raise HTTPProblem(
+                400, "Invalid request", "Cannot use both sync and bucket/prefix"
+            )
+        for phase, entry in sub.sync.entries():
+            wanted = (
+                SyncDirection.DOWNLOAD if phase == "before" else SyncDirection.UPLOAD
+            )
+            if entry.direction is not wanted:
+                raise HTTPProblem(
+                    400,
+                    "Invalid request",
+                    f'sync.{phase}.direction must be "{wanted.value}"',
+                )
+            if entry.pattern is not None:
+                try:
+                    re.compile(entry.pattern)
+                except re.error as exc:
+                    raise HTTPProblem(
+                        400,
+                        "Invalid request",
+                        f"sync.{phase}.pattern is not a valid regular "
+                        f"expression: {exc}",
+                    ) from exc
+
+        def fix(
+            entries: tuple[SyncConfig, ...] | None,
+        ) -> tuple[SyncConfig, ...] | None:
+            if entries is None:
+                return None
+            return tuple(
+                attrs.evolve(e, prefix=_normalise_prefix(e.prefix)) for e in entries
+            )
+
+        sync = SyncSpec(
+            before=fix(sub.sync.before),
+            during=fix(sub.sync.during),
+            after=fix(sub.sync.after),
+        )
+        return attrs.evolve(sub, sync=sync)
+    if not all(legacy.values()):
+        raise HTTPProblem(
+            400, "Invalid request", "Must use either sync or bucket/prefix"
+        )
+    return attrs.evolve(
+        sub,
+        input_prefix=_normalise_prefix(sub.input_prefix or ""),
+        checkpoint_prefix=_normalise_prefix(sub.checkpoint_prefix or ""),
+        output_prefix=_normalise_prefix(sub.output_prefix or ""),
+    )
+
+
+# -- long-poll wake-ups -----------------------------------------------------------
+
+
+class _Waker:
+    """
+    Wakes ``GET /work`` long-polls when a queue may have gained a job.
+
+    In-process only: with several server replicas a waiter also re-checks the
+    database every ``RECHECK`` seconds, which also catches expiring leases.
+    """
+
+    RECHECK = 1.0
+
+    def __init__(self) -> None:
+        self._events: dict[tuple[str, str], asyncio.Event] = {}
+
+    def notify(self, user_id: FromPath[str], group: str) -> None:
+        event = self._events.pop((user_id, group), None)
+        if event is not None:
+            event.set()
+
+    async def wait(
+        self, user_id: FromPath[str], group: FromPath[str], timeout: float
+    ) -> None:
+        event = self._events.setdefault((user_id, group), asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout=min(timeout, self.RECHECK))
+
+
+# -- the application -----------------------------------------------------------
+
+
+@attrs.define
+class _State:
+    store: Store
+    waker: _Waker = attrs.field(factory=_Waker)
+    keys: dict[str, tuple[Principal, float]] = attrs.field(factory=dict)
+
+
+def _state(request: Request[Any, Any, Any]) -> _State:
+    state: _State = request.app.state.kelpie
+    return state
+
+
+def _authenticate(request: Request[Any, Any, Any]) -> Principal:
+    headers = request.headers
+    salad_key = headers.get("salad-api-key")
+    org = headers.get("salad-organization")
+    project = headers.get("salad-project")
+    if salad_key and not (org and project):
+        raise HTTPProblem(
+            400,
+            "Bad Request",
+            "Salad API Key requires Salad-Organization and Salad-Project headers",
+        )
+    if headers.get("authorization") and not project:
+        raise HTTPProblem(
+            400, "Bad Request", "Bearer Token requires Salad-Project header"
+        )
+    key = headers.get("x-kelpie-key")
+    if key:
+        state = _state(request)
+        cached = state.keys.get(key)
+        now = time.monotonic()
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        principal = state.store.principal_for_key(key)
+        if principal is None:
+            raise HTTPProblem(403, "Forbidden", "Invalid API Key")
+        if len(state.keys) > 10_000:
+            state.keys.clear()
+        state.keys[key] = (principal, now + KEY_CACHE_SECONDS)
+        return principal
+    if salad_key or headers.get("authorization"):
+        raise HTTPProblem(
+            403,
+            "Forbidden",
+            "SaladCloud API keys and workload tokens cannot be verified by a "
+            "self-hosted server; use X-Kelpie-Key",
+        )
+    raise HTTPProblem(401, "Unauthorized", "API Key or Bearer Token Required")
+
+
+def _admin(principal: NamedDependency[Principal]) -> None:
+    if not principal.is_admin:
+        raise HTTPProblem(403, "Forbidden", "Admin Only")
+
+
+def _job_response(job: Job, status: int = 200) -> Response[Job]:
+    return _json(job.to_json(), status)
+
+
+def _not_found(what: str = "Job") -> HTTPProblem:
+    return HTTPProblem(404, "Not Found", f"{what} not found")
+
+
+# Jobs ------------------------------------------------------------------------
+
+
+@post("/jobs", status_code=202)
+async def submit_job(
+    request: Request[Any, Any, Any],
+    data: JSONBody[JobSubmission],
+    principal: NamedDependency[Principal],
+) -> Response[Job]:
+    """
+    Queue one job.
+    """
+    sub = validate_submission(_strict(await request.json(), JobSubmission))
+    state = _state(request)
+    (job,) = state.store.insert_jobs(principal.user_id, [sub])
+    state.waker.notify(principal.user_id, job.container_group_id)
+    return _job_response(job, 202)
+
+
+@post("/jobs/batch", status_code=202)
+async def submit_batch(
+    request: Request[Any, Any, Any],
+    # Decoded item by item below, so that an error names the item's index;
+    # the schema still documents the items as JobSubmission.
+    data: Annotated[
+        list[dict[str, Any]],
+        BodyKwarg(
+            media_type=RequestEncodingType.JSON,
+            description=f"1 to {MAX_BATCH_SIZE} jobs",
+            schema_extra={"items": {"$ref": "#/components/schemas/JobSubmission"}},
+        ),
+    ],
+    principal: NamedDependency[Principal],
+) -> Response[list[Job]]:
+    """
+    Queue 1 to 1000 jobs in one transaction; the response keeps request order.
+    """
+    raw = await request.json()
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_BATCH_SIZE:
+        raise HTTPProblem(
+            400,
+            "Invalid request",
+            f"expected a JSON array of 1 to {MAX_BATCH_SIZE} jobs",
+        )
+    subs = []
+    for index, item in enumerate(raw):
+        try:
+            subs.append(validate_submission(_strict(item, JobSubmission, "job")))
+        except HTTPProblem as exc:
+            exc.extra["index"] = index
+            raise
+    state = _state(request)
+    jobs = state.store.insert_jobs(principal.user_id, subs)
+    for group in {j.container_group_id for j in jobs}:
+        state.waker.notify(principal.user_id, group)
+    return _json([j.to_json() for j in jobs], 202)
+
+
+@get("/jobs", sync_to_thread=False)
+def list_jobs(
+    request: Request[Any, Any, Any],
+    principal: NamedDependency[Principal],
+    status: FromQuery[str | None] = None,
+    container_group_id: FromQuery[str | None] = None,
+    page: FromQuery[int] = 1,
+    page_size: FromQuery[int] = 100,
+    asc: FromQuery[bool] = False,
+) -> Response[dict[str, Any]]:
+    """
+    One page of the caller's jobs: ``{"_count": <jobs on this page>, "jobs": [...]}``.
+    """
+    if status is not None and status not in JobStatus._value2member_map_:
+        raise HTTPProblem(
+            400,
+            "Bad Request",
+            f"unknown status {status!r}; expected one of "
+            + ", ".join(s.value for s in JobStatus),
+        )
+    if page < 1:
+        raise HTTPProblem(400, "Bad Request", "page must be at least 1")
+    if not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise HTTPProblem(
+            400, "Bad Request", f"page_size must be between 1 and {MAX_PAGE_SIZE}"
+        )
+    jobs = _state(request).store.list_jobs(
+        principal,
+        status=None if status is None else JobStatus(status),
+        container_group_id=container_group_id or None,
+        page=page,
+        page_size=page_size,
+        asc=asc,
+    )
+    return _json({"_count": len(jobs), "jobs": [j.to_json() for j in jobs]})
+
+
+@get("/jobs/{job_id:str}", sync_to_thread=False)
+def get_job(
+    request: Request[Any, Any, Any],
+    job_id: FromPath[str],
+    principal: NamedDependency[Principal],
+) -> Response[Job]:
+    """
+    One job.
+    """
+    job = _state(request).store.get_job(principal, job_id)
+    if job is None:
+        raise _not_found()
+    return _job_response(job)
+
+
+@delete("/jobs/{job_id:str}", status_code=202, sync_to_thread=False)
+def cancel_job(
+    request: Request[Any, Any, Any],
+    job_id: FromPath[str],
+    principal: NamedDependency[Principal],
+) -> Response[dict[str, str]]:
+    """
+    Cancel a pending or running job. A completed or failed job stays so (409).
+    """
+    outcome = _state(request).store.cancel(principal, job_id)
+    if outcome == "not_found":
+        raise _not_found()
+    if isinstance(outcome, JobStatus):
+        raise HTTPProblem(409, "Conflict", f"Job already {outcome.value}")
+    return _json({"message": "Job canceled"}, 202)
+
+
+@delete("/jobs/container-groups/{group:str}", status_code=200, sync_to_thread=False)
+def purge_group(
+    request: Request[Any, Any, Any],
+    group: FromPath[str],
+    principal: NamedDependency[Principal],
+) -> Response[dict[str, int]]:
+    """
+    Delete the caller's pending jobs in a container group; cancel its running ones.
+    """
+    return _json({"count": _state(request).store.purge_group(principal, group)})
+
+
+@delete("/jobs", status_code=204, sync_to_thread=False)
+def delete_all_jobs(
+    request: Request[Any, Any, Any], principal: NamedDependency[Principal]
+) -> None:
+    """
+    Delete every job (admin only).
+    """
+    _admin(principal)
+    _state(request).store.delete_all_jobs()
+
+
+# Worker protocol ------------------------------------------------------------------
+
+
+@get("/work")
+async def get_work(
+    request: Request[Any, Any, Any],
+    principal: NamedDependency[Principal],
+    machine_id: FromQuery[str | None] = None,
+    container_group_id: FromQuery[str | None] = None,
+    wait: FromQuery[float | None] = None,
+) -> Response[list[Job]]:
+    """
+    Claim the next job of a queue: ``[]`` or ``[job]`` (already ``running``).
+
+    ``wait`` (seconds, up to 60) makes an idle call wait for a job to arrive
+    instead of answering ``[]`` at once; without it the call behaves as the
+    original.
+    """
+    if not machine_id or not container_group_id:
+        raise HTTPProblem(
+            400,
+            "Bad Request",
+            "query parameters machine_id and container_group_id are required",
+        )
+    if wait is not None and not 0 <= wait <= MAX_LONG_POLL:
+        raise HTTPProblem(
+            400, "Bad Request", f"wait must be between 0 and {MAX_LONG_POLL:g} seconds"
+        )
+    state = _state(request)
+    deadline = time.monotonic() + (wait or 0.0)
+    while True:
+        job = state.store.claim(
+            principal, machine_id=machine_id, group=container_group_id
+        )
+        if job is not None:
+            return _json([job.to_json()])
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return _json([])
+        await state.waker.wait(principal.user_id, container_group_id, remaining)
+
+
+async def _report(request: Request[Any, Any, Any]) -> WorkerReport:
+    report = _strict(await request.json(), WorkerReport)
+    if not report.machine_id:
+        raise HTTPProblem(400, "Bad Request", "machine_id must not be empty")
+    return report
+
+
+def _fenced(outcome: ReportOutcome, verb: str) -> None:
+    if outcome == "not_found":
+        raise _not_found()
+    if outcome == "not_holder":
+        raise HTTPProblem(
+            409,
+            "Conflict",
+            f"cannot report {verb}: this machine (and attempt) does not hold the job",
+        )
+
+
+@post("/jobs/{job_id:str}/heartbeat", status_code=200)
+async def heartbeat(
+    request: Request[Any, Any, Any],
+    job_id: FromPath[str],
+    data: JSONBody[WorkerReport],
+    principal: NamedDependency[Principal],
+) -> Response[dict[str, str]]:
+    """
+    Extend the holder's lease. ``{"status": "canceled"}`` means: stop the job now.
+    """
+    report = await _report(request)
+    status = _state(request).store.heartbeat(principal, job_id, report)
+    if status is None:
+        raise _not_found()
+    return _json({"status": status.value})
+
+
+@post("/jobs/{job_id:str}/completed", status_code=200)
+async def completed(
+    request: Request[Any, Any, Any],
+    job_id: FromPath[str],
+    data: JSONBody[WorkerReport],
+    principal: NamedDependency[Principal],
+) -> Response[dict[str, str]]:
+    """
+    The holder reports success. 409 if the caller no longer holds the job.
+    """
+    report = await _report(request)
+    _fenced(_state(request).store.complete(principal, job_id, report), "completion")
+    return _json({"message": "Completed reported"})
+
+
+@post("/jobs/{job_id:str}/failed", status_code=202)
+async def failed(
+    request: Request[Any, Any, Any],
+    job_id: FromPath[str],
+    data: JSONBody[WorkerReport],
+    principal: NamedDependency[Principal],
+) -> Response[dict[str, str]]:
+    """
+    The holder reports a failure: the machine is banned from the job, and the
+    job is requeued at once unless it reached ``max_failures``.
+    """
+    report = await _report(request)
+    state = _state(request)
+    outcome = state.store.fail(principal, job_id, report)
+    _fenced(outcome, "failure")
+    state.waker.notify(principal.user_id, report.container_group_id)
+    return _json({"message": "Failure reported"}, 202)
+
+
+@post("/jobs/{job_id:str}/release", status_code=200)
+async def release(
+    request: Request[Any, Any, Any],
+    job_id: FromPath[str],
+    data: JSONBody[WorkerReport],
+    principal: NamedDependency[Principal],
+) -> Response[dict[str, str]]:
+    """
+    The holder hands the job back to the queue at once (an interruption, not a
+    failure): a worker restarting, shutting down, or a job exiting with 85.
+    """
+    report = await _report(request)
+    state = _state(request)
+    _fenced(state.store.release(principal, job_id, report), "release")
+    state.waker.notify(principal.user_id, report.container_group_id)
+    return _json({"message": "Job released"})
+
+
+# Scaling rules -------------------------------------------------------------------
+
+
+@post("/scaling-rules", status_code=201)
+async def create_rule(
+    request: Request[Any, Any, Any],
+    data: JSONBody[ScalingRuleSubmission],
+    principal: NamedDependency[Principal],
+) -> Response[ScalingRule]:
+    """
+    Store the scaling rule of a container group (one per group).
+    """
+    sub = _strict(await request.json(), ScalingRuleSubmission)
+    if not _UUID.match(sub.container_group_id):
+        raise HTTPProblem(400, "Bad Request", "container_group_id must be a UUID")
+    rule = _state(request).store.create_rule(principal, sub)
+    if rule is None:
+        raise HTTPProblem(
+            409, "Conflict", "a scaling rule already exists for this container group"
+        )
+    return _json(rule.to_json(), 201)
+
+
+@get("/scaling-rules", sync_to_thread=False)
+def list_rules(
+    request: Request[Any, Any, Any], principal: NamedDependency[Principal]
+) -> Response[dict[str, Any]]:
+    """
+    The caller's scaling rules: ``{"_count": n, "rules": [...]}``.
+    """
+    rules = _state(request).store.list_rules(principal)
+    return _json({"_count": len(rules), "rules": [r.to_json() for r in rules]})
+
+
+def _rule_not_found() -> HTTPProblem:
+    return HTTPProblem(
+        404, "Scaling Rule Not Found", "No scaling rule found for container group ID"
+    )
+
+
+@get("/scaling-rules/{group:str}", sync_to_thread=False)
+def get_rule(
+    request: Request[Any, Any, Any],
+    group: FromPath[str],
+    principal: NamedDependency[Principal],
+) -> Response[ScalingRule]:
+    """
+    One scaling rule.
+    """
+    rule = _state(request).store.get_rule(principal, group)
+    if rule is None:
+        raise _rule_not_found()
+    return _json(rule.to_json())
+
+
+@patch("/scaling-rules/{group:str}")
+async def update_rule(
+    request: Request[Any, Any, Any],
+    group: FromPath[str],
+    data: JSONBody[ScalingRuleUpdate],
+    principal: NamedDependency[Principal],
+) -> Response[ScalingRule]:
+    """
+    Change some limits of a scaling rule.
+    """
+    update = _strict(await _raw_json(request), ScalingRuleUpdate)
+    if not update.to_json():
+        raise HTTPProblem(
+            400,
+            "Bad Request",
+            "nothing to update: give min_replicas, max_replicas or "
+            "idle_threshold_seconds",
+        )
+    result = _state(request).store.update_rule(principal, group, update)
+    if result is None:
+        raise _rule_not_found()
+    if result == "invalid":
+        raise HTTPProblem(
+            400, "Bad Request", "min_replicas must not exceed max_replicas"
+        )
+    return _json(result.to_json())
+
+
+@delete("/scaling-rules/{group:str}", status_code=204, sync_to_thread=False)
+def delete_rule(
+    request: Request[Any, Any, Any],
+    group: FromPath[str],
+    principal: NamedDependency[Principal],
+) -> None:
+    """
+    Delete a scaling rule (no error if there is none).
+    """
+    _state(request).store.delete_rule(principal, group)
+
+
+@delete("/scaling-rules", status_code=204, sync_to_thread=False)
+def delete_all_rules(
+    request: Request[Any, Any, Any], principal: NamedDependency[Principal]
+) -> None:
+    """
+    Delete every scaling rule (admin only).
+    """
+    _admin(principal)
+    _state(request).store.delete_all_rules()
+
+
+# Users -----------------------------------------------------------------------------
+
+
+@attrs.frozen
+class UserSubmission:
+    """
+    The body of ``POST /users``.
+    """
+
+    username: str
+
+
+@attrs.frozen
+class TokenRequest:
+    """
+    The body of ``POST /users/{id}/token``.
+    """
+
+    org_name: str = ""
+    project_name: str = ""
+
+
+@attrs.frozen
+class TokenResponse:
+    """
+    A new API key.
+    """
+
+    token: str
+
+
+@get("/users/me", sync_to_thread=False)
+def me(
+    request: Request[Any, Any, Any], principal: NamedDependency[Principal]
+) -> Response[User]:
+    """
+    The caller.
+    """
+    user = _state(request).store.get_user(principal.user_id)
+    if user is None:  # pragma: no cover - keys are deleted with their user
+        raise HTTPProblem(404, "User not found", "User not found")
+    return _json(user.to_json())
+
+
+@post("/users", status_code=201)
+async def create_user(
+    request: Request[Any, Any, Any],
+    data: JSONBody[UserSubmission],
+    principal: NamedDependency[Principal],
+) -> Response[User]:
+    """
+    Create a user (admin only).
+    """
+    _admin(principal)
+    sub = _strict(await request.json(), UserSubmission)
+    if not sub.username.strip():
+        raise HTTPProblem(400, "Bad Request", "username must not be empty")
+    user = _state(request).store.create_user(sub.username)
+    if user is None:
+        raise HTTPProblem(400, "User exists", "User exists")
+    return _json(user.to_json(), 201)
+
+
+@post("/users/{user_id:str}/token", status_code=201)
+async def create_token(
+    request: Request[Any, Any, Any],
+    user_id: FromPath[str],
+    data: JSONBody[TokenRequest],
+    principal: NamedDependency[Principal],
+) -> Response[TokenResponse]:
+    """
+    Issue an API key for a user (admin only).
+    """
+    _admin(principal)
+    body = _strict(await request.json(), TokenRequest)
+    key = _state(request).store.create_key(user_id, body.org_name, body.project_name)
+    if key is None:
+        raise HTTPProblem(404, "User not found", "User not found")
+    return _json({"token": key}, 201)
+
+
+@delete("/users", status_code=204, sync_to_thread=False)
+def delete_users(
+    request: Request[Any, Any, Any], principal: NamedDependency[Principal]
+) -> None:
+    """
+    Delete every user except the admin, with their keys (admin only).
+    """
+    _admin(principal)
+    state = _state(request)
+    state.store.delete_users()
+    state.keys.clear()
+
+
+# Misc -------------------------------------------------------------------------------
+
+
+@get("/health", sync_to_thread=False, include_in_schema=False)
+def health() -> Response[dict[str, str]]:
+    """
+    A no-op: the server is up. Needs no key.
+    """
+    return _json({"status": "ok"})
+
+
+@get("/openapi.json", sync_to_thread=False, include_in_schema=False)
+def openapi_json(request: Request[Any, Any, Any]) -> Response[Any]:
+    """
+    The OpenAPI 3.1 document.
+    """
+    return _json(request.app.openapi_schema.to_schema())
+
+
+def create_app(store: Store, *, debug: bool = False) -> Litestar:
+    """
+    Build the Kelpie API application around a store.
+
+    Args:
+        store: The store (schema already migrated).
+        debug: Litestar debug mode (tracebacks in responses).
+    """
+    from importlib.metadata import version
+
+    handlers: Sequence[Any] = [
+        submit_job,
+        submit_batch,
+        list_jobs,
+        get_job,
+        cancel_job,
+        purge_group,
+        delete_all_jobs,
+        get_work,
+        heartbeat,
+        completed,
+        failed,
+        release,
+        create_rule,
+        list_rules,
+        get_rule,
+        update_rule,
+        delete_rule,
+        delete_all_rules,
+        me,
+        create_user,
+        create_token,
+        delete_users,
+        health,
+        openapi_json,
+    ]
+    exception_handlers: Mapping[Any, Any] = {
+        HTTPProblem: _on_problem,
+        ValidationException: _on_validation,
+        HTTPException: _on_http,
+        Exception: _on_crash,
+    }
+    app = Litestar(
+        route_handlers=list(handlers),
+        dependencies={"principal": Provide(_authenticate, sync_to_thread=False)},
+        exception_handlers=dict(exception_handlers),
+        plugins=[AttrsSchemaPlugin()],
+        openapi_config=OpenAPIConfig(
+            title="Kelpie API (kelpie-sdk)",
+            version=version("kelpie-sdk"),
+            description=(
+                "A self-hosted, wire-compatible Kelpie API. "
+                "Authenticate with the X-Kelpie-Key header."
+            ),
+            path="/docs",
+            render_plugins=[SwaggerRenderPlugin(path="/")],
+        ),
+        debug=debug,
+    )
+    app.state.kelpie = _State(store=store)
+    return app

@@ -1,0 +1,211 @@
+"""
+The database schema (SQLAlchemy Core) and engine set-up.
+
+Times are stored as integer milliseconds since the Unix epoch (UTC): they sort,
+index and compare the same way on SQLite and PostgreSQL, and the lease test
+``lease_expires <= now`` is a plain indexed range scan.
+
+The schema is created and upgraded only by the Alembic migrations in
+``kelpie_sdk/server/migrations``; ``METADATA`` mirrors them, and a test checks
+that the two agree.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+__all__ = [
+    "ADMIN_ID",
+    "API_KEYS",
+    "JOBS",
+    "JOB_BANS",
+    "METADATA",
+    "SCALING_RULES",
+    "USERS",
+    "make_engine",
+    "upgrade",
+]
+
+#: The seeded admin user (the original's ADMIN_ID).
+ADMIN_ID = "00000000-0000-0000-0000-000000000000"
+
+METADATA = sa.MetaData()
+
+USERS = sa.Table(
+    "users",
+    METADATA,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("username", sa.Text, nullable=False, index=True),
+    sa.Column("created", sa.BigInteger, nullable=False),
+)
+
+API_KEYS = sa.Table(
+    "api_keys",
+    METADATA,
+    # SHA-256 of the key: a leaked database does not leak usable keys.
+    sa.Column("key_hash", sa.String(64), primary_key=True),
+    sa.Column(
+        "user_id",
+        sa.String(36),
+        sa.ForeignKey("users.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("org_name", sa.Text, nullable=False, server_default=""),
+    sa.Column("project_name", sa.Text, nullable=False, server_default=""),
+    sa.Column("created", sa.BigInteger, nullable=False),
+)
+
+_PENDING = sa.text("status = 'pending'")
+_RUNNING = sa.text("status = 'running'")
+
+JOBS = sa.Table(
+    "jobs",
+    METADATA,
+    # Insertion order: FIFO within a queue, and batches keep request order.
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.String(36), nullable=False, unique=True),
+    sa.Column("user_id", sa.String(36), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created", sa.BigInteger, nullable=False),
+    sa.Column("started", sa.BigInteger),
+    sa.Column("completed", sa.BigInteger),
+    sa.Column("canceled", sa.BigInteger),
+    sa.Column("failed", sa.BigInteger),
+    sa.Column("heartbeat", sa.BigInteger),
+    sa.Column("num_failures", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("machine_id", sa.Text),
+    sa.Column("command", sa.Text, nullable=False),
+    sa.Column("arguments", sa.Text, nullable=False, server_default="[]"),
+    sa.Column("environment", sa.Text, nullable=False, server_default="{}"),
+    sa.Column("input_bucket", sa.Text),
+    sa.Column("input_prefix", sa.Text),
+    sa.Column("checkpoint_bucket", sa.Text),
+    sa.Column("checkpoint_prefix", sa.Text),
+    sa.Column("output_bucket", sa.Text),
+    sa.Column("output_prefix", sa.Text),
+    sa.Column("max_failures", sa.Integer, nullable=False, server_default="3"),
+    sa.Column("heartbeat_interval", sa.Integer, nullable=False, server_default="30"),
+    sa.Column("container_group_id", sa.Text, nullable=False),
+    sa.Column("webhook", sa.Text),
+    sa.Column("compression", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("num_heartbeats", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("sync", sa.Text),
+    sa.Column("attempt", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("num_interruptions", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("lease_expires", sa.BigInteger),
+    sa.Column("progress", sa.Text),
+    sa.Column("last_error", sa.Text),
+    sa.Index(
+        "ix_jobs_pending",
+        "user_id",
+        "container_group_id",
+        "seq",
+        sqlite_where=_PENDING,
+        postgresql_where=_PENDING,
+    ),
+    sa.Index(
+        "ix_jobs_running",
+        "user_id",
+        "container_group_id",
+        "lease_expires",
+        sqlite_where=_RUNNING,
+        postgresql_where=_RUNNING,
+    ),
+    sa.Index("ix_jobs_user_seq", "user_id", "seq"),
+    sa.Index("ix_jobs_user_status_seq", "user_id", "status", "seq"),
+    sa.Index("ix_jobs_user_group_seq", "user_id", "container_group_id", "seq"),
+)
+
+JOB_BANS = sa.Table(
+    "job_bans",
+    METADATA,
+    sa.Column("job_id", sa.String(36), primary_key=True),
+    sa.Column("machine_id", sa.Text, primary_key=True),
+    sa.Column("created", sa.BigInteger, nullable=False),
+)
+
+SCALING_RULES = sa.Table(
+    "scaling_rules",
+    METADATA,
+    sa.Column("container_group_id", sa.String(36), primary_key=True),
+    sa.Column("user_id", sa.String(36), nullable=False, index=True),
+    sa.Column("org_name", sa.Text),
+    sa.Column("project_name", sa.Text),
+    sa.Column("container_group_name", sa.Text),
+    sa.Column("min_replicas", sa.Integer, nullable=False),
+    sa.Column("max_replicas", sa.Integer, nullable=False),
+    sa.Column("idle_threshold_seconds", sa.Integer, nullable=False),
+    sa.Column("created", sa.BigInteger, nullable=False),
+    sa.Column("updated", sa.BigInteger, nullable=False),
+)
+
+
+def make_engine(url: str) -> Engine:
+    """
+    Create an engine for a SQLAlchemy URL.
+
+    For SQLite: WAL journal, ``synchronous=NORMAL`` (durable against a crash of
+    the server process; see docs/server.md), a 10 s busy timeout, and every
+    write transaction opened with ``BEGIN IMMEDIATE`` so that it takes the write
+    lock up front instead of failing with SQLITE_BUSY on upgrade. Connections
+    with the execution option ``readonly=True`` open a plain deferred ``BEGIN``.
+    The parent directory of a database file is created.
+    """
+    sa_url = sa.make_url(url)
+    if sa_url.get_backend_name() != "sqlite":
+        return sa.create_engine(sa_url, pool_pre_ping=True)
+    database = sa_url.database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        pathlib.Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(
+        sa_url,
+        connect_args={"check_same_thread": False, "timeout": 10.0},
+        pool_size=8,
+        max_overflow=8,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let us issue BEGIN ourselves (pysqlite's own transaction handling
+        # would open DEFERRED transactions).
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        for pragma in (
+            "PRAGMA journal_mode=WAL",
+            "PRAGMA synchronous=NORMAL",
+            "PRAGMA busy_timeout=10000",
+            "PRAGMA foreign_keys=ON",
+        ):
+            cursor.execute(pragma)
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        if conn.get_execution_options().get("readonly"):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """
+    Create or upgrade the schema with the packaged Alembic migrations.
+    """
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option(
+        "script_location", str(pathlib.Path(__file__).with_name("migrations"))
+    )
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, revision)

@@ -1,0 +1,792 @@
+"""
+The job store: every query the API server runs, as plain synchronous methods.
+
+The queue's guarantees live here, in single SQL statements:
+
+- **Atomic claim.** ``claim()`` is one ``UPDATE ... WHERE seq = (SELECT ...)
+  RETURNING`` inside a write transaction (``BEGIN IMMEDIATE`` on SQLite, where
+  the single writer serialises claims). It hands a job to exactly one caller,
+  bumps the job's ``attempt`` and sets its lease.
+- **Leases.** A running job's lease is ``heartbeat + 2 x heartbeat_interval``
+  (the original's stale rule, stored so that an index can serve it). A claim
+  takes a running job whose lease expired before any pending job, and counts
+  that as an *interruption*, never as a failure.
+- **Fencing.** Heartbeats, completion, failure and release only take effect for
+  the current holder: ``status = 'running' AND machine_id = :m`` (and the
+  claim's ``attempt`` when the worker sends it). Final states never change.
+- **Failures.** Below ``max_failures`` a failure bans that machine from the job
+  and puts the job straight back in the queue.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import secrets
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import attrs
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine, RowMapping
+
+from kelpie_sdk.models import (
+    LEGACY_STORAGE_FIELDS,
+    Job,
+    JobStatus,
+    JobSubmission,
+    ScalingRule,
+    ScalingRuleSubmission,
+    ScalingRuleUpdate,
+    SyncSpec,
+    User,
+    WorkerReport,
+)
+from kelpie_sdk.server._db import (
+    ADMIN_ID,
+    API_KEYS,
+    JOB_BANS,
+    JOBS,
+    SCALING_RULES,
+    USERS,
+)
+
+__all__ = [
+    "Principal",
+    "ReportOutcome",
+    "Store",
+    "hash_key",
+]
+
+#: What a fenced worker report found: it took effect, the job is not known,
+#: or the caller does not hold the job (any more).
+ReportOutcome = Literal["ok", "not_found", "not_holder"]
+
+
+def hash_key(key: str) -> str:
+    """
+    The stored form of an API key.
+    """
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _ms_to_dt(value: int | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    return dt.datetime.fromtimestamp(value / 1000, dt.UTC)
+
+
+@attrs.frozen
+class Principal:
+    """
+    Who is calling: the user behind an API key.
+    """
+
+    user_id: str
+    org_name: str
+    project_name: str
+
+    @property
+    def is_admin(self) -> bool:
+        """
+        Whether this is the seeded admin user.
+        """
+        return self.user_id == ADMIN_ID
+
+
+_JOB_COLUMNS = [c for c in JOBS.c if c.name != "seq"]
+
+_CLAIM_SQL = sa.text(
+    """
+    UPDATE jobs SET
+        status = 'running',
+        machine_id = :machine_id,
+        attempt = attempt + 1,
+        num_interruptions = num_interruptions
+            + CASE WHEN status = 'running' THEN 1 ELSE 0 END,
+        started = :now,
+        heartbeat = :now,
+        lease_expires = :now + heartbeat_interval * 2000
+    WHERE seq = (
+        SELECT seq FROM (
+            SELECT seq, 0 AS pri FROM (
+                SELECT seq FROM jobs
+                WHERE user_id = :user_id AND container_group_id = :group
+                  AND status = 'running' AND lease_expires <= :now
+                  AND NOT EXISTS (SELECT 1 FROM job_bans b
+                                  WHERE b.job_id = jobs.id
+                                    AND b.machine_id = :machine_id)
+                ORDER BY lease_expires LIMIT 1
+            )
+            UNION ALL
+            SELECT seq, 1 AS pri FROM (
+                SELECT seq FROM jobs
+                WHERE user_id = :user_id AND container_group_id = :group
+                  AND status = 'pending'
+                  AND NOT EXISTS (SELECT 1 FROM job_bans b
+                                  WHERE b.job_id = jobs.id
+                                    AND b.machine_id = :machine_id)
+                ORDER BY seq LIMIT 1
+            )
+        ) ORDER BY pri LIMIT 1
+    )
+    RETURNING *
+    """
+)
+
+
+class Store:
+    """
+    All persistent state of the API server.
+
+    Thread-safe: each method runs in its own connection and transaction.
+
+    Args:
+        engine: From ``kelpie_sdk.server._db.make_engine`` (schema migrated).
+        clock: Returns the current time in seconds since the epoch; tests pass
+            a fake clock to move leases forward without sleeping.
+    """
+
+    def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time):
+        self.engine = engine
+        self._clock = clock
+
+    def now_ms(self) -> int:
+        """
+        The store's clock, in integer milliseconds.
+        """
+        return int(self._clock() * 1000)
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with (
+            self.engine.connect().execution_options(readonly=True) as conn,
+            conn.begin(),
+        ):
+            yield conn
+
+    # -- users and keys ----------------------------------------------------
+
+    def ensure_admin(self, admin_key: str | None) -> str | None:
+        """
+        Seed the admin user, and its key on first start.
+
+        Args:
+            admin_key: A key to accept for the admin (``KELPIE_ADMIN_KEY``).
+                If ``None`` and the admin has no key yet, one is generated.
+
+        Returns:
+            The generated key (to be shown once), or ``None``.
+        """
+        now = self.now_ms()
+        with self._write() as conn:
+            if conn.execute(
+                sa.select(USERS.c.id).where(USERS.c.id == ADMIN_ID)
+            ).first():
+                pass
+            else:
+                conn.execute(
+                    USERS.insert().values(id=ADMIN_ID, username="admin", created=now)
+                )
+            generated = None
+            if admin_key is None:
+                has_key = conn.execute(
+                    sa.select(API_KEYS.c.key_hash).where(API_KEYS.c.user_id == ADMIN_ID)
+                ).first()
+                if has_key:
+                    return None
+                admin_key = generated = secrets.token_urlsafe(32)
+            digest = hash_key(admin_key)
+            if not conn.execute(
+                sa.select(API_KEYS.c.key_hash).where(API_KEYS.c.key_hash == digest)
+            ).first():
+                conn.execute(
+                    API_KEYS.insert().values(
+                        key_hash=digest, user_id=ADMIN_ID, created=now
+                    )
+                )
+            return generated
+
+    def principal_for_key(self, key: str) -> Principal | None:
+        """
+        Look up the user behind an API key.
+        """
+        query = (
+            sa.select(API_KEYS.c.user_id, API_KEYS.c.org_name, API_KEYS.c.project_name)
+            .join(USERS, USERS.c.id == API_KEYS.c.user_id)
+            .where(API_KEYS.c.key_hash == hash_key(key))
+        )
+        with self._read() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            return None
+        return Principal(row.user_id, row.org_name, row.project_name)
+
+    def create_user(self, username: str) -> User | None:
+        """
+        Create a user; ``None`` if the username is taken.
+        """
+        now = self.now_ms()
+        with self._write() as conn:
+            taken = conn.execute(
+                sa.select(USERS.c.id).where(USERS.c.username == username)
+            ).first()
+            if taken:
+                return None
+            user_id = str(uuid.uuid4())
+            conn.execute(
+                USERS.insert().values(id=user_id, username=username, created=now)
+            )
+        return User(id=user_id, username=username, created=_ms_to_dt(now))  # type: ignore[arg-type]
+
+    def get_user(self, user_id: str) -> User | None:
+        """
+        A user by id.
+        """
+        with self._read() as conn:
+            row = conn.execute(sa.select(USERS).where(USERS.c.id == user_id)).first()
+        if row is None:
+            return None
+        return User(id=row.id, username=row.username, created=_ms_to_dt(row.created))  # type: ignore[arg-type]
+
+    def create_key(self, user_id: str, org_name: str, project_name: str) -> str | None:
+        """
+        Issue a new API key for a user; ``None`` if there is no such user.
+        """
+        key = str(uuid.uuid4())
+        with self._write() as conn:
+            if not conn.execute(
+                sa.select(USERS.c.id).where(USERS.c.id == user_id)
+            ).first():
+                return None
+            conn.execute(
+                API_KEYS.insert().values(
+                    key_hash=hash_key(key),
+                    user_id=user_id,
+                    org_name=org_name,
+                    project_name=project_name,
+                    created=self.now_ms(),
+                )
+            )
+        return key
+
+    def delete_users(self) -> None:
+        """
+        Delete every user but the admin, and their keys.
+        """
+        with self._write() as conn:
+            conn.execute(API_KEYS.delete().where(API_KEYS.c.user_id != ADMIN_ID))
+            conn.execute(USERS.delete().where(USERS.c.id != ADMIN_ID))
+
+    # -- jobs: submission and reading ----------------------------------------
+
+    def insert_jobs(self, user_id: str, subs: Sequence[JobSubmission]) -> list[Job]:
+        """
+        Insert jobs in one transaction, in order; all or nothing.
+
+        The submissions must already be validated and normalised.
+        """
+        now = self.now_ms()
+        rows = [self._submission_row(user_id, sub, now) for sub in subs]
+        with self._write() as conn:
+            conn.execute(JOBS.insert(), rows)
+        return [self._row_to_job(row) for row in rows]
+
+    @staticmethod
+    def _submission_row(user_id: str, sub: JobSubmission, now: int) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "id": str(uuid.uuid4()),
+            "user_id": user_id,
+            "status": JobStatus.PENDING.value,
+            "created": now,
+            "started": None,
+            "completed": None,
+            "canceled": None,
+            "failed": None,
+            "heartbeat": None,
+            "num_failures": 0,
+            "machine_id": None,
+            "command": sub.command,
+            "arguments": json.dumps(list(sub.arguments)),
+            "environment": json.dumps(sub.environment),
+            "max_failures": sub.max_failures,
+            "heartbeat_interval": sub.heartbeat_interval,
+            "container_group_id": sub.container_group_id,
+            "webhook": sub.webhook,
+            "compression": sub.compression,
+            "num_heartbeats": 0,
+            "sync": None if sub.sync is None else json.dumps(sub.sync.to_json()),
+            "attempt": 0,
+            "num_interruptions": 0,
+            "lease_expires": None,
+            "progress": None,
+            "last_error": None,
+        }
+        for key in LEGACY_STORAGE_FIELDS:
+            row[key] = getattr(sub, key)
+        return row
+
+    @staticmethod
+    def _row_to_job(row: Mapping[str, Any] | RowMapping) -> Job:
+        sync = row["sync"]
+        progress = row["progress"]
+        return Job(
+            id=row["id"],
+            user_id=row["user_id"],
+            status=JobStatus(row["status"]),
+            created=_ms_to_dt(row["created"]),  # type: ignore[arg-type]
+            started=_ms_to_dt(row["started"]),
+            completed=_ms_to_dt(row["completed"]),
+            canceled=_ms_to_dt(row["canceled"]),
+            failed=_ms_to_dt(row["failed"]),
+            heartbeat=_ms_to_dt(row["heartbeat"]),
+            num_failures=row["num_failures"],
+            machine_id=row["machine_id"],
+            command=row["command"],
+            arguments=json.loads(row["arguments"]),
+            environment=json.loads(row["environment"]),
+            **{k: row[k] for k in LEGACY_STORAGE_FIELDS},
+            max_failures=row["max_failures"],
+            heartbeat_interval=row["heartbeat_interval"],
+            container_group_id=row["container_group_id"],
+            webhook=row["webhook"],
+            compression=bool(row["compression"]),
+            num_heartbeats=row["num_heartbeats"],
+            sync=None if sync is None else SyncSpec.from_json(json.loads(sync)),
+            attempt=row["attempt"],
+            num_interruptions=row["num_interruptions"],
+            lease_expires=_ms_to_dt(row["lease_expires"]),
+            progress=None if progress is None else json.loads(progress),
+            last_error=row["last_error"],
+        )
+
+    def get_job(self, principal: Principal, job_id: str) -> Job | None:
+        """
+        A job, if it exists and the caller may see it (admins see all).
+        """
+        query = sa.select(*_JOB_COLUMNS).where(JOBS.c.id == job_id)
+        if not principal.is_admin:
+            query = query.where(JOBS.c.user_id == principal.user_id)
+        with self._read() as conn:
+            row = conn.execute(query).mappings().first()
+        return None if row is None else self._row_to_job(row)
+
+    def list_jobs(
+        self,
+        principal: Principal,
+        *,
+        status: JobStatus | None,
+        container_group_id: str | None,
+        page: int,
+        page_size: int,
+        asc: bool,
+    ) -> list[Job]:
+        """
+        One page of the caller's jobs (all jobs for the admin), oldest or newest first.
+        """
+        query = sa.select(*_JOB_COLUMNS)
+        if not principal.is_admin:
+            query = query.where(JOBS.c.user_id == principal.user_id)
+        if status is not None:
+            query = query.where(JOBS.c.status == status.value)
+        if container_group_id is not None:
+            query = query.where(JOBS.c.container_group_id == container_group_id)
+        order = JOBS.c.seq.asc() if asc else JOBS.c.seq.desc()
+        query = query.order_by(order).limit(page_size).offset((page - 1) * page_size)
+        with self._read() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [self._row_to_job(r) for r in rows]
+
+    # -- jobs: user actions ---------------------------------------------------
+
+    def cancel(
+        self, principal: Principal, job_id: str
+    ) -> Literal["canceled", "not_found"] | JobStatus:
+        """
+        Cancel a pending or running job.
+
+        Returns:
+            ``"canceled"`` if it was canceled now or before, ``"not_found"``,
+            or the final status (completed/failed) that it keeps.
+        """
+        now = self.now_ms()
+        owner = JOBS.c.id == job_id
+        if not principal.is_admin:
+            owner = owner & (JOBS.c.user_id == principal.user_id)
+        with self._write() as conn:
+            done = conn.execute(
+                JOBS.update()
+                .where(owner, JOBS.c.status.in_(["pending", "running"]))
+                .values(
+                    status="canceled",
+                    canceled=now,
+                    heartbeat=now,
+                    machine_id="user",
+                    lease_expires=None,
+                )
+            ).rowcount
+            if done:
+                return "canceled"
+            status = conn.execute(sa.select(JOBS.c.status).where(owner)).scalar()
+        if status is None:
+            return "not_found"
+        if status == "canceled":
+            return "canceled"
+        return JobStatus(status)
+
+    def purge_group(self, principal: Principal, group: str) -> int:
+        """
+        Delete the caller's pending jobs in a group and cancel its running ones.
+        """
+        now = self.now_ms()
+        mine = (JOBS.c.user_id == principal.user_id) & (
+            JOBS.c.container_group_id == group
+        )
+        with self._write() as conn:
+            deleted_ids = sa.select(JOBS.c.id).where(mine, JOBS.c.status == "pending")
+            conn.execute(JOB_BANS.delete().where(JOB_BANS.c.job_id.in_(deleted_ids)))
+            deleted = conn.execute(
+                JOBS.delete().where(mine, JOBS.c.status == "pending")
+            ).rowcount
+            canceled = conn.execute(
+                JOBS.update()
+                .where(mine, JOBS.c.status == "running")
+                .values(status="canceled", canceled=now, lease_expires=None)
+            ).rowcount
+        return int(deleted) + int(canceled)
+
+    def delete_all_jobs(self) -> None:
+        """
+        Delete every job (admin).
+        """
+        with self._write() as conn:
+            conn.execute(JOB_BANS.delete())
+            conn.execute(JOBS.delete())
+
+    # -- jobs: the worker protocol --------------------------------------------
+
+    def claim(self, principal: Principal, *, machine_id: str, group: str) -> Job | None:
+        """
+        Atomically hand the next job of a queue to one machine.
+
+        Running jobs whose lease expired come first (oldest lease first), then
+        pending jobs in submission order; jobs that banned this machine are
+        skipped. The claim bumps ``attempt`` and starts a new lease.
+        """
+        params = {
+            "machine_id": machine_id,
+            "group": group,
+            "user_id": principal.user_id,
+            "now": self.now_ms(),
+        }
+        with self._write() as conn:
+            row = conn.execute(_CLAIM_SQL, params).mappings().first()
+        return None if row is None else self._row_to_job(row)
+
+    def _holder(self, principal: Principal, job_id: str, report: WorkerReport) -> Any:
+        cond = (
+            (JOBS.c.id == job_id)
+            & (JOBS.c.user_id == principal.user_id)
+            & (JOBS.c.status == "running")
+            & (JOBS.c.machine_id == report.machine_id)
+        )
+        if report.attempt is not None:
+            cond = cond & (JOBS.c.attempt == report.attempt)
+        return cond
+
+    def _state(
+        self, conn: Connection, principal: Principal, job_id: str
+    ) -> RowMapping | None:
+        return (
+            conn.execute(
+                sa.select(
+                    JOBS.c.status,
+                    JOBS.c.machine_id,
+                    JOBS.c.attempt,
+                    JOBS.c.num_failures,
+                ).where(JOBS.c.id == job_id, JOBS.c.user_id == principal.user_id)
+            )
+            .mappings()
+            .first()
+        )
+
+    def heartbeat(
+        self, principal: Principal, job_id: str, report: WorkerReport
+    ) -> JobStatus | None:
+        """
+        Record a heartbeat from the holder and extend its lease.
+
+        Returns:
+            ``None`` for an unknown job; ``RUNNING`` when recorded;
+            ``CANCELED`` when the caller no longer holds the job (canceled,
+            or claimed by another machine or attempt); otherwise the job's
+            final status.
+        """
+        now = self.now_ms()
+        values: dict[str, Any] = {
+            "heartbeat": now,
+            "lease_expires": now + JOBS.c.heartbeat_interval * 2000,
+            "num_heartbeats": JOBS.c.num_heartbeats + 1,
+        }
+        if report.progress is not None:
+            values["progress"] = json.dumps(report.progress)
+        with self._write() as conn:
+            done = conn.execute(
+                JOBS.update()
+                .where(self._holder(principal, job_id, report))
+                .values(values)
+            ).rowcount
+            if done:
+                return JobStatus.RUNNING
+            state = self._state(conn, principal, job_id)
+        if state is None:
+            return None
+        if state["status"] == "running":
+            return JobStatus.CANCELED
+        return JobStatus(state["status"])
+
+    def complete(
+        self, principal: Principal, job_id: str, report: WorkerReport
+    ) -> ReportOutcome:
+        """
+        Mark the holder's job completed. Repeating the same report is harmless.
+        """
+        now = self.now_ms()
+        values: dict[str, Any] = {
+            "status": "completed",
+            "completed": now,
+            "heartbeat": now,
+            "lease_expires": None,
+        }
+        if report.progress is not None:
+            values["progress"] = json.dumps(report.progress)
+        with self._write() as conn:
+            done = conn.execute(
+                JOBS.update()
+                .where(self._holder(principal, job_id, report))
+                .values(values)
+            ).rowcount
+            if done:
+                return "ok"
+            state = self._state(conn, principal, job_id)
+        if state is None:
+            return "not_found"
+        if (
+            state["status"] == "completed"
+            and state["machine_id"] == report.machine_id
+            and report.attempt in (None, state["attempt"])
+        ):
+            return "ok"
+        return "not_holder"
+
+    def fail(
+        self, principal: Principal, job_id: str, report: WorkerReport
+    ) -> ReportOutcome:
+        """
+        Record a failure from the holder.
+
+        The machine is banned from the job. Below ``max_failures`` the job goes
+        straight back to ``pending``; at the threshold it becomes ``failed``.
+        """
+        now = self.now_ms()
+        error = report.error
+        if error is None and report.exit_code is not None:
+            error = f"exited with code {report.exit_code}"
+        reached = JOBS.c.num_failures + 1 >= JOBS.c.max_failures
+        with self._write() as conn:
+            done = conn.execute(
+                JOBS.update()
+                .where(self._holder(principal, job_id, report))
+                .values(
+                    num_failures=JOBS.c.num_failures + 1,
+                    status=sa.case((reached, "failed"), else_="pending"),
+                    failed=sa.case((reached, now), else_=JOBS.c.failed),
+                    heartbeat=now,
+                    lease_expires=None,
+                    last_error=error,
+                )
+            ).rowcount
+            if not done:
+                return (
+                    "not_found"
+                    if self._state(conn, principal, job_id) is None
+                    else "not_holder"
+                )
+            self._ban(conn, job_id, report.machine_id, now)
+        return "ok"
+
+    def release(
+        self, principal: Principal, job_id: str, report: WorkerReport
+    ) -> ReportOutcome:
+        """
+        Hand the holder's job back to the queue at once, as an interruption.
+        """
+        with self._write() as conn:
+            done = conn.execute(
+                JOBS.update()
+                .where(self._holder(principal, job_id, report))
+                .values(
+                    status="pending",
+                    lease_expires=None,
+                    heartbeat=self.now_ms(),
+                    num_interruptions=JOBS.c.num_interruptions + 1,
+                )
+            ).rowcount
+            if done:
+                return "ok"
+            return (
+                "not_found"
+                if self._state(conn, principal, job_id) is None
+                else "not_holder"
+            )
+
+    @staticmethod
+    def _ban(conn: Connection, job_id: str, machine_id: str, now: int) -> None:
+        exists = conn.execute(
+            sa.select(JOB_BANS.c.job_id).where(
+                JOB_BANS.c.job_id == job_id, JOB_BANS.c.machine_id == machine_id
+            )
+        ).first()
+        if not exists:
+            conn.execute(
+                JOB_BANS.insert().values(
+                    job_id=job_id, machine_id=machine_id, created=now
+                )
+            )
+
+    # -- scaling rules ----------------------------------------------------------
+
+    @staticmethod
+    def _row_to_rule(row: Any) -> ScalingRule:
+        return ScalingRule(
+            container_group_id=row.container_group_id,
+            org_name=row.org_name,
+            project_name=row.project_name,
+            container_group_name=row.container_group_name,
+            user_id=row.user_id,
+            created=_ms_to_dt(row.created),  # type: ignore[arg-type]
+            updated=_ms_to_dt(row.updated),  # type: ignore[arg-type]
+            min_replicas=row.min_replicas,
+            max_replicas=row.max_replicas,
+            idle_threshold_seconds=row.idle_threshold_seconds,
+        )
+
+    def _rule_owner(self, principal: Principal, group: str) -> Any:
+        cond = SCALING_RULES.c.container_group_id == group
+        if not principal.is_admin:
+            cond = cond & (SCALING_RULES.c.user_id == principal.user_id)
+        return cond
+
+    def create_rule(
+        self, principal: Principal, sub: ScalingRuleSubmission
+    ) -> ScalingRule | None:
+        """
+        Store a scaling rule; ``None`` if the group already has one.
+        """
+        now = self.now_ms()
+        with self._write() as conn:
+            exists = conn.execute(
+                sa.select(SCALING_RULES.c.container_group_id).where(
+                    SCALING_RULES.c.container_group_id == sub.container_group_id
+                )
+            ).first()
+            if exists:
+                return None
+            conn.execute(
+                SCALING_RULES.insert().values(
+                    container_group_id=sub.container_group_id,
+                    user_id=principal.user_id,
+                    org_name=principal.org_name or None,
+                    project_name=principal.project_name or None,
+                    container_group_name=sub.container_group_name,
+                    min_replicas=sub.min_replicas,
+                    max_replicas=sub.max_replicas,
+                    idle_threshold_seconds=sub.idle_threshold_seconds,
+                    created=now,
+                    updated=now,
+                )
+            )
+            row = conn.execute(
+                sa.select(SCALING_RULES).where(
+                    SCALING_RULES.c.container_group_id == sub.container_group_id
+                )
+            ).first()
+        return self._row_to_rule(row)
+
+    def list_rules(self, principal: Principal) -> list[ScalingRule]:
+        """
+        The caller's rules (all rules for the admin).
+        """
+        query = sa.select(SCALING_RULES).order_by(SCALING_RULES.c.created)
+        if not principal.is_admin:
+            query = query.where(SCALING_RULES.c.user_id == principal.user_id)
+        with self._read() as conn:
+            return [self._row_to_rule(r) for r in conn.execute(query)]
+
+    def get_rule(self, principal: Principal, group: str) -> ScalingRule | None:
+        """
+        One rule, if the caller may see it.
+        """
+        with self._read() as conn:
+            row = conn.execute(
+                sa.select(SCALING_RULES).where(self._rule_owner(principal, group))
+            ).first()
+        return None if row is None else self._row_to_rule(row)
+
+    def update_rule(
+        self, principal: Principal, group: str, update: ScalingRuleUpdate
+    ) -> ScalingRule | Literal["invalid"] | None:
+        """
+        Change some limits of a rule.
+
+        Returns:
+            The updated rule, ``None`` if not found, or ``"invalid"`` if the
+            result would have ``min_replicas > max_replicas``.
+        """
+        with self._write() as conn:
+            row = conn.execute(
+                sa.select(SCALING_RULES).where(self._rule_owner(principal, group))
+            ).first()
+            if row is None:
+                return None
+            values = update.to_json()
+            low = values.get("min_replicas", row.min_replicas)
+            high = values.get("max_replicas", row.max_replicas)
+            if low > high:
+                return "invalid"
+            conn.execute(
+                SCALING_RULES.update()
+                .where(SCALING_RULES.c.container_group_id == group)
+                .values(**values, updated=self.now_ms())
+            )
+            row = conn.execute(
+                sa.select(SCALING_RULES).where(
+                    SCALING_RULES.c.container_group_id == group
+                )
+            ).first()
+        return self._row_to_rule(row)
+
+    def delete_rule(self, principal: Principal, group: str) -> None:
+        """
+        Delete one rule (no error if there is none).
+        """
+        with self._write() as conn:
+            conn.execute(
+                SCALING_RULES.delete().where(self._rule_owner(principal, group))
+            )
+
+    def delete_all_rules(self) -> None:
+        """
+        Delete every rule (admin).
+        """
+        with self._write() as conn:
+            conn.execute(SCALING_RULES.delete())
