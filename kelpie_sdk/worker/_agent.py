@@ -1,0 +1,1123 @@
+"""
+The worker loop: claim, heartbeat, download, run, upload, report, repeat.
+
+One :class:`Worker` runs ``slots`` independent loops (threads), each holding at
+most one job at a time with its own directories and state file. Everything the
+worker says to the server goes through the public :class:`~kelpie_sdk.Client`;
+everything it moves goes through :class:`~kelpie_sdk.storage.Storage`.
+
+Threads per running job: the slot's own thread (downloads, the child's life,
+uploads and reports), a heartbeat thread and a snapshot thread that uploads the
+changed checkpoint files after each successful heartbeat. Only the slot thread
+signals the child and reports outcomes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import enum
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import attrs
+
+from kelpie_sdk.client import Client
+from kelpie_sdk.errors import (
+    APIError,
+    APIStatusError,
+    ConflictError,
+    KelpieError,
+    NotFoundError,
+    StorageError,
+)
+from kelpie_sdk.models import Job, JobStatus, SyncConfig, WorkerReport
+from kelpie_sdk.worker._config import SlotConfig, WorkerConfig
+from kelpie_sdk.worker._runner import JobProcess, SpawnError, describe_exit
+from kelpie_sdk.worker._snapshot import DirSnapshot
+from kelpie_sdk.worker._state import HeldJob, StateFile
+
+if TYPE_CHECKING:
+    from kelpie_sdk.storage import Storage
+
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_IDLE",
+    "EXIT_MAX_FAILURES",
+    "EXIT_OK",
+    "RESCHEDULE_EXIT_CODE",
+    "Outcome",
+    "Worker",
+]
+
+logger = logging.getLogger("kelpie_sdk.worker")
+
+#: The worker stopped because it was asked to (SIGTERM/SIGINT).
+EXIT_OK = 0
+#: The settings are missing or invalid.
+EXIT_CONFIG = 2
+#: ``MAX_JOB_FAILURES`` jobs failed on this worker: replace the node.
+EXIT_MAX_FAILURES = 3
+#: No work for ``MAX_TIME_WITH_NO_WORK_S``: replace (or scale down) the node.
+EXIT_IDLE = 4
+#: A job that exits with this code asks to be rescheduled: it is released,
+#: not failed.
+RESCHEDULE_EXIT_CODE = 85
+
+_RELEASE_ATTEMPTS = 3
+_REPORT_ATTEMPTS = 5
+
+
+class Outcome(enum.StrEnum):
+    """
+    How one job ended on this worker.
+    """
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    RELEASED = "released"
+    #: The server took the job away (cancel, or the lease moved): nothing reported.
+    CANCELED = "canceled"
+    #: The report could not be delivered; the lease will expire on the server.
+    UNREPORTED = "unreported"
+
+
+def _utcnow() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _is_dangerous(path: Path) -> bool:
+    """A directory the worker must never wipe: /, home, cwd or one above it."""
+    resolved = path.resolve()
+    if resolved == Path(resolved.anchor):
+        return True
+    protected = [Path.cwd().resolve(), Path.home().resolve()]
+    return any(resolved == p or resolved in p.parents for p in protected)
+
+
+def _wipe(path: Path) -> None:
+    """Empty a directory (create it if missing)."""
+    if _is_dangerous(path):
+        logger.warning("not wiping %s: it is /, home, or the working directory", path)
+        path.mkdir(parents=True, exist_ok=True)
+        return
+    if path.is_dir() and not path.is_symlink():
+        for child in path.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    child.unlink()
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def _pid_belongs_to_job(pid: int, job_id: str) -> bool:
+    """Whether process ``pid`` still runs job ``job_id`` (Linux /proc)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return f"KELPIE_JOB_ID={job_id}".encode() in environ.split(b"\0")
+
+
+@attrs.define
+class _Plan:
+    """What to move for one job, resolved against the slot and storage."""
+
+    downloads: list[tuple[str, str, Path, str | None]] = attrs.Factory(list)
+    require_input: tuple[str, str] | None = None
+    snapshots: list[DirSnapshot] = attrs.Factory(list)
+    outputs: list[tuple[Path, str, str, str | None]] = attrs.Factory(list)
+    wipe: list[Path] = attrs.Factory(list)
+    checkpoint_url: str | None = None
+    output_url: str | None = None
+
+
+class Worker:
+    """
+    The worker agent.
+
+    Args:
+        config: The settings.
+        client_factory: Builds an API client; one is made per slot and per
+            heartbeat thread. Defaults to ``Client`` with the configured
+            credentials.
+        storage_factory: Builds the storage (once, lazily). Defaults to
+            ``Storage(config.storage_url, max_retries=config.max_retries)``.
+        stdout: Where jobs' stdout is streamed (default ``sys.stdout``).
+        stderr: Where jobs' stderr is streamed (default ``sys.stderr``).
+    """
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        *,
+        client_factory: Callable[[], Client] | None = None,
+        storage_factory: Callable[[], Storage] | None = None,
+        stdout: IO[str] | None = None,
+        stderr: IO[str] | None = None,
+    ) -> None:
+        self.config = config
+        self._client_factory = client_factory or self._default_client
+        self._storage_factory = storage_factory
+        self._storage: Storage | None = None
+        self._storage_lock = threading.Lock()
+        self.stdout = stdout
+        self.stderr = stderr
+        self._stop = threading.Event()
+        self._exit_code = EXIT_OK
+        self._stop_reason = ""
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._slots: list[_Slot] = []
+        self.long_poll_supported: bool | None = None
+
+    # -- plumbing ----------------------------------------------------------------
+
+    def _default_client(self) -> Client:
+        c = self.config
+        return Client(
+            c.api_url,
+            c.api_key,
+            salad_api_key=c.salad_api_key,
+            salad_organization=c.salad_organization,
+            salad_project=c.salad_project,
+            max_retries=max(c.max_retries - 1, 0),
+        )
+
+    def make_client(self) -> Client:
+        """
+        A new API client.
+        """
+        return self._client_factory()
+
+    @property
+    def storage(self) -> Storage:
+        """
+        The shared storage, created on first use.
+        """
+        with self._storage_lock:
+            if self._storage is None:
+                if self._storage_factory is not None:
+                    self._storage = self._storage_factory()
+                else:
+                    from kelpie_sdk.storage import Storage
+
+                    self._storage = Storage(
+                        self.config.storage_url, max_retries=self.config.max_retries
+                    )
+            return self._storage
+
+    # -- stopping ----------------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        """
+        Whether the worker is shutting down.
+        """
+        return self._stop.is_set()
+
+    def stop(self, reason: str = "stop requested", exit_code: int = EXIT_OK) -> None:
+        """
+        Ask the worker to stop: no new claims; running jobs get SIGTERM, their
+        last checkpoints are uploaded, and they are released to the queue.
+
+        Safe to call from a signal handler and from any thread; the first
+        reason and exit code win.
+        """
+        with self._lock:
+            if self._stop.is_set():
+                return
+            self._exit_code = exit_code
+            self._stop_reason = reason
+            self._stop.set()
+        for slot in list(self._slots):
+            slot.wake()
+
+    def wait_stop(self, timeout: float) -> bool:
+        """
+        Sleep up to ``timeout`` seconds, waking early when the worker stops.
+
+        Returns:
+            Whether the worker is stopping.
+        """
+        return self._stop.wait(timeout)
+
+    def note_failure(self) -> None:
+        """
+        Count a failure reported by this worker; at ``max_job_failures`` stop
+        with ``EXIT_MAX_FAILURES`` (the original asked IMDS to reallocate the
+        node and kept claiming, W-22).
+        """
+        with self._lock:
+            self._failures += 1
+            count = self._failures
+        if count >= self.config.max_job_failures:
+            logger.error(
+                "%d job failures on this worker (MAX_JOB_FAILURES=%d): stopping "
+                "with exit code %d so that the node is replaced",
+                count,
+                self.config.max_job_failures,
+                EXIT_MAX_FAILURES,
+            )
+            self.stop("max job failures reached", EXIT_MAX_FAILURES)
+
+    def check_idle(self) -> None:
+        """
+        Stop with ``EXIT_IDLE`` once every slot has had no job for
+        ``max_time_with_no_work_s`` (measured from the end of its last job,
+        not the start, W-21).
+        """
+        limit = self.config.max_time_with_no_work_s
+        if limit <= 0 or not self._slots:
+            return
+        now = time.monotonic()
+        if all(
+            s.idle_since is not None and now - s.idle_since > limit for s in self._slots
+        ):
+            logger.warning(
+                "no work for %.0f s (MAX_TIME_WITH_NO_WORK_S): stopping with "
+                "exit code %d",
+                limit,
+                EXIT_IDLE,
+            )
+            self.stop("max time with no work reached", EXIT_IDLE)
+
+    # -- running -----------------------------------------------------------------
+
+    def run(self) -> int:
+        """
+        Run until stopped; returns the process exit code.
+
+        Signal handling is the caller's business (see ``install_signal_handlers``);
+        this method only waits, so it can run in the main thread.
+        """
+        c = self.config
+        if c.machine_id_generated:
+            logger.info(
+                "SALAD_MACHINE_ID is not set; using machine id %s", c.machine_id
+            )
+        logger.info(
+            "kelpie worker started: machine %s, container group %s, %d slot(s), api %s",
+            c.machine_id,
+            c.container_group_id,
+            c.slots,
+            c.api_url or "(default)",
+        )
+        self._slots = [_Slot(self, c.slot(i)) for i in range(c.slots)]
+        threads = [
+            threading.Thread(target=s.run, name=f"slot-{s.cfg.index}", daemon=True)
+            for s in self._slots
+        ]
+        for t in threads:
+            t.start()
+        while not self._stop.wait(0.5):
+            if not any(t.is_alive() for t in threads):
+                break
+        # Busy slots finish their shutdown (SIGTERM, grace, last upload, release);
+        # idle ones are at most in a long poll, which they abandon.
+        for slot, t in zip(self._slots, threads, strict=True):
+            t.join(timeout=None if slot.busy else 2.0)
+        with self._storage_lock:
+            if self._storage is not None:
+                self._storage.close()
+        logger.info(
+            "kelpie worker exiting (%s) with code %d",
+            self._stop_reason or "done",
+            self._exit_code,
+        )
+        return self._exit_code
+
+    def install_signal_handlers(self) -> None:
+        """
+        SIGTERM and SIGINT stop the worker gracefully (main thread only).
+        """
+
+        def handle(signum: int, frame: object) -> None:
+            logger.info("received %s: shutting down", signal.Signals(signum).name)
+            self.stop(f"received {signal.Signals(signum).name}", EXIT_OK)
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+
+
+class _Slot:
+    """One job at a time, with its own directories and state file."""
+
+    def __init__(self, worker: Worker, cfg: SlotConfig) -> None:
+        self.worker = worker
+        self.cfg = cfg
+        self.state = StateFile(
+            cfg.state_file, machine_id=worker.config.machine_id, slot=cfg.index
+        )
+        self.busy = False
+        self.idle_since: float | None = time.monotonic()
+        self._run: _JobRun | None = None
+        self._client: Client | None = None
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = self.worker.make_client()
+        return self._client
+
+    def wake(self) -> None:
+        run = self._run
+        if run is not None:
+            run.wake.set()
+
+    def report(self, job_id: str, attempt: int | None, **fields: Any) -> WorkerReport:
+        c = self.worker.config
+        return WorkerReport(
+            machine_id=c.machine_id,
+            container_group_id=c.container_group_id,
+            attempt=attempt,
+            **fields,
+        )
+
+    def run(self) -> None:
+        try:
+            self._release_previous()
+            self._loop()
+        except Exception:
+            logger.exception("slot %d crashed", self.cfg.index)
+            self.worker.stop(f"slot {self.cfg.index} crashed", 1)
+
+    def _release_previous(self) -> None:
+        """Hand back at once a job that a previous run of this slot held."""
+        held, history = self.state.read_previous()
+        if held is not None:
+            if held.pid is not None and _pid_belongs_to_job(held.pid, held.id):
+                logger.warning(
+                    "job %s: its process %d outlived the previous worker; killing it",
+                    held.id,
+                    held.pid,
+                )
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(held.pid, signal.SIGKILL)
+            logger.info(
+                "job %s (attempt %s) was in progress when this worker last stopped; "
+                "releasing it",
+                held.id,
+                held.attempt,
+            )
+            report = WorkerReport(
+                machine_id=held.machine_id,
+                container_group_id=held.container_group_id,
+                attempt=held.attempt,
+            )
+            released = _deliver(
+                lambda: self.client.release(held.id, report),
+                what=f"release of job {held.id}",
+                attempts=_RELEASE_ATTEMPTS,
+                sleep=self.worker.wait_stop,
+            )
+            history.append(
+                {
+                    "id": held.id,
+                    "attempt": held.attempt,
+                    "start": held.start,
+                    "end": _utcnow(),
+                    "outcome": "released" if released else "unreported",
+                    "reason": "worker restarted",
+                }
+            )
+        self.state.start(history)
+
+    def _loop(self) -> None:
+        w = self.worker
+        c = w.config
+        error_delay = 1.0
+        while not w.stopping:
+            wait = c.long_poll_s if c.long_poll_s > 0 else None
+            started = time.monotonic()
+            try:
+                job = self.client.claim_work(
+                    machine_id=c.machine_id,
+                    container_group_id=c.container_group_id,
+                    wait=wait,
+                )
+            except (APIError, KelpieError) as exc:
+                logger.warning(
+                    "slot %d: claiming work failed: %s (retrying in %.0f s)",
+                    self.cfg.index,
+                    exc,
+                    error_delay,
+                )
+                w.wait_stop(error_delay)
+                error_delay = min(error_delay * 2, max(c.poll_interval_s, 1.0))
+                continue
+            error_delay = 1.0
+            if job is None:
+                elapsed = time.monotonic() - started
+                if wait is not None and elapsed >= wait / 2:
+                    w.long_poll_supported = True
+                w.check_idle()
+                if wait is None or not w.long_poll_supported:
+                    # The original behaviour (or a server without long-poll).
+                    w.wait_stop(c.poll_interval_s)
+                continue
+            self.busy = True
+            self.idle_since = None
+            try:
+                if w.wait_stop(0):
+                    self._release_unstarted(job)
+                    break
+                self._run = _JobRun(self, job)
+                self._run.execute()
+            finally:
+                self._run = None
+                self.busy = False
+                self.idle_since = time.monotonic()
+
+    def _release_unstarted(self, job: Job) -> None:
+        logger.info("job %s: claimed while shutting down; releasing it", job.id)
+        report = self.report(job.id, job.attempt)
+        _deliver(
+            lambda: self.client.release(job.id, report),
+            what=f"release of job {job.id}",
+            attempts=_RELEASE_ATTEMPTS,
+        )
+
+
+def _deliver(
+    call: Callable[[], object],
+    *,
+    what: str,
+    attempts: int,
+    sleep: Callable[[float], object] = time.sleep,
+) -> bool:
+    """
+    Make a report with retries; never raises (the original crashed, W-9).
+
+    Returns:
+        Whether the server accepted it.
+    """
+    delay = 1.0
+    for attempt in range(1, attempts + 1):
+        try:
+            call()
+            return True
+        except ConflictError as exc:
+            logger.warning(
+                "%s refused: this worker no longer holds the job (%s)", what, exc
+            )
+            return False
+        except NotFoundError as exc:
+            logger.warning("%s refused: the job no longer exists (%s)", what, exc)
+            return False
+        except APIStatusError as exc:
+            if exc.status_code < 500 and exc.status_code != 429:
+                logger.error("%s refused: %s", what, exc)
+                return False
+            logger.warning(
+                "%s failed (attempt %d/%d): %s", what, attempt, attempts, exc
+            )
+        except KelpieError as exc:
+            logger.warning(
+                "%s failed (attempt %d/%d): %s", what, attempt, attempts, exc
+            )
+        if attempt < attempts:
+            sleep(delay)
+            delay = min(delay * 2, 30.0)
+    logger.error("%s could not be delivered after %d attempts", what, attempts)
+    return False
+
+
+class _JobRun:
+    """One claimed job on one slot, from claim to report."""
+
+    def __init__(self, slot: _Slot, job: Job) -> None:
+        self.slot = slot
+        self.worker = slot.worker
+        self.config = slot.worker.config
+        self.job = job
+        self.attempt = job.attempt
+        self.wake = threading.Event()
+        self.lost = threading.Event()
+        self.lost_reason = ""
+        self._hb_stop = threading.Event()
+        self._tick = threading.Event()
+        self._lease_confirmed_at: float | None = None
+        self._lease_lock = threading.Lock()
+        self.process: JobProcess | None = None
+        self.plan = _Plan()
+        self._snapshots_ready = False
+        self._abandoned: list[threading.Thread] = []
+
+    # -- small helpers ------------------------------------------------------------
+
+    def _info(self, msg: str, *args: object) -> None:
+        logger.info("job %s: %s", self.job.id, msg % args if args else msg)
+
+    def _warn(self, msg: str, *args: object) -> None:
+        logger.warning("job %s: %s", self.job.id, msg % args if args else msg)
+
+    def report(self, **fields: Any) -> WorkerReport:
+        progress = self.read_progress()
+        if progress is not None and "progress" not in fields:
+            fields["progress"] = progress
+        return self.slot.report(self.job.id, self.attempt, **fields)
+
+    def read_progress(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.slot.cfg.progress_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    @property
+    def interval(self) -> float:
+        return float(max(self.job.heartbeat_interval, 1))
+
+    def lease_valid(self) -> bool:
+        """Whether the last confirmed heartbeat still covers us (W-3 fence)."""
+        if self.lost.is_set():
+            return False
+        with self._lease_lock:
+            at = self._lease_confirmed_at
+        return at is not None and time.monotonic() - at < 1.5 * self.interval
+
+    def _mark_lost(self, reason: str) -> None:
+        if not self.lost.is_set():
+            self.lost_reason = reason
+            self.lost.set()
+            self._warn("%s; stopping it", reason)
+        self.wake.set()
+
+    # -- heartbeat and snapshots ----------------------------------------------------
+
+    def _heartbeat_once(self, client: Client) -> bool | None:
+        """
+        Send one heartbeat.
+
+        Returns:
+            True if we hold the job, False if we lost it, None on an API error.
+        """
+        sent_at = time.monotonic()
+        try:
+            status = client.heartbeat(self.job.id, self.report())
+        except NotFoundError:
+            self._mark_lost("the job no longer exists on the server")
+            return False
+        except KelpieError as exc:
+            self._warn("heartbeat failed: %s", exc)
+            return None
+        if status is not JobStatus.RUNNING:
+            self._mark_lost(f"the server answered the heartbeat with {status.value!r}")
+            return False
+        with self._lease_lock:
+            self._lease_confirmed_at = sent_at
+        return True
+
+    def _heartbeat_loop(self) -> None:
+        client = self.worker.make_client()
+        try:
+            error_delay = 1.0
+            while not self._hb_stop.is_set():
+                ok = self._heartbeat_once(client)
+                if ok is False:
+                    return
+                if ok is None:
+                    # Keep the job running; retry sooner than the interval.
+                    self._hb_stop.wait(min(error_delay, self.interval))
+                    error_delay = min(error_delay * 2, 30.0)
+                    continue
+                error_delay = 1.0
+                self._tick.set()
+                self._hb_stop.wait(self.interval)
+        finally:
+            client.close()
+
+    def _snapshot_loop(self) -> None:
+        while not self._hb_stop.is_set():
+            self._tick.wait()
+            self._tick.clear()
+            if (
+                self._hb_stop.is_set()
+                or not self._snapshots_ready
+                or not self.lease_valid()
+            ):
+                continue
+            for snap in self.plan.snapshots:
+                try:
+                    result = snap.sync(self.worker.storage)
+                except (StorageError, OSError) as exc:
+                    self._warn(
+                        "checkpoint upload from %s failed: %s", snap.local_dir, exc
+                    )
+                    continue
+                if result.uploaded or result.deleted:
+                    self._info(
+                        "checkpoint %s: %d file(s) uploaded, %d deleted",
+                        snap.local_dir,
+                        result.uploaded,
+                        result.deleted,
+                    )
+
+    def confirm_lease(self) -> bool:
+        """
+        Make sure we still hold the job before uploading its results: reuse a
+        recent heartbeat, else send one (retrying through outages).
+        """
+        if self.lease_valid():
+            return True
+        client = self.worker.make_client()
+        delay = 1.0
+        try:
+            while not self.lost.is_set():
+                ok = self._heartbeat_once(client)
+                if ok is True:
+                    return True
+                if ok is False:
+                    return False
+                if self.worker.stopping:
+                    return False
+                self.worker.wait_stop(delay)
+                delay = min(delay * 2, 30.0)
+            return False
+        finally:
+            client.close()
+
+    def _final_sync(self, *, required: bool) -> str | None:
+        """
+        Upload the checkpoint directories' last changes.
+
+        Returns:
+            An error message, or ``None`` on success.
+        """
+        if not self.plan.snapshots:
+            return None
+        if not self.lease_valid() and not self.confirm_lease():
+            self._warn("not uploading the last checkpoint: the job is no longer ours")
+            return "the job is no longer held by this worker"
+        for snap in self.plan.snapshots:
+            try:
+                result = snap.sync(self.worker.storage, final=True)
+            except (StorageError, OSError) as exc:
+                msg = f"{snap.local_dir}: {exc}"
+                logger.log(
+                    logging.ERROR if required else logging.WARNING,
+                    "job %s: last checkpoint upload failed: %s",
+                    self.job.id,
+                    msg,
+                )
+                return msg
+            if result.uploaded or result.deleted:
+                self._info(
+                    "checkpoint %s: %d file(s) uploaded, %d deleted (final)",
+                    snap.local_dir,
+                    result.uploaded,
+                    result.deleted,
+                )
+        return None
+
+    # -- the plan ----------------------------------------------------------------
+
+    def _resolve(self, path: str) -> Path:
+        return Path(path).expanduser().absolute()
+
+    def make_plan(self) -> _Plan:
+        job, cfg = self.job, self.slot.cfg
+        storage_needed = False
+        plan = _Plan()
+        compress = job.compression
+        if job.sync is not None:
+            sync = job.sync
+            for entry in sync.before or ():
+                plan.downloads.append(
+                    (
+                        entry.bucket,
+                        entry.prefix,
+                        self._resolve(entry.local_path),
+                        entry.pattern,
+                    )
+                )
+            for entry in sync.during or ():
+                plan.snapshots.append(self._snapshot_for(entry, compress))
+            for entry in sync.after or ():
+                plan.outputs.append(
+                    (
+                        self._resolve(entry.local_path),
+                        entry.bucket,
+                        entry.prefix,
+                        entry.pattern,
+                    )
+                )
+            plan.wipe = sorted(
+                {self._resolve(e.local_path) for _, e in sync.entries()}, key=str
+            )
+            storage_needed = bool(plan.downloads or plan.snapshots or plan.outputs)
+            if storage_needed:
+                if sync.during:
+                    first = sync.during[0]
+                    plan.checkpoint_url = self.worker.storage.url(
+                        first.bucket, first.prefix
+                    )
+                if sync.after:
+                    first = sync.after[0]
+                    plan.output_url = self.worker.storage.url(
+                        first.bucket, first.prefix
+                    )
+        else:
+            plan.wipe = [cfg.input_dir, cfg.output_dir, cfg.checkpoint_dir]
+            if job.input_bucket and job.input_prefix is not None:
+                plan.downloads.append(
+                    (job.input_bucket, job.input_prefix, cfg.input_dir, None)
+                )
+                plan.require_input = (job.input_bucket, job.input_prefix)
+            if job.checkpoint_bucket and job.checkpoint_prefix is not None:
+                plan.downloads.append(
+                    (
+                        job.checkpoint_bucket,
+                        job.checkpoint_prefix,
+                        cfg.checkpoint_dir,
+                        None,
+                    )
+                )
+                plan.snapshots.append(
+                    DirSnapshot(
+                        cfg.checkpoint_dir,
+                        job.checkpoint_bucket,
+                        job.checkpoint_prefix,
+                        compress=compress,
+                    )
+                )
+                plan.checkpoint_url = self.worker.storage.url(
+                    job.checkpoint_bucket, job.checkpoint_prefix
+                )
+            if job.output_bucket and job.output_prefix is not None:
+                plan.outputs.append(
+                    (cfg.output_dir, job.output_bucket, job.output_prefix, None)
+                )
+                plan.output_url = self.worker.storage.url(
+                    job.output_bucket, job.output_prefix
+                )
+        return plan
+
+    def _snapshot_for(self, entry: SyncConfig, compress: bool) -> DirSnapshot:
+        return DirSnapshot(
+            self._resolve(entry.local_path),
+            entry.bucket,
+            entry.prefix,
+            pattern=entry.pattern,
+            compress=compress,
+        )
+
+    def environment(self) -> dict[str, str]:
+        """The child's environment: worker's, overlaid by job's, then ours."""
+        cfg = self.slot.cfg
+        env = dict(os.environ)
+        env.update(self.job.environment)
+        injected = {
+            "KELPIE_JOB_ID": self.job.id,
+            "KELPIE_ATTEMPT": str(self.attempt if self.attempt is not None else 0),
+            "INPUT_DIR": str(cfg.input_dir),
+            "OUTPUT_DIR": str(cfg.output_dir),
+            "CHECKPOINT_DIR": str(cfg.checkpoint_dir),
+            "KELPIE_STATE_FILE": str(cfg.state_file),
+            "KELPIE_PROGRESS_FILE": str(cfg.progress_file),
+        }
+        if self.plan.checkpoint_url is not None:
+            injected["KELPIE_CHECKPOINT_URL"] = self.plan.checkpoint_url
+        if self.plan.output_url is not None:
+            injected["KELPIE_OUTPUT_URL"] = self.plan.output_url
+        if cfg.cuda_visible_devices is not None:
+            injected["CUDA_VISIBLE_DEVICES"] = cfg.cuda_visible_devices
+        env.update(injected)
+        return env
+
+    # -- the job -------------------------------------------------------------------
+
+    def execute(self) -> Outcome:
+        job = self.job
+        state = self.slot.state
+        self._info(
+            "claimed (attempt %s): %s %s",
+            self.attempt,
+            job.command,
+            " ".join(job.arguments),
+        )
+        state.hold(
+            HeldJob(
+                id=job.id,
+                attempt=self.attempt,
+                machine_id=self.config.machine_id,
+                container_group_id=self.config.container_group_id,
+                phase="starting",
+                start=_utcnow(),
+            )
+        )
+        with contextlib.suppress(FileNotFoundError):
+            self.slot.cfg.progress_file.unlink()
+        hb = threading.Thread(
+            target=self._heartbeat_loop, name=f"hb-{job.id}", daemon=True
+        )
+        snap = threading.Thread(
+            target=self._snapshot_loop, name=f"snap-{job.id}", daemon=True
+        )
+        hb.start()
+        snap.start()
+        outcome = Outcome.UNREPORTED
+        details: dict[str, Any] = {}
+        try:
+            outcome, details = self._execute()
+        except Exception as exc:
+            logger.exception("job %s: unexpected error in the worker", job.id)
+            self._stop_heartbeat(hb, snap)
+            outcome, details = self._fail(f"worker error: {exc!r}")
+        finally:
+            self._stop_heartbeat(hb, snap)
+            state.finish(outcome.value, **details)
+            # Downloads abandoned on cancel must end before their directories
+            # are wiped for the next job.
+            for t in self._abandoned:
+                t.join()
+            for path in self.plan.wipe:
+                with contextlib.suppress(OSError):
+                    _wipe(path)
+            self._info("finished: %s", outcome.value)
+        return outcome
+
+    def _stop_heartbeat(self, *threads: threading.Thread) -> None:
+        self._hb_stop.set()
+        self._tick.set()
+        for t in threads:
+            if t is not threading.current_thread():
+                t.join(timeout=60.0)
+
+    def _fail(
+        self, error: str, exit_code: int | None = None
+    ) -> tuple[Outcome, dict[str, Any]]:
+        self._hb_stop.set()
+        self._warn("failed: %s", error.splitlines()[0] if error else "")
+        ok = _deliver(
+            lambda: self.slot.client.report_failed(
+                self.job.id, self.report(exit_code=exit_code, error=error)
+            ),
+            what=f"failure report of job {self.job.id}",
+            attempts=_REPORT_ATTEMPTS,
+        )
+        if ok:
+            self.worker.note_failure()
+        details: dict[str, Any] = {"error": error[:500]}
+        if exit_code is not None:
+            details["exit_code"] = exit_code
+        return (Outcome.FAILED if ok else Outcome.UNREPORTED), details
+
+    def _release(self, reason: str) -> tuple[Outcome, dict[str, Any]]:
+        self._hb_stop.set()
+        self._info("releasing to the queue: %s", reason)
+        ok = _deliver(
+            lambda: self.slot.client.release(self.job.id, self.report()),
+            what=f"release of job {self.job.id}",
+            attempts=_RELEASE_ATTEMPTS,
+        )
+        return (Outcome.RELEASED if ok else Outcome.UNREPORTED), {"reason": reason}
+
+    def _canceled(self) -> tuple[Outcome, dict[str, Any]]:
+        return Outcome.CANCELED, {"reason": self.lost_reason}
+
+    def _interrupted(self) -> bool:
+        return self.lost.is_set() or self.worker.stopping
+
+    def _run_cancellable(
+        self, fn: Callable[[], Any]
+    ) -> tuple[bool, Any, BaseException | None]:
+        """
+        Run ``fn`` in a helper thread; return early if the job is lost or the
+        worker stops (the helper is then left to finish on its own and joined
+        before the slot's directories are wiped).
+
+        Returns:
+            (finished, result, exception).
+        """
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def target() -> None:
+            try:
+                box["result"] = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the slot thread
+                box["error"] = exc
+            finally:
+                done.set()
+                self.wake.set()
+
+        t = threading.Thread(target=target, name=f"io-{self.job.id}", daemon=True)
+        t.start()
+        while not done.is_set():
+            if self._interrupted():
+                self._abandoned.append(t)
+                return False, None, None
+            self.wake.wait(0.5)
+            self.wake.clear()
+        return True, box.get("result"), box.get("error")
+
+    def _execute(self) -> tuple[Outcome, dict[str, Any]]:
+        job, state = self.job, self.slot.state
+        try:
+            self.plan = self.make_plan()
+        except (KelpieError, ValueError) as exc:
+            return self._fail(f"invalid storage settings: {exc}")
+        for path in self.plan.wipe:
+            try:
+                _wipe(path)
+            except OSError as exc:
+                return self._fail(f"cannot prepare directory {path}: {exc}")
+
+        # Downloads (cancellable).
+        if self.plan.downloads:
+            state.update(phase="downloading")
+            finished, _, raised = self._run_cancellable(self._download_all)
+            if not finished:
+                return self._after_interrupt_before_start()
+            if raised is not None:
+                if isinstance(raised, StorageError | OSError):
+                    return self._fail(f"inputs could not be downloaded: {raised}")
+                raise raised
+        for snap in self.plan.snapshots:
+            snap.prime()
+        self._snapshots_ready = True
+        if self._interrupted():
+            return self._after_interrupt_before_start()
+
+        # The command.
+        argv = [job.command, *job.arguments]
+        try:
+            self.process = JobProcess(
+                argv,
+                self.environment(),
+                label=job.id,
+                stdout=self.worker.stdout,
+                stderr=self.worker.stderr,
+            )
+            self.process.start()
+        except SpawnError as exc:
+            return self._fail(f"the command could not be started: {exc}")
+        proc = self.process
+        state.update(phase="running", pid=proc.pid)
+        self._info("started process %s", proc.pid)
+
+        def waiter() -> None:
+            with contextlib.suppress(Exception):
+                proc.wait()
+            self.wake.set()
+
+        threading.Thread(target=waiter, name=f"wait-{job.id}", daemon=True).start()
+        while proc.poll() is None and not self._interrupted():
+            self.wake.wait(1.0)
+            self.wake.clear()
+
+        if self._interrupted() and proc.poll() is None:
+            stopped = proc.terminate(self.config.kill_grace_s)
+            code = proc.wait() if stopped is None else stopped
+        else:
+            code = proc.wait()
+        state.update(pid=None)
+        self._info("process exited: %s", describe_exit(code))
+
+        if self.lost.is_set():
+            return self._canceled()
+        if proc.terminated_by_us or self.worker.stopping:
+            # Stopped on worker shutdown: keep what it saved, hand it back.
+            state.update(phase="uploading")
+            self._final_sync(required=False)
+            return self._release("the worker is shutting down")
+        if code == RESCHEDULE_EXIT_CODE:
+            state.update(phase="uploading")
+            self._final_sync(required=False)
+            return self._release(
+                f"the job exited with {RESCHEDULE_EXIT_CODE} (reschedule)"
+            )
+        if code != 0:
+            state.update(phase="uploading")
+            self._final_sync(required=False)
+            exit_code = 128 - code if code < 0 else code
+            tail = proc.stderr_tail()
+            message = f"the command failed with {describe_exit(code)}"
+            if tail:
+                message += f"; last lines of stderr:\n{tail}"
+            return self._fail(message, exit_code=exit_code)
+
+        # Exit 0: everything reaches storage, verified, before "completed".
+        state.update(phase="uploading")
+        problem = self._final_sync(required=True)
+        if problem is None:
+            problem = self._upload_outputs()
+        if self.lost.is_set():
+            return self._canceled()
+        if problem is not None:
+            return self._fail(f"outputs could not be uploaded: {problem}", exit_code=0)
+        if not self.confirm_lease():
+            return self._canceled()
+        state.update(phase="reporting")
+        self._hb_stop.set()
+        ok = _deliver(
+            lambda: self.slot.client.report_completed(
+                self.job.id, self.report(exit_code=0)
+            ),
+            what=f"completion report of job {job.id}",
+            attempts=_REPORT_ATTEMPTS,
+        )
+        return (Outcome.COMPLETED if ok else Outcome.UNREPORTED), {"exit_code": 0}
+
+    def _after_interrupt_before_start(self) -> tuple[Outcome, dict[str, Any]]:
+        if self.lost.is_set():
+            return self._canceled()
+        return self._release("the worker is shutting down")
+
+    def _download_all(self) -> None:
+        storage = self.worker.storage
+        for bucket, prefix, local, pattern in self.plan.downloads:
+            if self._interrupted():
+                return
+            result = storage.download_prefix(
+                bucket, prefix, local, pattern=pattern, decompress=self.job.compression
+            )
+            self._info(
+                "downloaded %d file(s), %d bytes from %s",
+                result.files,
+                result.bytes,
+                storage.url(bucket, prefix),
+            )
+            if self.plan.require_input == (bucket, prefix) and result.files == 0:
+                raise StorageError(
+                    f"the input prefix {storage.url(bucket, prefix)} is empty"
+                )
+
+    def _upload_outputs(self) -> str | None:
+        storage = self.worker.storage
+        for local, bucket, prefix, pattern in self.plan.outputs:
+            if self.lost.is_set():
+                return None
+            if not self.lease_valid() and not self.confirm_lease():
+                return None
+            try:
+                result = storage.upload_dir(
+                    local,
+                    bucket,
+                    prefix,
+                    pattern=pattern,
+                    compress=self.job.compression,
+                    verify=True,
+                )
+            except (StorageError, OSError) as exc:
+                return str(exc)
+            self._info(
+                "uploaded %d output file(s), %d bytes to %s",
+                result.files,
+                result.bytes,
+                storage.url(bucket, prefix),
+            )
+        return None
