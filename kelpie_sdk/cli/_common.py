@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeAlias
 
 import attrs
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -116,13 +117,14 @@ def print_json(console: Console, data: Any) -> None:
     console.out(json.dumps(data, indent=2, ensure_ascii=False), highlight=False)
 
 
-def format_time(value: dt.datetime | None) -> str:
+def format_time(value: dt.datetime | None, *, seconds: bool = True) -> str:
     """
-    A timestamp as ``YYYY-MM-DD HH:MM:SS`` UTC, or empty.
+    A timestamp as ``YYYY-MM-DD HH:MM[:SS]`` UTC, or empty.
     """
     if value is None:
         return ""
-    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    pattern = "%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M"
+    return value.astimezone(dt.UTC).strftime(pattern)
 
 
 def _number(value: object) -> float | None:
@@ -181,21 +183,23 @@ def jobs_table(jobs: Iterable[Job], *, title: str | None = None) -> Table:
     """
     A table of jobs: id, status, group, created, failures, heartbeats, progress.
     """
-    table = Table(title=title)
+    table = Table(
+        title=title, box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True
+    )
     table.add_column("ID", no_wrap=True)
     table.add_column("Status")
     table.add_column("Container group", overflow="fold")
     table.add_column("Created", no_wrap=True)
     table.add_column("Failures", justify="right")
     table.add_column("Heartbeats", justify="right")
-    table.add_column("Progress")
+    table.add_column("Progress", no_wrap=True, overflow="ellipsis")
     for job in jobs:
         status = job.status.value
         table.add_row(
             Text(job.id),
             Text(status, style=_STATUS_STYLES[status]),
             Text(job.container_group_id),
-            format_time(job.created),
+            format_time(job.created, seconds=False),
             f"{job.num_failures}/{job.max_failures}",
             str(job.num_heartbeats),
             Text(format_progress(job.progress)),

@@ -1,0 +1,493 @@
+"""
+Tests for the ``kelpie`` command line, against the real server on loopback.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from kelpie_sdk import Client, JobStatus
+from kelpie_sdk.cli import main
+from kelpie_sdk.cli._common import format_progress
+from kelpie_sdk.models import WorkerReport
+
+
+class Run:
+    """Runs `kelpie` in-process against the test server and keeps the output."""
+
+    def __init__(self, url: str, key: str) -> None:
+        self.url = url
+        self.key = key
+        self.out = ""
+
+    def __call__(self, *argv: str, auth: bool = True) -> int:
+        buffer = io.StringIO()
+        console = Console(file=buffer, width=120, color_system=None)
+        prefix = ["--api-url", self.url, "--api-key", self.key] if auth else []
+        code = main([*prefix, *argv], console=console)
+        self.out = buffer.getvalue()
+        return code
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def kelpie(api_server: Any, user_key: str) -> Run:
+    """`kelpie` as a fresh user."""
+    return Run(api_server.url, user_key)
+
+
+def submit(client: Client, group: str, n: int = 1) -> list[str]:
+    """Queue n jobs and return their ids."""
+    jobs = client.submit_jobs(
+        [
+            {"command": f"c{i}", "container_group_id": group, "sync": {}}
+            for i in range(n)
+        ]
+    )
+    return [j.id for j in jobs]
+
+
+def test_submit_from_flags(
+    kelpie: Run, client: Client, container_group_id: str
+) -> None:
+    """Flags describe one job; --json prints exactly that job."""
+    code = kelpie(
+        "submit",
+        "--command",
+        "python",
+        "--arg",
+        "train.py",
+        "--arg=--fast",
+        "--env",
+        "A=1",
+        "--env",
+        "B=x=y",
+        "--container-group-id",
+        container_group_id,
+        "--max-failures",
+        "4",
+        "--heartbeat-interval",
+        "15",
+        "--json",
+    )
+    assert 0 == code
+    data = kelpie.json()
+    job = client.get_job(data["id"])
+    assert job.to_json() == data
+    assert (("train.py", "--fast"), {"A": "1", "B": "x=y"}, 4, 15, {}) == (
+        job.arguments,
+        job.environment,
+        job.max_failures,
+        job.heartbeat_interval,
+        data["sync"],
+    )
+
+
+def test_submit_with_sync_json(kelpie: Run, container_group_id: str) -> None:
+    """--sync-json sets the sync block."""
+    sync = {
+        "before": [
+            {"bucket": "b", "prefix": "p", "local_path": "/in", "direction": "download"}
+        ]
+    }
+    code = kelpie(
+        "submit",
+        "--command",
+        "x",
+        "--container-group-id",
+        container_group_id,
+        "--sync-json",
+        json.dumps(sync),
+        "--json",
+    )
+    assert 0 == code
+    assert "p/" == kelpie.json()["sync"]["before"][0]["prefix"]
+
+
+def test_submit_with_legacy_flags(kelpie: Run, container_group_id: str) -> None:
+    """The bucket/prefix flags give a legacy-storage job."""
+    flags = []
+    for kind in ("input", "checkpoint", "output"):
+        flags += [f"--{kind}-bucket", "b", f"--{kind}-prefix", kind]
+    code = kelpie(
+        "submit", "--command", "x", "--container-group-id", container_group_id,
+        *flags, "--json",
+    )  # fmt: skip
+    assert 0 == code
+    data = kelpie.json()
+    assert (None, "input/") == (data["sync"], data["input_prefix"])
+
+
+def test_submit_human_output(kelpie: Run, container_group_id: str) -> None:
+    """Without --json a table of the submitted job is shown."""
+    code = kelpie(
+        "submit", "--command", "x", "--container-group-id", container_group_id
+    )
+    assert 0 == code
+    assert "Submitted 1 job(s)" in kelpie.out
+    assert "pending" in kelpie.out
+
+
+def test_submit_array_file_is_a_batch(
+    kelpie: Run, client: Client, container_group_id: str, tmp_path: Path
+) -> None:
+    """A file holding an array submits a batch in order; the group may come from flags."""
+    path = tmp_path / "jobs.json"
+    path.write_text(json.dumps([{"command": f"c{i}", "sync": {}} for i in range(3)]))
+    code = kelpie(
+        "submit", str(path), "--container-group-id", container_group_id, "--json"
+    )
+    assert 0 == code
+    assert ["c0", "c1", "c2"] == [j["command"] for j in kelpie.json()]
+    listed = client.list_jobs(container_group_id=container_group_id, asc=True)
+    assert ["c0", "c1", "c2"] == [j.command for j in listed]
+
+
+def test_submit_object_from_stdin(
+    kelpie: Run, container_group_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`-` reads one job object from stdin."""
+    body = {"command": "x", "container_group_id": container_group_id, "sync": {}}
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(body)))
+    assert 0 == kelpie("submit", "-", "--json")
+    assert "pending" == kelpie.json()["status"]
+
+
+def test_submit_invalid_file_job_is_an_error(
+    kelpie: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server-rejected batch gives exit 1 and one Error line on stderr."""
+    path = tmp_path / "jobs.json"
+    path.write_text(json.dumps([{"command": "x", "container_group_id": "g"}]))
+    assert 1 == kelpie("submit", str(path))
+    err = capsys.readouterr().err
+    assert err.startswith("Error: 400 POST /jobs/batch")
+    assert 1 == len(err.strip().splitlines())
+    assert "" == kelpie.out
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "Error: invalid JSON"),
+        ("[]", "Error: the file holds an empty array"),
+        ("[1]", "Error: job 0 in the file is not a JSON object"),
+        ('{"command": 1}', "Error: JobSubmission: field 'command'"),
+    ],
+)
+def test_submit_bad_files(
+    kelpie: Run,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    content: str,
+    message: str,
+) -> None:
+    """Unusable job files give exit 1 with a message naming the problem."""
+    path = tmp_path / "job.json"
+    path.write_text(content)
+    assert 1 == kelpie("submit", str(path))
+    assert capsys.readouterr().err.startswith(message)
+
+
+def test_submit_missing_file(
+    kelpie: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file that does not exist gives exit 1."""
+    assert 1 == kelpie("submit", str(tmp_path / "nope.json"))
+    assert "No such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["submit"], "give a FILE"),
+        (["submit", "--command", "x"], "--container-group-id is required"),
+        (["submit", "f.json", "--command", "x"], "not both (--command)"),
+        (["submit", "f.json", "--arg", "x"], "not both (--arg)"),
+        (
+            [
+                "submit",
+                "--command",
+                "x",
+                "--container-group-id",
+                "g",
+                "--sync-json",
+                "{",
+            ],
+            "--sync-json is not valid JSON",
+        ),
+        (
+            [
+                "submit",
+                "--command",
+                "x",
+                "--container-group-id",
+                "g",
+                "--sync-json",
+                "[]",
+            ],
+            "--sync-json must be a JSON object",
+        ),
+    ],
+)
+def test_submit_usage_errors(
+    kelpie: Run, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    """Contradictory or missing submit arguments are usage errors (exit 2)."""
+    assert 2 == kelpie(*argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["jobs"],
+        ["jobs", "list", "--status", "sleeping"],
+        ["jobs", "list", "--limit", "-1"],
+        ["jobs", "list", "--page-size", "0"],
+        ["submit", "--command", "x", "--env", "NOEQUALS"],
+        ["nonsense"],
+    ],
+)
+def test_argparse_usage_errors(kelpie: Run, argv: list[str]) -> None:
+    """Arguments argparse rejects give exit 2."""
+    assert 2 == kelpie(*argv)
+
+
+def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    """--help prints usage and exits 0."""
+    assert 0 == main(["jobs", "list", "--help"])
+    assert "--status" in capsys.readouterr().out
+
+
+def test_jobs_list_table_with_progress(
+    kelpie: Run, client: Client, container_group_id: str
+) -> None:
+    """The table shows id, status, group, failures, heartbeats and progress."""
+    [job_id] = submit(client, container_group_id)
+    claimed = client.claim_work(machine_id="m", container_group_id=container_group_id)
+    assert claimed is not None
+    report = WorkerReport(
+        machine_id="m",
+        container_group_id=container_group_id,
+        attempt=claimed.attempt,
+        progress={"step": 420, "total": 1000},
+    )
+    client.heartbeat(job_id, report)
+    assert 0 == kelpie("jobs", "list")
+    for text in (job_id, "running", "0/3", "42% step 420/1000", "Heartbeats"):
+        assert text in kelpie.out
+
+
+def test_jobs_list_json_filters_and_limit(
+    kelpie: Run, client: Client, container_group_id: str
+) -> None:
+    """--json lists jobs as a JSON array; filters, --asc and --limit apply."""
+    ids = submit(client, container_group_id, 5)
+    client.cancel(ids[0])
+    assert 0 == kelpie(
+        "jobs", "list", "--container-group-id", container_group_id, "--asc",
+        "--limit", "3", "--page-size", "2", "--json",
+    )  # fmt: skip
+    assert ids[:3] == [j["id"] for j in kelpie.json()]
+    assert 0 == kelpie("jobs", "list", "--status", "canceled", "--json", "--limit", "0")
+    assert [ids[0]] == [j["id"] for j in kelpie.json()]
+
+
+def test_jobs_list_empty(kelpie: Run) -> None:
+    """An empty listing says so."""
+    assert 0 == kelpie("jobs", "list")
+    assert "No jobs." in kelpie.out
+
+
+def test_jobs_get(kelpie: Run, client: Client, container_group_id: str) -> None:
+    """get shows one job's fields; --json is the wire form."""
+    [job_id] = submit(client, container_group_id)
+    assert 0 == kelpie("jobs", "get", job_id)
+    assert job_id in kelpie.out
+    assert "c0" in kelpie.out
+    assert 0 == kelpie("jobs", "get", job_id, "--json")
+    assert client.get_job(job_id).to_json() == kelpie.json()
+
+
+def test_jobs_get_unknown(kelpie: Run, capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown job gives exit 1 and `Error: 404 ...` on stderr."""
+    job_id = str(uuid.uuid4())
+    assert 1 == kelpie("jobs", "get", job_id)
+    assert capsys.readouterr().err.startswith(f"Error: 404 GET /jobs/{job_id}")
+
+
+def test_debug_shows_traceback(kelpie: Run, capsys: pytest.CaptureFixture[str]) -> None:
+    """--debug adds the traceback before the Error line."""
+    assert 1 == kelpie("--debug", "jobs", "get", "missing")
+    err = capsys.readouterr().err
+    assert "Traceback" in err
+    assert "Error: 404" in err
+
+
+def test_jobs_cancel(kelpie: Run, client: Client, container_group_id: str) -> None:
+    """cancel cancels every id given."""
+    ids = submit(client, container_group_id, 2)
+    assert 0 == kelpie("jobs", "cancel", *ids)
+    assert all(f"Canceled {i}" in kelpie.out for i in ids)
+    statuses = {client.get_job(i).status for i in ids}
+    assert {JobStatus.CANCELED} == statuses
+
+
+def test_jobs_cancel_json(kelpie: Run, client: Client, container_group_id: str) -> None:
+    """cancel --json prints the canceled ids."""
+    ids = submit(client, container_group_id, 1)
+    assert 0 == kelpie("jobs", "cancel", *ids, "--json")
+    assert {"canceled": ids} == kelpie.json()
+
+
+def test_jobs_wait_completed(
+    kelpie: Run, client: Client, container_group_id: str
+) -> None:
+    """wait returns 0 once all jobs completed."""
+    [job_id] = submit(client, container_group_id)
+    claimed = client.claim_work(machine_id="m", container_group_id=container_group_id)
+    assert claimed is not None
+    report = WorkerReport(
+        machine_id="m", container_group_id=container_group_id, attempt=claimed.attempt
+    )
+    client.report_completed(job_id, report)
+    assert 0 == kelpie("jobs", "wait", job_id, "--json")
+    assert ["completed"] == [j["status"] for j in kelpie.json()]
+
+
+def test_jobs_wait_unsuccessful(
+    kelpie: Run,
+    client: Client,
+    container_group_id: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """wait exits 1 when a job ended canceled or failed, after printing the table."""
+    [job_id] = submit(client, container_group_id)
+    client.cancel(job_id)
+    assert 1 == kelpie("jobs", "wait", job_id)
+    assert "canceled" in kelpie.out
+    assert f"did not complete: {job_id} (canceled)" in capsys.readouterr().err
+
+
+def test_jobs_wait_timeout(
+    kelpie: Run,
+    client: Client,
+    container_group_id: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A wait deadline gives exit 1 with a WaitTimeoutError message."""
+    [job_id] = submit(client, container_group_id)
+    assert 1 == kelpie("jobs", "wait", job_id, "--timeout", "0", "--json")
+    assert "still unfinished" in capsys.readouterr().err
+    assert "" == kelpie.out
+
+
+def test_api_options_after_the_subcommand(api_server: Any, user_key: str) -> None:
+    """--api-url/--api-key also work after the subcommand."""
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=120, color_system=None)
+    argv = [
+        "jobs",
+        "list",
+        "--json",
+        "--api-url",
+        api_server.url,
+        "--api-key",
+        user_key,
+    ]
+    assert 0 == main(argv, console=console)
+    assert [] == json.loads(buffer.getvalue())
+
+
+def test_environment_fallback(
+    api_server: Any, user_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without options, KELPIE_API_URL and KELPIE_API_KEY are used."""
+    monkeypatch.setenv("KELPIE_API_URL", api_server.url)
+    monkeypatch.setenv("KELPIE_API_KEY", user_key)
+    run = Run("", "")
+    assert 0 == run("jobs", "list", "--json", auth=False)
+    assert [] == run.json()
+
+
+def test_no_credentials_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without any key, exit 1 and the ConfigError message."""
+    run = Run("", "")
+    assert 1 == run("jobs", "list", auth=False)
+    assert capsys.readouterr().err.startswith("Error: no API credentials")
+
+
+def test_ctrl_c_exits_130(
+    kelpie: Run, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """KeyboardInterrupt during a command gives exit 130."""
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Client, "list_jobs", interrupted)
+    assert 130 == kelpie("jobs", "list")
+    assert "Interrupted" in capsys.readouterr().err
+
+
+def test_verbose_logs_requests(kelpie: Run, capsys: pytest.CaptureFixture[str]) -> None:
+    """-vv logs requests to stderr with the key masked."""
+    import logging
+
+    logger = logging.getLogger("kelpie_sdk")
+    handlers = list(logger.handlers)
+    try:
+        assert 0 == kelpie("-vv", "jobs", "list", "--json")
+    finally:
+        for handler in logger.handlers[len(handlers) :]:
+            logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+    err = capsys.readouterr().err
+    assert "GET" in err
+    assert kelpie.key not in err
+    assert [] == kelpie.json()
+
+
+@pytest.mark.parametrize(
+    ("progress", "expected"),
+    [
+        (None, ""),
+        ({}, ""),
+        ({"step": 420, "total": 1000}, "42% step 420/1000"),
+        ({"percent": 12.5}, "12%"),
+        ({"fraction": 0.5, "message": "warming up"}, "50% warming up"),
+        ({"step": 7}, "step 7"),
+        ({"step": 1.5, "total_steps": 3}, "50% step 1.5/3"),
+        ({"loss": 0.25, "epoch": 2}, "loss=0.25 epoch=2"),
+        ({"percent": True}, "percent=True"),
+    ],
+)
+def test_format_progress(progress: dict[str, Any] | None, expected: str) -> None:
+    """Progress records are summarised in a few words."""
+    assert expected == format_progress(progress)
+
+
+def test_python_dash_m(tmp_path: Path) -> None:
+    """`python -m kelpie_sdk --help` runs the CLI."""
+    result = subprocess.run(
+        [sys.executable, "-m", "kelpie_sdk", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert 0 == result.returncode
+    assert "submit" in result.stdout
