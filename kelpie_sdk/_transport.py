@@ -150,6 +150,14 @@ def classify(exc: BaseException) -> Failure:
     return Failure.CONNECTION
 
 
+def _error_detail(error: object) -> str:
+    if not isinstance(error, Mapping):
+        return str(error)
+    text = str(error.get("message", error))
+    key = error.get("key") or error.get("field")
+    return f"{key}: {text}" if key else text
+
+
 class Transport:
     """
     Sends requests to one Kelpie API server, with retries.
@@ -398,11 +406,12 @@ class Transport:
                     break
             errors = body.get("errors")
             if isinstance(errors, list) and errors:
-                details = "; ".join(
-                    str(e.get("message", e)) if isinstance(e, Mapping) else str(e)
-                    for e in errors[:5]
-                )
-                message = f"{message}: {details}" if message else details
+                details = [
+                    d for d in map(_error_detail, errors[:5]) if d not in message
+                ]
+                if details:
+                    joined = "; ".join(details)
+                    message = f"{message}: {joined}" if message else joined
         if not message:
             raw = body if isinstance(body, str) else json.dumps(body)
             message = raw.strip()[:200] or response.reason or "no message"

@@ -24,7 +24,7 @@ from kelpie_sdk._transport import (
     normalize_timeout,
 )
 from kelpie_sdk.config import Settings
-from kelpie_sdk.errors import ResponseValidationError, WaitTimeoutError
+from kelpie_sdk.errors import KelpieError, ResponseValidationError, WaitTimeoutError
 from kelpie_sdk.models import (
     MAX_BATCH_SIZE,
     Job,
@@ -306,7 +306,7 @@ class Client:
         Queue many jobs, in batches of up to ``MAX_BATCH_SIZE`` (1000).
 
         Each batch is all-or-nothing on the server; if a later batch fails,
-        the earlier ones stay queued (the error says how many).
+        the earlier ones stay queued (a note on the exception says how many).
 
         Args:
             jobs: ``JobSubmission`` objects or wire-shaped mappings.
@@ -325,16 +325,24 @@ class Client:
             chunk = bodies[start : start + MAX_BATCH_SIZE]
             if start:
                 logger.debug("submitting jobs %d..%d", start, start + len(chunk) - 1)
-            data = _expect_list(
-                self._request(
-                    "POST",
-                    "/jobs/batch",
-                    json_body=chunk,
-                    timeout=timeout,
-                    max_retries=max_retries,
-                ),
-                "POST /jobs/batch",
-            )
+            try:
+                data = _expect_list(
+                    self._request(
+                        "POST",
+                        "/jobs/batch",
+                        json_body=chunk,
+                        timeout=timeout,
+                        max_retries=max_retries,
+                    ),
+                    "POST /jobs/batch",
+                )
+            except KelpieError as exc:
+                if queued:
+                    exc.add_note(
+                        f"{len(queued)} job(s) of earlier batches were queued: "
+                        f"first {queued[0].id}, last {queued[-1].id}"
+                    )
+                raise
             if len(data) != len(chunk):
                 raise ResponseValidationError(
                     f"POST /jobs/batch: sent {len(chunk)} jobs, got {len(data)} back"

@@ -13,6 +13,7 @@ import pytest
 
 from kelpie_sdk import Client, JobStatus, SyncSpec
 from kelpie_sdk.errors import (
+    BadRequestError,
     ConfigError,
     ResponseValidationError,
     ServerError,
@@ -414,3 +415,20 @@ def test_update_scaling_rule_is_retried(fault_server: FaultServer) -> None:
     updated = make(fault_server).update_scaling_rule(CG, max_replicas=4)
     assert 4 == updated.max_replicas
     assert {"max_replicas": 4} == fault_server.requests[1].json()
+
+
+def test_submit_jobs_chunks_and_notes_partial_success(
+    fault_server: FaultServer,
+) -> None:
+    """1001 jobs go in batches of 1000 and 1; a failing later batch notes the rest."""
+    first = [job_json(f"j{i}") for i in range(1000)]
+    fault_server.play(
+        Reply(status=202, body=first), Reply(status=400, body={"message": "nope"})
+    )
+    jobs = [{"command": "x", "container_group_id": CG, "sync": {}}] * 1001
+    with pytest.raises(BadRequestError) as info:
+        make(fault_server).submit_jobs(jobs)
+    assert [1000, 1] == [len(r.json()) for r in fault_server.requests]
+    assert ["1000 job(s) of earlier batches were queued: first j0, last j999"] == (
+        info.value.__notes__
+    )

@@ -255,13 +255,17 @@ def test_error_lists_validation_details(fault_server: FaultServer) -> None:
     body = {
         "error": "Bad Request",
         "message": "Validation failed",
-        "errors": [{"message": "max_failures must be >= 1"}, "x is required"],
+        "errors": [
+            {"message": "must be >= 1", "key": "max_failures"},
+            "x is required",
+            {"message": "Validation failed"},
+        ],
     }
     fault_server.play(Reply(status=400, body=body))
     with pytest.raises(BadRequestError) as info:
         make(fault_server.url).request("POST", "/jobs", json_body={})
     expected = (
-        "400 POST /jobs: Validation failed: max_failures must be >= 1; x is required"
+        "400 POST /jobs: Validation failed: max_failures: must be >= 1; x is required"
     )
     assert expected == str(info.value)
 
