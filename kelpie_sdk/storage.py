@@ -80,6 +80,9 @@ _Entries = list[tuple[str, str, int, str | None]]
 _BACKOFF_BASE = 0.5
 _BACKOFF_CAP = 8.0
 _GZIP_LEVEL = 6
+# Up to this many uploaded files are verified with one HEAD (stat) each; more
+# with one listing of the prefix after all of them went up.
+_HEAD_VERIFY_MAX = 16
 _COPY_BUFFER = 1024 * 1024
 _MAX_NAMED_KEYS = 10
 
@@ -322,7 +325,8 @@ class Storage:
         for key, size, etag in found:
             if not key.startswith(real_prefix) or key.endswith("/"):
                 continue
-            out.append((key[len(real_prefix) :], key, size, etag))
+            rel = key[len(real_prefix) :]
+            out.append((rel, prefix + rel, size, etag))
         out.sort()
         return out
 
@@ -478,6 +482,13 @@ class Storage:
         """
         prefix = _normalize_prefix(prefix)
         jobs: list[tuple[str, Callable[[], tuple[str, int]]]] = []
+
+        def content_type(rel: str) -> str | None:
+            # Only S3 stores a content type; guessing costs a little per file.
+            return mimetypes.guess_type(rel)[0] if self._scheme == "s3" else None
+
+        files = list(files)
+        many = len(files)
         for local, rel in files:
             if not rel or rel.startswith("/"):
                 msg = f"key {rel!r} for {os.fspath(local)!r} must be relative"
@@ -493,14 +504,36 @@ class Storage:
                         real_bucket,
                         real_key,
                         compress=compress,
-                        verify=verify,
+                        # Many files are checked with one listing afterwards.
+                        verify=verify and many <= _HEAD_VERIFY_MAX,
                         key=key,
-                        content_type=mimetypes.guess_type(rel)[0],
+                        content_type=content_type(rel),
                     ),
                 )
             )
+        where = self.url(bucket, prefix)
+        if not verify or len(jobs) <= _HEAD_VERIFY_MAX:
+            return self._run_all(jobs, what="upload", where=where, prefix=prefix)
+
+        def check(sent: dict[str, int]) -> dict[str, BaseException]:
+            stored = {
+                key: size for _rel, key, size, _etag in self._list(bucket, prefix)
+            }
+            bad: dict[str, BaseException] = {}
+            for key, size in sent.items():
+                if key not in stored:
+                    msg = f"verification failed for {key}: not found after upload"
+                    bad[key] = StorageError(msg)
+                elif stored[key] != size:
+                    msg = (
+                        f"verification failed for {key}: stored {stored[key]} bytes,"
+                        f" sent {size}"
+                    )
+                    bad[key] = StorageError(msg)
+            return bad
+
         return self._run_all(
-            jobs, what="upload", where=self.url(bucket, prefix), prefix=prefix
+            jobs, what="upload", where=where, prefix=prefix, check=check
         )
 
     def delete(self, bucket: str, key: str) -> None:
@@ -569,8 +602,14 @@ class Storage:
         what: str,
         where: str,
         prefix: str,
+        check: Callable[[dict[str, int]], dict[str, BaseException]] | None = None,
     ) -> TransferResult:
-        """Run file transfers on the pool; raise one error naming every failure."""
+        """
+        Run file transfers on the pool; raise one error naming every failure.
+
+        ``check``, if given, gets {name: size} of the files that went through and
+        returns {name: error} for those that fail a check made afterwards.
+        """
         if not jobs:
             return TransferResult(files=0, bytes=0, keys=())
         stop = threading.Event()
@@ -602,9 +641,16 @@ class Storage:
                 except _Skipped:
                     skipped += 1
                 except Exception as exc:  # noqa: BLE001 - collected, raised below
-                    rel = name[len(prefix) :] if name.startswith(prefix) else name
-                    failures.append((rel, exc))
+                    failures.append((name, exc))
+        if check is not None and results:
+            bad = check(dict(results.values()))
+            failures.extend(bad.items())
+            results = {i: r for i, r in results.items() if r[0] not in bad}
         if failures:
+            failures = [
+                (n[len(prefix) :] if n.startswith(prefix) else n, e)
+                for n, e in failures
+            ]
             raise _combine(failures, skipped, len(jobs), what, where)
         ordered = [results[i] for i in range(len(jobs))]
         return TransferResult(

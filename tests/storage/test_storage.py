@@ -107,6 +107,8 @@ def test_s3_root_with_path_nests_buckets(
         result = storage.upload_files([(src, "x.txt")], "job-bucket", "p")
         assert ("p/x.txt",) == result.keys
         assert [("x.txt", 6)] == storage.list("job-bucket", "p")
+        storage.download_prefix("job-bucket", "p", tmp_path / "out")
+    assert b"nested" == (tmp_path / "out" / "x.txt").read_bytes()
     body = boto3.client("s3").get_object(
         Bucket=s3_bucket, Key="base/job-bucket/p/x.txt"
     )
@@ -324,6 +326,32 @@ def test_verification_catches_a_lost_upload(
         f"1 of 2 files failed to upload (s3://{s3_bucket}/p/): lost."
     )
     assert [("good", 1)] == proxied.list(s3_bucket, "p")
+
+
+def test_verification_of_many_files_catches_a_lost_upload(
+    proxy: S3FaultProxy,
+    proxied: Storage,
+    s3_bucket: str,
+    sleeps: list[float],
+    tmp_path: Path,
+) -> None:
+    """Many files are verified with one listing, which still catches a lost one."""
+    files = []
+    for i in range(30):
+        (tmp_path / f"f{i:02d}").write_bytes(b"x" * i)
+        files.append((tmp_path / f"f{i:02d}", f"f{i:02d}"))
+    proxy.rule = lambda seen: (
+        LOSE if seen.method == "PUT" and seen.path.endswith("/f17") else None
+    )
+    with pytest.raises(StorageError) as info:
+        proxied.upload_files(files, s3_bucket, "p")
+    assert str(info.value).startswith(
+        f"1 of 30 files failed to upload (s3://{s3_bucket}/p/): f17."
+    )
+    assert "p/f17: not found after upload" in str(info.value)
+    assert [] == proxy.requests("HEAD", "/p/")
+    assert 1 == len(proxy.requests("GET", "list-type=2"))
+    assert 29 == len(proxied.list(s3_bucket, "p"))
 
 
 def test_without_verification_a_lost_upload_goes_unnoticed(
