@@ -390,6 +390,7 @@ class Checkpointer:
             "entries": entries,
             **job,
         }
+        self._store.sync()
         self._store.create_manifest(step, _manifest.encode(body))
         with self._lock:
             self._manifests[step] = body

@@ -159,6 +159,8 @@ class Store:
         self.local = isinstance(fs, LocalFileSystem)
         self.root = str(root).rstrip("/") or "/"
         self.fsync = fsync
+        self._dirs_lock = threading.Lock()
+        self._dirty_dirs: set[str] = set()
         protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
         self.protocols = tuple(str(p) for p in protocols)
 
@@ -182,7 +184,11 @@ class Store:
     # ---------------------------------------------------------------- writes
 
     def _local_write(
-        self, path: str, data: bytes | memoryview, exclusive: bool
+        self,
+        path: str,
+        data: bytes | memoryview,
+        exclusive: bool,
+        sync_dir: bool = True,
     ) -> None:
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
@@ -212,11 +218,21 @@ class Store:
             if tmp:
                 os.unlink(tmp)
         if self.fsync:
-            fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            if sync_dir:
+                _fsync_dir(directory)
+            else:
+                with self._dirs_lock:
+                    self._dirty_dirs.add(directory)
+
+    def sync(self) -> None:
+        """
+        Make the chunk renames durable (fsync their directories) before a commit.
+        """
+        with self._dirs_lock:
+            dirs, self._dirty_dirs = self._dirty_dirs, set()
+        with storage_errors("syncing chunk directories"):
+            for directory in sorted(dirs):
+                _fsync_dir(directory)
 
     def put_chunk(self, digest: str, data: bytes | memoryview) -> None:
         """
@@ -225,7 +241,7 @@ class Store:
         path = self.chunk_path(digest)
         with storage_errors(f"writing chunk {path}"):
             if self.local:
-                self._local_write(path, data, exclusive=False)
+                self._local_write(path, data, exclusive=False, sync_dir=False)
             else:
                 self.fs.pipe_file(path, bytes(data))
 
@@ -336,6 +352,14 @@ class Store:
                 self.fs.rm_file(path)
 
         parallel_map(rm, sorted(digests), threads)
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _is_exists_error(exc: BaseException | None) -> bool:
