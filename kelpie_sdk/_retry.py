@@ -163,7 +163,4 @@ def _seconds_until(text: str, now: dt.datetime | None) -> float | None:
     current = dt.datetime.now(dt.UTC) if now is None else now
     if current.tzinfo is None:
         current = current.replace(tzinfo=dt.UTC)
-    try:
-        return (when - current).total_seconds()
-    except OverflowError:
-        return None
+    return (when - current).total_seconds()

@@ -18,7 +18,7 @@ from rich.console import Console
 from kelpie_sdk import Client, JobStatus
 from kelpie_sdk.cli import main
 from kelpie_sdk.cli._common import format_progress
-from kelpie_sdk.models import WorkerReport
+from kelpie_sdk.models import LEGACY_STORAGE_FIELDS, WorkerReport
 
 
 class Run:
@@ -319,6 +319,42 @@ def test_jobs_get(kelpie: Run, client: Client, container_group_id: str) -> None:
     assert "c0" in kelpie.out
     assert 0 == kelpie("jobs", "get", job_id, "--json")
     assert client.get_job(job_id).to_json() == kelpie.json()
+
+
+def test_jobs_get_shows_worker_fields(
+    kelpie: Run, client: Client, container_group_id: str
+) -> None:
+    """get shows timestamps, attempt, progress, last error, storage and webhook."""
+    job = client.submit_job(
+        command="x",
+        container_group_id=container_group_id,
+        environment={"SECRET_TOKEN": "hidden"},
+        webhook="http://127.0.0.1:9/hook",
+        **{f: "b" if f.endswith("bucket") else "p" for f in LEGACY_STORAGE_FIELDS},
+    )
+    claimed = client.claim_work(machine_id="m", container_group_id=container_group_id)
+    assert claimed is not None
+    report = WorkerReport(
+        machine_id="m",
+        container_group_id=container_group_id,
+        attempt=claimed.attempt,
+        progress={"message": "warming up"},
+        error="disk full",
+    )
+    client.heartbeat(job.id, report)
+    client.report_failed(job.id, report)
+    assert 0 == kelpie("jobs", "get", job.id)
+    for text in (
+        "started",
+        "attempt",
+        "warming up",
+        "disk full",
+        "SECRET_TOKEN",
+        "checkpoint prefix",
+        "http://127.0.0.1:9/hook",
+    ):
+        assert text in kelpie.out
+    assert "hidden" not in kelpie.out
 
 
 def test_jobs_get_unknown(kelpie: Run, capsys: pytest.CaptureFixture[str]) -> None:
