@@ -24,7 +24,12 @@ from kelpie_sdk._transport import (
     normalize_timeout,
 )
 from kelpie_sdk.config import Settings
-from kelpie_sdk.errors import KelpieError, ResponseValidationError, WaitTimeoutError
+from kelpie_sdk.errors import (
+    ConfigError,
+    KelpieError,
+    ResponseValidationError,
+    WaitTimeoutError,
+)
 from kelpie_sdk.models import (
     MAX_BATCH_SIZE,
     Job,
@@ -105,7 +110,8 @@ class Client:
         sleep: Waits between retries and polls (injectable for tests).
 
     Raises:
-        ConfigError: No credentials, or an invalid timeout or retry count.
+        ConfigError: No credentials, a URL that is not http(s), or an invalid
+            timeout or retry count.
     """
 
     def __init__(
@@ -128,6 +134,11 @@ class Client:
             salad_organization=salad_organization,
             salad_project=salad_project,
         )
+        if not settings.api_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"the API URL must start with http:// or https://, got "
+                f"{settings.api_url!r} (from base_url= or KELPIE_API_URL)"
+            )
         headers = settings.auth_headers()
         self.settings = settings
         self._sleep = sleep

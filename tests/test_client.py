@@ -104,6 +104,13 @@ def test_arguments_beat_environment() -> None:
     )
 
 
+@pytest.mark.parametrize("url", ["127.0.0.1:8787", "ftp://127.0.0.1", ""])
+def test_url_must_be_http(url: str) -> None:
+    """A base URL without http:// or https:// is a ConfigError, not a retried failure."""
+    with pytest.raises(ConfigError, match="http:// or https://"):
+        Client(url, "k", environ={})
+
+
 def test_no_credentials_is_a_config_error() -> None:
     """A client without any credentials cannot be made."""
     with pytest.raises(ConfigError, match="KELPIE_API_KEY"):

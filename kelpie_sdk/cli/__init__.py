@@ -23,7 +23,7 @@ from typing import NoReturn
 
 from rich.console import Console
 
-from kelpie_sdk.cli import _jobs
+from kelpie_sdk.cli import _jobs, _server
 from kelpie_sdk.cli._common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -42,6 +42,7 @@ _REGISTRARS: list[
     Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]
 ] = [
     _jobs.register,
+    _server.register,
 ]
 
 
@@ -71,13 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_LOG_HANDLER = "kelpie-cli"
+
+
 def _setup_logging(verbosity: int) -> None:
     if verbosity <= 0:
         return
     from rich.logging import RichHandler
 
     handler = RichHandler(console=Console(stderr=True), show_path=False)
+    handler.set_name(_LOG_HANDLER)
     logger = logging.getLogger("kelpie_sdk")
+    for old in [h for h in logger.handlers if h.get_name() == _LOG_HANDLER]:
+        logger.removeHandler(old)
     logger.addHandler(handler)
     logger.setLevel(logging.INFO if verbosity == 1 else logging.DEBUG)
 
