@@ -99,4 +99,4 @@ def run_server(
             server.should_exit = True
             thread.join(timeout=10)
             sock.close()
-            store.engine.dispose()
+            store.close()

@@ -24,6 +24,7 @@ import datetime as dt
 import hashlib
 import json
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -100,6 +101,9 @@ class Principal:
 
 _JOB_COLUMNS = [c for c in JOBS.c if c.name != "seq"]
 
+# SQLite's planner may pick the plain (user, group, seq) index for the pending
+# branch, which also walks finished jobs; INDEXED BY pins the partial indexes so
+# a claim costs the same however many jobs a queue has finished.
 _CLAIM_SQL = sa.text(
     """
     UPDATE jobs SET
@@ -114,7 +118,7 @@ _CLAIM_SQL = sa.text(
     WHERE seq = (
         SELECT seq FROM (
             SELECT seq, 0 AS pri FROM (
-                SELECT seq FROM jobs
+                SELECT seq FROM jobs INDEXED BY ix_jobs_running
                 WHERE user_id = :user_id AND container_group_id = :group
                   AND status = 'running' AND lease_expires <= :now
                   AND NOT EXISTS (SELECT 1 FROM job_bans b
@@ -124,7 +128,7 @@ _CLAIM_SQL = sa.text(
             )
             UNION ALL
             SELECT seq, 1 AS pri FROM (
-                SELECT seq FROM jobs
+                SELECT seq FROM jobs INDEXED BY ix_jobs_pending
                 WHERE user_id = :user_id AND container_group_id = :group
                   AND status = 'pending'
                   AND NOT EXISTS (SELECT 1 FROM job_bans b
@@ -137,6 +141,113 @@ _CLAIM_SQL = sa.text(
     RETURNING *
     """
 )
+
+
+_HOLDER = (
+    "id = :id AND user_id = :user_id AND status = 'running' "
+    "AND machine_id = :machine_id AND (:attempt IS NULL OR attempt = :attempt)"
+)
+_STATE_SQL = (
+    "SELECT status, machine_id, attempt FROM jobs WHERE id = :id AND user_id = :user_id"
+)
+_GET_SQL = "SELECT * FROM jobs WHERE id = :id AND user_id = :user_id"
+_GET_ANY_SQL = "SELECT * FROM jobs WHERE id = :id"
+_HEARTBEAT_SQL = f"""
+    UPDATE jobs SET heartbeat = :now,
+        lease_expires = :now + heartbeat_interval * 2000,
+        num_heartbeats = num_heartbeats + 1,
+        progress = COALESCE(:progress, progress)
+    WHERE {_HOLDER}
+"""  # noqa: S608 - built from constants only
+_COMPLETE_SQL = f"""
+    UPDATE jobs SET status = 'completed', completed = :now, heartbeat = :now,
+        lease_expires = NULL, progress = COALESCE(:progress, progress)
+    WHERE {_HOLDER}
+"""  # noqa: S608 - built from constants only
+_FAIL_SQL = f"""
+    UPDATE jobs SET
+        num_failures = num_failures + 1,
+        status = CASE WHEN num_failures + 1 >= max_failures
+                      THEN 'failed' ELSE 'pending' END,
+        failed = CASE WHEN num_failures + 1 >= max_failures
+                      THEN :now ELSE failed END,
+        heartbeat = :now, lease_expires = NULL, last_error = :error
+    WHERE {_HOLDER}
+"""  # noqa: S608 - built from constants only
+_BAN_SQL = """
+    INSERT INTO job_bans (job_id, machine_id, created)
+    SELECT :id, :machine_id, :now
+    WHERE NOT EXISTS (SELECT 1 FROM job_bans
+                      WHERE job_id = :id AND machine_id = :machine_id)
+"""
+_RELEASE_SQL = f"""
+    UPDATE jobs SET status = 'pending', lease_expires = NULL, heartbeat = :now,
+        num_interruptions = num_interruptions + 1
+    WHERE {_HOLDER}
+"""  # noqa: S608 - built from constants only
+
+
+class _HotPath:
+    """
+    Per-thread DBAPI connections for the few statements on the hot path.
+
+    Each thread keeps one connection from the engine's pool for its lifetime.
+    Write transactions start with ``BEGIN IMMEDIATE`` on SQLite.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        if engine.dialect.name != "sqlite":
+            raise NotImplementedError(
+                f"the {engine.dialect.name} dialect is not supported yet; use SQLite"
+            )
+        self._engine = engine
+        self._local = threading.local()
+        self._all: list[Any] = []
+        self._lock = threading.Lock()
+
+    def _connection(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._engine.raw_connection()
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    @contextmanager
+    def transaction(self, *, write: bool = True) -> Iterator[Any]:
+        conn = self._connection()
+        cur = conn.cursor()
+        cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield cur
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        else:
+            cur.execute("COMMIT")
+        finally:
+            cur.close()
+
+    @staticmethod
+    def execute(cur: Any, sql: str, params: Mapping[str, Any]) -> int:
+        cur.execute(sql, params)
+        return int(cur.rowcount)
+
+    @staticmethod
+    def fetch_one(
+        cur: Any, sql: str, params: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        cur.execute(sql, params)
+        row = cur.fetchone()
+        if row is None:
+            return None
+        return dict(zip((d[0] for d in cur.description), row, strict=True))
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
 
 
 class Store:
@@ -154,6 +265,14 @@ class Store:
     def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time):
         self.engine = engine
         self._clock = clock
+        self._hot = _HotPath(engine)
+
+    def close(self) -> None:
+        """
+        Close every connection (call once no other thread uses the store).
+        """
+        self._hot.close()
+        self.engine.dispose()
 
     def now_ms(self) -> int:
         """
@@ -373,11 +492,11 @@ class Store:
         """
         A job, if it exists and the caller may see it (admins see all).
         """
-        query = sa.select(*_JOB_COLUMNS).where(JOBS.c.id == job_id)
-        if not principal.is_admin:
-            query = query.where(JOBS.c.user_id == principal.user_id)
-        with self._read() as conn:
-            row = conn.execute(query).mappings().first()
+        sql = _GET_ANY_SQL if principal.is_admin else _GET_SQL
+        with self._hot.transaction(write=False) as cur:
+            row = self._hot.fetch_one(
+                cur, sql, {"id": job_id, "user_id": principal.user_id}
+            )
         return None if row is None else self._row_to_job(row)
 
     def list_jobs(
@@ -473,6 +592,10 @@ class Store:
             conn.execute(JOBS.delete())
 
     # -- jobs: the worker protocol --------------------------------------------
+    #
+    # These run once or more per second per running job, so they skip
+    # SQLAlchemy's execution machinery and run fixed SQL on a per-thread DBAPI
+    # connection: measured 5x less time per transaction (docs/server.md).
 
     def claim(self, principal: Principal, *, machine_id: str, group: str) -> Job | None:
         """
@@ -488,35 +611,26 @@ class Store:
             "user_id": principal.user_id,
             "now": self.now_ms(),
         }
-        with self._write() as conn:
-            row = conn.execute(_CLAIM_SQL, params).mappings().first()
+        with self._hot.transaction() as cur:
+            row = self._hot.fetch_one(cur, _CLAIM_SQL.text, params)
         return None if row is None else self._row_to_job(row)
 
-    def _holder(self, principal: Principal, job_id: str, report: WorkerReport) -> Any:
-        cond = (
-            (JOBS.c.id == job_id)
-            & (JOBS.c.user_id == principal.user_id)
-            & (JOBS.c.status == "running")
-            & (JOBS.c.machine_id == report.machine_id)
-        )
-        if report.attempt is not None:
-            cond = cond & (JOBS.c.attempt == report.attempt)
-        return cond
+    @staticmethod
+    def _fence(
+        principal: Principal, job_id: str, report: WorkerReport
+    ) -> dict[str, Any]:
+        return {
+            "id": job_id,
+            "user_id": principal.user_id,
+            "machine_id": report.machine_id,
+            "attempt": report.attempt,
+        }
 
     def _state(
-        self, conn: Connection, principal: Principal, job_id: str
-    ) -> RowMapping | None:
-        return (
-            conn.execute(
-                sa.select(
-                    JOBS.c.status,
-                    JOBS.c.machine_id,
-                    JOBS.c.attempt,
-                    JOBS.c.num_failures,
-                ).where(JOBS.c.id == job_id, JOBS.c.user_id == principal.user_id)
-            )
-            .mappings()
-            .first()
+        self, cur: Any, principal: Principal, job_id: str
+    ) -> dict[str, Any] | None:
+        return self._hot.fetch_one(
+            cur, _STATE_SQL, {"id": job_id, "user_id": principal.user_id}
         )
 
     def heartbeat(
@@ -531,23 +645,15 @@ class Store:
             or claimed by another machine or attempt); otherwise the job's
             final status.
         """
-        now = self.now_ms()
-        values: dict[str, Any] = {
-            "heartbeat": now,
-            "lease_expires": now + JOBS.c.heartbeat_interval * 2000,
-            "num_heartbeats": JOBS.c.num_heartbeats + 1,
-        }
-        if report.progress is not None:
-            values["progress"] = json.dumps(report.progress)
-        with self._write() as conn:
-            done = conn.execute(
-                JOBS.update()
-                .where(self._holder(principal, job_id, report))
-                .values(values)
-            ).rowcount
-            if done:
+        params = self._fence(principal, job_id, report)
+        params["now"] = self.now_ms()
+        params["progress"] = (
+            None if report.progress is None else json.dumps(report.progress)
+        )
+        with self._hot.transaction() as cur:
+            if self._hot.execute(cur, _HEARTBEAT_SQL, params):
                 return JobStatus.RUNNING
-            state = self._state(conn, principal, job_id)
+            state = self._state(cur, principal, job_id)
         if state is None:
             return None
         if state["status"] == "running":
@@ -560,24 +666,15 @@ class Store:
         """
         Mark the holder's job completed. Repeating the same report is harmless.
         """
-        now = self.now_ms()
-        values: dict[str, Any] = {
-            "status": "completed",
-            "completed": now,
-            "heartbeat": now,
-            "lease_expires": None,
-        }
-        if report.progress is not None:
-            values["progress"] = json.dumps(report.progress)
-        with self._write() as conn:
-            done = conn.execute(
-                JOBS.update()
-                .where(self._holder(principal, job_id, report))
-                .values(values)
-            ).rowcount
-            if done:
+        params = self._fence(principal, job_id, report)
+        params["now"] = self.now_ms()
+        params["progress"] = (
+            None if report.progress is None else json.dumps(report.progress)
+        )
+        with self._hot.transaction() as cur:
+            if self._hot.execute(cur, _COMPLETE_SQL, params):
                 return "ok"
-            state = self._state(conn, principal, job_id)
+            state = self._state(cur, principal, job_id)
         if state is None:
             return "not_found"
         if (
@@ -597,31 +694,17 @@ class Store:
         The machine is banned from the job. Below ``max_failures`` the job goes
         straight back to ``pending``; at the threshold it becomes ``failed``.
         """
-        now = self.now_ms()
         error = report.error
         if error is None and report.exit_code is not None:
             error = f"exited with code {report.exit_code}"
-        reached = JOBS.c.num_failures + 1 >= JOBS.c.max_failures
-        with self._write() as conn:
-            done = conn.execute(
-                JOBS.update()
-                .where(self._holder(principal, job_id, report))
-                .values(
-                    num_failures=JOBS.c.num_failures + 1,
-                    status=sa.case((reached, "failed"), else_="pending"),
-                    failed=sa.case((reached, now), else_=JOBS.c.failed),
-                    heartbeat=now,
-                    lease_expires=None,
-                    last_error=error,
-                )
-            ).rowcount
-            if not done:
-                return (
-                    "not_found"
-                    if self._state(conn, principal, job_id) is None
-                    else "not_holder"
-                )
-            self._ban(conn, job_id, report.machine_id, now)
+        params = self._fence(principal, job_id, report)
+        params["now"] = self.now_ms()
+        params["error"] = error
+        with self._hot.transaction() as cur:
+            if not self._hot.execute(cur, _FAIL_SQL, params):
+                found = self._state(cur, principal, job_id) is not None
+                return "not_holder" if found else "not_found"
+            self._hot.execute(cur, _BAN_SQL, params)
         return "ok"
 
     def release(
@@ -630,38 +713,13 @@ class Store:
         """
         Hand the holder's job back to the queue at once, as an interruption.
         """
-        with self._write() as conn:
-            done = conn.execute(
-                JOBS.update()
-                .where(self._holder(principal, job_id, report))
-                .values(
-                    status="pending",
-                    lease_expires=None,
-                    heartbeat=self.now_ms(),
-                    num_interruptions=JOBS.c.num_interruptions + 1,
-                )
-            ).rowcount
-            if done:
+        params = self._fence(principal, job_id, report)
+        params["now"] = self.now_ms()
+        with self._hot.transaction() as cur:
+            if self._hot.execute(cur, _RELEASE_SQL, params):
                 return "ok"
-            return (
-                "not_found"
-                if self._state(conn, principal, job_id) is None
-                else "not_holder"
-            )
-
-    @staticmethod
-    def _ban(conn: Connection, job_id: str, machine_id: str, now: int) -> None:
-        exists = conn.execute(
-            sa.select(JOB_BANS.c.job_id).where(
-                JOB_BANS.c.job_id == job_id, JOB_BANS.c.machine_id == machine_id
-            )
-        ).first()
-        if not exists:
-            conn.execute(
-                JOB_BANS.insert().values(
-                    job_id=job_id, machine_id=machine_id, created=now
-                )
-            )
+            found = self._state(cur, principal, job_id) is not None
+        return "not_holder" if found else "not_found"
 
     # -- scaling rules ----------------------------------------------------------
 

@@ -1,0 +1,70 @@
+"""
+``kelpie server``: run the Kelpie API server.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from kelpie_sdk.cli._common import EXIT_OK, Context
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """
+    Add ``server``.
+    """
+    from kelpie_sdk.server import DEFAULT_PORT
+
+    parser = subparsers.add_parser(
+        "server",
+        help="run the Kelpie API server (SQLite by default)",
+        description=(
+            "Run the Kelpie API server. The admin's API key comes from "
+            "KELPIE_ADMIN_KEY, or is generated at first start and printed once."
+        ),
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"port to bind (default: {DEFAULT_PORT})",
+    )
+    parser.add_argument(
+        "--database",
+        metavar="URL",
+        default=None,
+        help=(
+            "SQLAlchemy database URL (default: a SQLite file under the user's "
+            "data directory)"
+        ),
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's log level (default: info)",
+    )
+    parser.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace, ctx: Context) -> int:
+    from kelpie_sdk.server import default_database_url, serve
+
+    database = args.database or default_database_url()
+    ctx.console.print(
+        f"Kelpie API on http://{args.host}:{args.port}  "
+        f"(database: {database}; docs: /docs)",
+        highlight=False,
+    )
+    serve(
+        host=args.host,
+        port=args.port,
+        database_url=database,
+        log_level=args.log_level,
+    )
+    return EXIT_OK

@@ -1,0 +1,95 @@
+"""
+``kelpie server`` as a real process.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import requests
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def kelpie_server(
+    db: pathlib.Path, env: dict[str, str]
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kelpie_sdk",
+            "server",
+            "--port",
+            str(port),
+            "--database",
+            f"sqlite:///{db}",
+        ],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    try:
+        while True:
+            try:
+                requests.get(url + "/health", timeout=1)
+                break
+            except requests.ConnectionError:
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        yield url, proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_server_serves_with_the_given_admin_key(tmp_path: pathlib.Path) -> None:
+    """KELPIE_ADMIN_KEY is the admin's key; the process stops cleanly on SIGINT."""
+    with kelpie_server(tmp_path / "a.db", {"KELPIE_ADMIN_KEY": "sekrit"}) as (
+        url,
+        proc,
+    ):
+        me = requests.get(
+            url + "/users/me", headers={"X-Kelpie-Key": "sekrit"}, timeout=5
+        )
+        assert "admin" == me.json()["username"]
+    assert 0 == proc.returncode
+    assert "Generated" not in proc.stderr.read()  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+def test_server_generates_the_admin_key_once(tmp_path: pathlib.Path) -> None:
+    """Without KELPIE_ADMIN_KEY a key is generated, printed once, and kept."""
+    db = tmp_path / "b.db"
+    with kelpie_server(db, {}) as (url, proc):
+        pass
+    first = proc.stderr.read()  # type: ignore[union-attr]
+    match = re.search(r"Generated the admin API key \(shown only once\): (\S+)", first)
+    assert match is not None, first
+    with kelpie_server(db, {}) as (url, proc):
+        me = requests.get(
+            url + "/users/me", headers={"X-Kelpie-Key": match.group(1)}, timeout=5
+        )
+        assert 200 == me.status_code
+    assert "Generated" not in proc.stderr.read()  # type: ignore[union-attr]
