@@ -425,11 +425,15 @@ class Checkpointer:
         keep.add(committed)
         # Manifests first: once a step's manifest is gone nobody can load it, so its
         # chunks may go; the reverse order could leave a manifest without its data.
-        for step in steps:
-            if step not in keep and step <= committed:
-                self._store.delete_step(step)
-                with self._lock:
-                    self._manifests.pop(step, None)
+        doomed = [s for s in steps if s not in keep and s <= committed]
+        for step in doomed:
+            self._store.delete_step(step)
+            with self._lock:
+                self._manifests.pop(step, None)
+        if not doomed:
+            # Nothing became unreferenced; orphans of crashed saves wait for the
+            # next deletion, which saves a full chunk listing per save.
+            return
         needed: set[str] = set()
         for step in self._store.list_steps():
             if step in docs:

@@ -53,6 +53,8 @@ class Snapshot:
 class _Ref:
     """
     Stands for the array or tensor number ``index`` inside a pickled skeleton.
+
+    Stored checkpoints pickle this by its import path: keep its name and module.
     """
 
     __slots__ = ("index",)

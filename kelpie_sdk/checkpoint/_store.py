@@ -294,7 +294,8 @@ class Store:
         """
         base = self._join("steps")
         with storage_errors(f"listing {base}"):
-            self.fs.invalidate_cache(base)
+            # Other processes write here too: drop every cached listing.
+            self.fs.invalidate_cache()
             try:
                 names = self.fs.ls(base, detail=False)
             except FileNotFoundError:
@@ -312,7 +313,7 @@ class Store:
         """
         base = self._join("chunks")
         with storage_errors(f"listing {base}"):
-            self.fs.invalidate_cache(base)
+            self.fs.invalidate_cache()
             try:
                 paths = self.fs.find(base)
             except FileNotFoundError:
