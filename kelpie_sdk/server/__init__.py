@@ -13,6 +13,9 @@ import sys
 import time
 from collections.abc import Callable
 
+import sqlalchemy as sa
+
+from kelpie_sdk.errors import ConfigError
 from kelpie_sdk.server._app import HTTPProblem, create_app, validate_submission
 from kelpie_sdk.server._db import ADMIN_ID, make_engine, upgrade
 from kelpie_sdk.server._store import Principal, Store
@@ -49,8 +52,20 @@ def open_store(
 ) -> Store:
     """
     Connect to a database, create or upgrade its schema, and return the store.
+
+    Raises:
+        ConfigError: The URL is malformed or names a database not supported yet.
     """
-    engine = make_engine(database_url or default_database_url())
+    url = database_url or default_database_url()
+    try:
+        backend = sa.make_url(url).get_backend_name()
+    except sa.exc.ArgumentError as exc:
+        raise ConfigError(f"not a database URL: {url!r} ({exc})") from exc
+    if backend != "sqlite":
+        raise ConfigError(
+            f"the {backend} database is not supported yet; use a sqlite:/// URL"
+        )
+    engine = make_engine(url)
     upgrade(engine)
     return Store(engine, clock=clock)
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import pathlib
 
+import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
+from kelpie_sdk.errors import ConfigError
 from kelpie_sdk.server import open_store
 from kelpie_sdk.server._db import METADATA, make_engine, upgrade
 from kelpie_sdk.server._store import _CLAIM_SQL
@@ -58,3 +60,16 @@ def test_sqlite_runs_in_wal_mode(tmp_path: pathlib.Path) -> None:
         assert "wal" == conn.exec_driver_sql("PRAGMA journal_mode").scalar()
         assert 1 == conn.exec_driver_sql("PRAGMA synchronous").scalar()
         assert 10000 == conn.exec_driver_sql("PRAGMA busy_timeout").scalar()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresql://u@127.0.0.1/test", "not supported yet"),
+        ("::nonsense::", "not a database URL"),
+    ],
+)
+def test_unsupported_database_urls_are_config_errors(url: str, message: str) -> None:
+    """A URL the server cannot use is a ConfigError naming the problem."""
+    with pytest.raises(ConfigError, match=message):
+        open_store(url)
