@@ -31,6 +31,8 @@ DEFAULT_LOCAL_DIR = "checkpoints"
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
+_CREATE_LOCK = threading.Lock()
+
 _CREDENTIAL_ERRORS = frozenset(
     {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
 )
@@ -259,8 +261,10 @@ class Store:
                     self._local_write(path, data, exclusive=True)
                 else:
                     # s3fs sends If-None-Match: * for mode="create"; memory and other
-                    # backends open the file with "xb".
-                    self.fs.pipe_file(path, data, mode="create")
+                    # backends open the file with "xb", which checks then writes: the
+                    # lock makes that exclusive at least between threads of a process.
+                    with _CREATE_LOCK:
+                        self.fs.pipe_file(path, data, mode="create")
         except CheckpointStorageError as exc:
             if _is_exists_error(exc.__cause__):
                 raise CheckpointConflictError(

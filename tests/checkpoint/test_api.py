@@ -259,6 +259,27 @@ def test_torch_tensors_keep_dtype_shape_and_grad(memory_url: str) -> None:
     ckpt.close()
 
 
+def test_tensors_return_to_their_device(memory_url: str) -> None:
+    """Tensors go back to the recorded device; map_location overrides it."""
+    from kelpie_sdk.checkpoint import _manifest
+
+    ckpt = Checkpointer(memory_url)
+    ckpt.save({"w": torch.ones(3)}, step=1, blocking=True)
+    assert "cpu" == str(ckpt.load()["w"].device)
+    assert torch.equal(torch.ones(3), ckpt.load(map_location={"cpu": "cpu"})["w"])
+    assert torch.equal(torch.ones(3), ckpt.load(map_location=lambda d: "cpu")["w"])
+    # As if saved from a GPU this machine does not have.
+    doc = dict(ckpt._manifest(1))
+    doc["entries"][1]["meta"]["device"] = "cuda:0"
+    path = ckpt._store.manifest_path(1)
+    ckpt._store.fs.pipe_file(path, _manifest.encode(doc))
+    fresh = Checkpointer(memory_url)
+    with pytest.raises(CheckpointCodecError, match="map_location"):
+        fresh.load(1)
+    assert torch.equal(torch.ones(3), fresh.load(1, map_location="cpu")["w"])
+    ckpt.close()
+
+
 def test_numpy_special_arrays(memory_url: str) -> None:
     """Object and structured arrays fall back to pickle; datetimes stay raw."""
     state = {

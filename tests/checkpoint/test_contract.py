@@ -170,6 +170,31 @@ def test_two_writers_cannot_commit_the_same_step(make: Make) -> None:
     assert b"first" == second.load(3)
 
 
+def test_concurrent_writers_race_for_one_step(make: Make) -> None:
+    """Four writers racing to commit step 9 at once: exactly one wins."""
+    import threading
+
+    writers = [make() for _ in range(4)]
+    barrier = threading.Barrier(len(writers))
+    outcomes: list[str] = []
+
+    def race(index: int) -> None:
+        barrier.wait()
+        try:
+            writers[index].save(f"writer {index}".encode(), step=9, blocking=True)
+            outcomes.append("won")
+        except CheckpointConflictError:
+            outcomes.append("lost")
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(len(writers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert ["lost", "lost", "lost", "won"] == sorted(outcomes)
+    assert make().load(9).startswith(b"writer ")
+
+
 def test_background_failure_is_raised_by_next_save(make: Make) -> None:
     """An async save that failed raises on the next save(), once."""
     first, second = make(), make()
@@ -217,6 +242,19 @@ def test_retention_keeps_last_and_every(make: Make) -> None:
         *(_manifest.chunk_digests(ckpt._manifest(s)) for s in (3, 6, 7))
     )
     assert needed == ckpt._store.list_chunks()
+
+
+def test_retention_failure_is_reported_and_deletes_nothing(make: Make) -> None:
+    """A manifest retention cannot read stops it; the error names the committed step."""
+    ckpt = make(keep_last=1)
+    ckpt.save(b"one", step=1, blocking=True)
+    body = {"format": 99, "step": 0, "codec": "raw", "kind": "state", "entries": []}
+    _corrupt(ckpt, ckpt._store.manifest_path(0), _manifest.encode(body))
+    with pytest.raises(CheckpointFormatError, match="step 2 was committed"):
+        ckpt.save(b"two", step=2, blocking=True)
+    assert [0, 1, 2] == ckpt._store.list_steps()
+    assert b"one" == make().load(1)
+    assert b"two" == make().load(2)
 
 
 def test_retention_keeps_shared_chunks(make: Make) -> None:
