@@ -54,10 +54,12 @@ def timed(fn: Callable[[], object]) -> float:
 
 def make_files(root: Path, large_mb: int, count: int, small_kb: int) -> None:
     (root / "large").mkdir(parents=True)
-    with open(root / "large" / "large.bin", "wb") as f:
-        for _ in range(large_mb):
-            f.write(os.urandom(MiB))
+    if large_mb:
+        with open(root / "large" / "large.bin", "wb") as f:
+            for _ in range(large_mb):
+                f.write(os.urandom(MiB))
     small = root / "small"
+    small.mkdir()
     for i in range(count):
         sub = small / f"d{i % 10}"
         sub.mkdir(parents=True, exist_ok=True)
@@ -95,119 +97,114 @@ def run_set(
     rows: list[dict[str, object]] = []
     nbytes = sum(p.stat().st_size for p, _ in files)
     times: dict[str, list[float]] = {}
+    rels = [rel for _, rel in files]
 
-    def add(name: str, seconds: float, times: dict[str, list[float]] = times) -> None:
-        times.setdefault(name, []).append(seconds)
+    def boto_up(prefix: str) -> None:
+        for path, rel in files:
+            s3.upload_file(str(path), bucket, f"{prefix}/{rel}")
+
+    def boto_up_threads(prefix: str) -> None:
+        def one(item: tuple[Path, str]) -> None:
+            s3.upload_file(str(item[0]), bucket, f"{prefix}/{item[1]}")
+
+        with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
+            list(pool.map(one, files))
+
+    def boto_down(prefix: str, out: Path) -> None:
+        for rel in rels:
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, f"{prefix}/{rel}", str(out / rel))
+
+    def boto_down_threads(prefix: str, out: Path) -> None:
+        def one(rel: str) -> None:
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, f"{prefix}/{rel}", str(out / rel))
+
+        with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
+            list(pool.map(one, rels))
+
+    def copy_all(pairs: list[tuple[Path, Path]]) -> None:
+        for src, dst in pairs:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dst)
+
+    def run_rep(rep: int) -> bool:
+        """One repetition of every transfer; False if a copy came back wrong."""
+        out = work / f"out-{rep}"
+        tag = f"{rep}-{uuid.uuid4().hex[:6]}"
+        threads = len(files) > 1
+        phases: list[list[tuple[str, Callable[[], object]]]] = [
+            [
+                (
+                    "s3 upload ours",
+                    lambda: storage.upload_files(files, bucket, f"o{tag}"),
+                ),
+                ("s3 upload boto3", lambda: boto_up(f"b{tag}")),
+            ]
+            + (
+                [("s3 upload boto3 threads", lambda: boto_up_threads(f"t{tag}"))]
+                if threads
+                else []
+            ),
+            [
+                (
+                    "s3 download ours",
+                    lambda: storage.download_prefix(bucket, f"o{tag}", out / "o"),
+                ),
+                ("s3 download boto3", lambda: boto_down(f"b{tag}", out / "b")),
+            ]
+            + (
+                [
+                    (
+                        "s3 download boto3 threads",
+                        lambda: boto_down_threads(f"t{tag}", out / "t"),
+                    )
+                ]
+                if threads
+                else []
+            ),
+            [
+                ("file upload ours", lambda: local.upload_files(files, "b", f"l{tag}")),
+                (
+                    "file upload shutil.copy",
+                    lambda: copy_all([(p, work / f"c{tag}" / r) for p, r in files]),
+                ),
+            ],
+            [
+                (
+                    "file download ours",
+                    lambda: local.download_prefix("b", f"l{tag}", out / "lo"),
+                ),
+                (
+                    "file download shutil.copy",
+                    lambda: copy_all(
+                        [
+                            (work / "store" / "b" / f"l{tag}" / r, out / "lc" / r)
+                            for r in rels
+                        ]
+                    ),
+                ),
+            ],
+        ]
+        for phase in phases:
+            # Alternate who goes first, so that drift (page cache, moto's memory,
+            # other load) does not always favour the same side.
+            for name, step in phase if rep % 2 == 0 else reversed(phase):
+                times.setdefault(name, []).append(timed(step))
+        for sub in ("o", "b", "lo", "lc") + (("t",) if threads else ()):
+            for path, rel in files:
+                if path.read_bytes() != (out / sub / rel).read_bytes():
+                    print(f"MISMATCH {sub} {rel}", file=sys.stderr)
+                    return False
+        shutil.rmtree(out)
+        shutil.rmtree(work / f"c{tag}")
+        shutil.rmtree(work / "store" / "b" / f"l{tag}")
+        clear(s3, bucket)
+        return True
 
     for rep in range(args.repeat):
-        # --- S3 upload: ours, then boto3 (loop), then boto3 (threads)
-        ours_prefix = f"ours-{rep}-{uuid.uuid4().hex[:6]}"
-        base_prefix = f"base-{rep}-{uuid.uuid4().hex[:6]}"
-        pool_prefix = f"pool-{rep}-{uuid.uuid4().hex[:6]}"
-        add(
-            "s3 upload ours",
-            timed(lambda p=ours_prefix: storage.upload_files(files, bucket, p)),
-        )
-        add(
-            "s3 upload boto3",
-            timed(
-                lambda p=base_prefix: [
-                    s3.upload_file(str(f), bucket, f"{p}/{rel}") for f, rel in files
-                ]
-            ),
-        )
-        if len(files) > 1:
-            with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
-                add(
-                    "s3 upload boto3 threads",
-                    timed(
-                        lambda p=pool_prefix, pool=pool: list(
-                            pool.map(
-                                lambda fr: s3.upload_file(
-                                    str(fr[0]), bucket, f"{p}/{fr[1]}"
-                                ),
-                                files,
-                            )
-                        )
-                    ),
-                )
-        # --- S3 download of the same objects
-        out = work / f"out-{rep}"
-        add(
-            "s3 download ours",
-            timed(
-                lambda p=ours_prefix, o=out: storage.download_prefix(
-                    bucket, p, o / "ours"
-                )
-            ),
-        )
-
-        def boto_download(p: str, o: Path) -> None:
-            for _, rel in files:
-                dest = o / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                s3.download_file(bucket, f"{p}/{rel}", str(dest))
-
-        add(
-            "s3 download boto3",
-            timed(lambda p=base_prefix, o=out: boto_download(p, o / "base")),
-        )
-        if len(files) > 1:
-
-            def pool_download(p: str, o: Path) -> None:
-                def one(rel: str) -> None:
-                    dest = o / rel
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    s3.download_file(bucket, f"{p}/{rel}", str(dest))
-
-                with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
-                    list(pool.map(one, [rel for _, rel in files]))
-
-            add(
-                "s3 download boto3 threads",
-                timed(lambda p=pool_prefix, o=out: pool_download(p, o / "pool")),
-            )
-        for sub in ("ours", "base"):
-            for path, rel in files:
-                a, b = path.read_bytes(), (out / sub / rel).read_bytes()
-                if a != b:
-                    print(f"MISMATCH {sub} {rel}", file=sys.stderr)
-                    return None
-        shutil.rmtree(out)
-        clear(s3, bucket)
-
-        # --- file:// against shutil.copy
-        lprefix = f"l{rep}"
-        add(
-            "file upload ours",
-            timed(lambda p=lprefix: local.upload_files(files, "b", p)),
-        )
-
-        def copy_all(dst: Path) -> None:
-            for path, rel in files:
-                dest = dst / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(path, dest)
-
-        add(
-            "file upload shutil.copy",
-            timed(lambda r=rep: copy_all(work / f"copy-{r}")),
-        )
-        add(
-            "file download ours",
-            timed(
-                lambda p=lprefix, r=rep: local.download_prefix(
-                    "b", p, work / f"lout-{r}"
-                )
-            ),
-        )
-        add(
-            "file download shutil.copy",
-            timed(lambda r=rep: copy_all(work / f"lcopy-{r}")),
-        )
-        shutil.rmtree(work / "store" / "b" / lprefix)
-        for name in (f"copy-{rep}", f"lout-{rep}", f"lcopy-{rep}"):
-            shutil.rmtree(work / name)
+        if not run_rep(rep):
+            return None
 
     med = {name: statistics.median(v) for name, v in times.items()}
     pairs = [
@@ -285,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             f"1 x {args.large_mb} MiB": large,
             f"{args.small_count} x {args.small_kb} KiB": small,
         }
+        # A size of 0 leaves that set out.
+        sets = {label: files for label, files in sets.items() if files}
         storage = Storage("s3://", max_concurrency=args.concurrency)
         local = Storage(f"file://{work / 'store'}", max_concurrency=args.concurrency)
         for label, files in sets.items():
