@@ -34,6 +34,8 @@ log = logging.getLogger("kelpie_sdk.checkpoint")
 
 DEFAULT_CHUNK_SIZE = 2 * 1024 * 1024
 DEFAULT_EVERY_SECONDS = 300.0
+# A local temporary file this old belongs to a writer that was killed.
+STALE_TEMPORARY_SECONDS = 3600.0
 
 _live: weakref.WeakSet[Checkpointer] = weakref.WeakSet()
 _atexit_lock = threading.Lock()
@@ -448,6 +450,7 @@ class Checkpointer:
                         "retention: step %s unreadable; no chunks deleted", step
                     )
                     return
+        self._store.remove_stale_temporaries(STALE_TEMPORARY_SECONDS)
         garbage = self._store.list_chunks() - needed
         self._store.delete_chunks(garbage, self.io_threads)
         with self._lock:

@@ -14,6 +14,7 @@ import errno
 import os
 import posixpath
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -328,6 +329,31 @@ class Store:
             if len(name) == 64 and ".tmp-" not in name:
                 out.add(name)
         return out
+
+    def remove_stale_temporaries(self, max_age: float) -> int:
+        """
+        Delete temporary files left by killed local writers, once older than max_age.
+
+        Only local stores write temporaries (object stores put whole objects).
+
+        Returns:
+            How many were deleted.
+        """
+        if not self.local:
+            return 0
+        removed = 0
+        cutoff = time.time() - max_age
+        for sub in ("chunks", "steps"):
+            for dirpath, _, filenames in os.walk(self._join(sub)):
+                for name in filenames:
+                    if ".tmp-" not in name:
+                        continue
+                    path = os.path.join(dirpath, name)
+                    with contextlib.suppress(FileNotFoundError):
+                        if os.stat(path).st_mtime < cutoff:
+                            os.unlink(path)
+                            removed += 1
+        return removed
 
     # --------------------------------------------------------------- deletes
 

@@ -323,6 +323,21 @@ def test_failure_at_exit_is_reported(tmp_path: Path) -> None:
     assert "already committed" in result.stderr
 
 
+def test_stale_temporaries_are_removed(tmp_path: Path) -> None:
+    """Retention deletes temporaries of killed local writers, but only old ones."""
+    ckpt = Checkpointer(f"file://{tmp_path}/ck", keep_last=1)
+    ckpt.save(b"one", step=1, blocking=True)
+    chunk_dir = next((tmp_path / "ck" / "chunks").iterdir())
+    old = chunk_dir / ("a" * 64 + ".tmp-1-deadbeef")
+    new = chunk_dir / ("b" * 64 + ".tmp-2-deadbeef")
+    old.write_bytes(b"partial")
+    new.write_bytes(b"partial")
+    os.utime(old, (1_000_000, 1_000_000))
+    ckpt.save(b"two", step=2, blocking=True)
+    assert (False, True) == (old.exists(), new.exists())
+    ckpt.close()
+
+
 def test_closed_checkpointer_refuses_saves(memory_url: str) -> None:
     """save() after close() raises CheckpointError; close() twice is fine."""
     ckpt = Checkpointer(memory_url)
