@@ -6,10 +6,12 @@ worker calls :meth:`DirSnapshot.sync` on each heartbeat tick and once after the
 job exits. A file is "changed" when its ``(size, mtime_ns)`` differs from the
 version last uploaded (or downloaded). On a tick, files modified within the
 last ``settle_s`` seconds are left for the next tick, since they may still be
-being written; the final sync uploads everything. A file that changes while it
-is being uploaded is uploaded again next time, so the latest version always
-reaches storage in the end (the original could drop it, W-8). Files deleted
-locally are deleted remotely, as the original's ``unlink`` handling did.
+being written, but never twice in a row (a file rewritten all the time still
+goes up every other tick); the final sync uploads everything. A file that
+changes while it is being uploaded is uploaded again next time, so the latest
+version always reaches storage in the end (the original could drop it, W-8).
+Files deleted locally are deleted remotely, as the original's ``unlink``
+handling did.
 Names starting with ``.`` (at any depth) are skipped: jobs write temporary
 files that way before renaming them into place.
 """
@@ -116,6 +118,7 @@ class DirSnapshot:
         self.settle_s = settle_s
         self._clock = clock
         self._known: dict[str, Signature] = {}
+        self._deferred: set[str] = set()
         self._lock = threading.Lock()
 
     def _wanted(self, rel: str) -> bool:
@@ -179,14 +182,18 @@ class DirSnapshot:
             now = self._clock()
             current = self._current()
             upload: list[tuple[str, Path, Signature]] = []
-            deferred = 0
+            deferred: set[str] = set()
             for rel, (path, sig, mtime) in current.items():
                 if self._known.get(rel) == sig:
                     continue
-                if not final and now - mtime < self.settle_s:
-                    deferred += 1
+                fresh = now - mtime < self.settle_s
+                if not final and fresh and rel not in self._deferred:
+                    deferred.add(rel)
                     continue
                 upload.append((rel, path, sig))
+            # A file is deferred at most once in a row, so one that is rewritten
+            # all the time still goes up on every other tick.
+            self._deferred = deferred
             removed = sorted(set(self._known) - set(current))
             if upload:
                 storage.upload_files(
@@ -216,8 +223,8 @@ class DirSnapshot:
                     self.prefix,
                     len(upload),
                     len(removed),
-                    deferred,
+                    len(deferred),
                 )
             return SyncResult(
-                uploaded=len(upload), deleted=len(removed), deferred=deferred
+                uploaded=len(upload), deleted=len(removed), deferred=len(deferred)
             )

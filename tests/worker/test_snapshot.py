@@ -141,3 +141,18 @@ def test_upload_errors_propagate(tmp_path: Path) -> None:
     with pytest.raises(StorageError):
         snap.sync(broken)
     assert ["a.txt"] == snap.pending()
+
+
+def test_constantly_rewritten_file_is_not_starved(
+    tmp_path: Path, storage: Storage
+) -> None:
+    """A file that is always fresh is deferred once, then uploaded anyway."""
+    local = tmp_path / "ck"
+    local.mkdir()
+    snap = DirSnapshot(local, "b", "ck/", settle_s=60)
+    uploaded = []
+    for text in ("1", "22", "333", "4444"):
+        (local / "state.json").write_text(text)
+        uploaded.append(snap.sync(storage).uploaded)
+    assert [0, 1, 0, 1] == uploaded
+    assert {"state.json": "4444"} == _remote(tmp_path)
