@@ -15,7 +15,14 @@ from kelpie_sdk.errors import ConfigError
 from kelpie_sdk.worker._agent import EXIT_CONFIG, Worker
 from kelpie_sdk.worker._config import WorkerConfig
 
-__all__ = ["add_arguments", "build_parser", "config_from_args", "main"]
+__all__ = [
+    "add_arguments",
+    "build_parser",
+    "config_from_args",
+    "configure_logging",
+    "main",
+    "run_worker",
+]
 
 #: flag destination -> WorkerConfig field
 _FIELDS = {
@@ -40,13 +47,19 @@ _FIELDS = {
 }
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, *, api_options: bool = True) -> None:
     """
     Add the worker's flags to ``parser``; each overrides its variable.
+
+    Args:
+        parser: The parser.
+        api_options: Also add ``--api-url`` and ``--api-key`` (the ``kelpie``
+            command adds its own).
     """
     a = parser.add_argument
-    a("--api-url", help="the API server (KELPIE_API_URL)")
-    a("--api-key", help="a Kelpie API key (KELPIE_API_KEY)")
+    if api_options:
+        a("--api-url", help="the API server (KELPIE_API_URL)")
+        a("--api-key", help="a Kelpie API key (KELPIE_API_KEY)")
     a(
         "--machine-id",
         help="this machine's id (SALAD_MACHINE_ID; default: from the host name)",
@@ -158,7 +171,9 @@ def run_worker(
         The exit code (see ``docs/worker.md``).
     """
     env = os.environ if environ is None else environ
-    configure_logging(args.log_level or env.get("KELPIE_LOG_LEVEL") or "info")
+    configure_logging(
+        getattr(args, "log_level", None) or env.get("KELPIE_LOG_LEVEL") or "info"
+    )
     try:
         config = config_from_args(args, environ)
         worker = Worker(config)

@@ -1,0 +1,367 @@
+"""
+``kelpie up``: a whole Kelpie on one machine, for trying things out and for
+development: the API server (SQLite), N workers and a local file storage root.
+
+Everything lives under one directory (``--storage``, default ``./kelpie-local``)::
+
+    kelpie.db            the server's database
+    admin-key            the API key (created on first start, reused after)
+    server.log           the server's log
+    storage/             the storage root: bucket ``b`` is storage/b/
+    workers/<i>/         each worker's directories, state file and worker.log
+
+The children run in their own sessions, so Ctrl-C reaches only ``kelpie up``,
+which then stops them in order: workers first (they release their jobs), the
+server last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import attrs
+
+from kelpie_sdk.cli._common import Context
+from kelpie_sdk.client import Client
+from kelpie_sdk.errors import KelpieError
+
+__all__ = ["DEFAULT_BUCKET", "register"]
+
+#: The bucket ``kelpie up`` creates in its storage root.
+DEFAULT_BUCKET = "local"
+_WORKER_CONFIG_EXIT = 2
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """
+    Add ``up``.
+    """
+    parser = subparsers.add_parser(
+        "up",
+        help="run a local cluster: the server, N workers and file storage",
+        description=(
+            "Start the API server (SQLite), N workers and a local file storage "
+            "root on this machine; print the URL and API key; stop everything "
+            "cleanly on Ctrl-C."
+        ),
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="how many workers (default: 2)"
+    )
+    parser.add_argument(
+        "--storage",
+        metavar="DIR",
+        default="./kelpie-local",
+        help="where the database, storage and worker directories live "
+        "(default: ./kelpie-local)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1)")
+    parser.add_argument(
+        "--port", type=int, default=8787, help="0 picks a free port (default: 8787)"
+    )
+    parser.add_argument(
+        "--container-group-id",
+        default="local",
+        metavar="ID",
+        help="the queue the workers serve (default: local)",
+    )
+    parser.add_argument(
+        "--slots", type=int, default=1, help="jobs per worker at once (default: 1)"
+    )
+    parser.set_defaults(handler=_up)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _admin_key(root: Path) -> str:
+    path = root / "admin-key"
+    if path.exists():
+        key = path.read_text(encoding="utf-8").strip()
+        if key:
+            return key
+    key = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(key + "\n")
+    return key
+
+
+def _clean_env() -> dict[str, str]:
+    return {
+        k: v for k, v in os.environ.items() if not k.startswith(("KELPIE_", "SALAD_"))
+    }
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+@attrs.define
+class _Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    log_path: Path
+    popen: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    def start(self) -> None:
+        self._log = self.log_path.open("ab")
+        self.popen = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            self.argv,
+            env=self.env,
+            cwd=self.cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def poll(self) -> int | None:
+        return None if self.popen is None else self.popen.poll()
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.popen.send_signal(sig)
+
+    def wait(self, timeout: float) -> int | None:
+        if self.popen is None:
+            return None
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+@attrs.define
+class _Cluster:
+    root: Path
+    host: str
+    port: int
+    workers: int
+    slots: int
+    group: str
+    key: str = ""
+    server: _Child | None = None
+    worker_children: list[_Child] = attrs.Factory(list)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def storage_url(self) -> str:
+        return f"file://{self.root / 'storage'}"
+
+    def start_server(self) -> None:
+        env = _clean_env()
+        env["KELPIE_ADMIN_KEY"] = self.key
+        self.server = _Child(
+            "server",
+            [
+                sys.executable,
+                "-m",
+                "kelpie_sdk.server",
+                "--host",
+                self.host,
+                "--port",
+                str(self.port),
+                "--database",
+                f"sqlite:///{self.root / 'kelpie.db'}",
+            ],
+            env,
+            self.root,
+            self.root / "server.log",
+        )
+        self.server.start()
+
+    def wait_ready(self, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with Client(self.url, self.key, max_retries=0, timeout=(1.0, 2.0)) as client:
+            while time.monotonic() < deadline:
+                if self.server is not None and self.server.poll() is not None:
+                    return False
+                try:
+                    client.me()
+                except KelpieError:
+                    time.sleep(0.1)
+                    continue
+                return True
+        return False
+
+    def worker(self, index: int) -> _Child:
+        home = self.root / "workers" / str(index)
+        home.mkdir(parents=True, exist_ok=True)
+        env = _clean_env()
+        env.update(
+            PYTHONUNBUFFERED="1",
+            KELPIE_API_URL=self.url,
+            KELPIE_API_KEY=self.key,
+            SALAD_CONTAINER_GROUP_ID=self.group,
+            SALAD_MACHINE_ID=f"local-{index}",
+            KELPIE_STORAGE_URL=self.storage_url,
+            KELPIE_STATE_FILE=str(home / "state.json"),
+            INPUT_DIR=str(home / "input"),
+            OUTPUT_DIR=str(home / "output"),
+            CHECKPOINT_DIR=str(home / "checkpoint"),
+            KELPIE_SLOTS=str(self.slots),
+        )
+        return _Child(
+            f"worker {index}",
+            [sys.executable, "-m", "kelpie_sdk.worker"],
+            env,
+            home,
+            home / "worker.log",
+        )
+
+    def start_workers(self) -> None:
+        for i in range(self.workers):
+            child = self.worker(i)
+            child.start()
+            self.worker_children.append(child)
+
+    def stop(self, out: IO[str]) -> None:
+        """Workers first (they release their jobs), then the server."""
+        for child in self.worker_children:
+            child.signal(signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        for child in self.worker_children:
+            if child.wait(max(deadline - time.monotonic(), 0.1)) is None:
+                out.write(f"{child.name} did not stop in time; killing it\n")
+                child.signal(signal.SIGKILL)
+                child.wait(5)
+            child.close()
+        if self.server is not None:
+            self.server.signal(signal.SIGTERM)
+            if self.server.wait(15) is None:
+                self.server.signal(signal.SIGKILL)
+                self.server.wait(5)
+            self.server.close()
+
+    def kill(self) -> None:
+        for child in [*self.worker_children, self.server]:
+            if child is not None:
+                child.signal(signal.SIGKILL)
+                child.wait(5)
+                child.close()
+
+
+def _up(args: argparse.Namespace, ctx: Context) -> int:
+    out = sys.stdout
+    if args.workers < 0 or args.slots < 1:
+        out.write("Error: --workers must be >= 0 and --slots >= 1\n")
+        return 2
+    root = Path(args.storage).expanduser().absolute()
+    (root / "storage" / DEFAULT_BUCKET).mkdir(parents=True, exist_ok=True)
+    port = args.port if args.port != 0 else _free_port(args.host)
+    cluster = _Cluster(
+        root=root,
+        host=args.host,
+        port=port,
+        workers=args.workers,
+        slots=args.slots,
+        group=args.container_group_id,
+        key=_admin_key(root),
+    )
+    stopping = False
+
+    def on_term(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        cluster.start_server()
+        if not cluster.wait_ready():
+            out.write(
+                "Error: the server did not start; its log says:\n"
+                + _tail(root / "server.log")
+                + "\n"
+            )
+            cluster.kill()
+            return 1
+        cluster.start_workers()
+        out.write(
+            "Kelpie is up.\n"
+            f"  API URL:          {cluster.url}\n"
+            f"  API key:          {cluster.key}\n"
+            f"  Container group:  {cluster.group}\n"
+            f"  Storage root:     {cluster.storage_url}"
+            f"  (bucket {DEFAULT_BUCKET!r} is ready)\n"
+            f"  Workers:          {cluster.workers} x {cluster.slots} slot(s); "
+            f"logs in {root / 'workers'}/<i>/worker.log\n"
+            "Try:\n"
+            f"  export KELPIE_API_URL={cluster.url} KELPIE_API_KEY={cluster.key}\n"
+            f"  kelpie submit --container-group-id {cluster.group} "
+            "--command python --arg -c --arg 'print(42)'\n"
+            "Press Ctrl-C to stop.\n"
+        )
+        out.flush()
+        while not stopping:
+            time.sleep(0.2)
+            if cluster.server is not None and cluster.server.poll() is not None:
+                out.write(
+                    "Error: the server exited; its log says:\n"
+                    + _tail(root / "server.log")
+                    + "\n"
+                )
+                cluster.stop(out)
+                return 1
+            for i, child in enumerate(cluster.worker_children):
+                code = child.poll()
+                if code is None:
+                    continue
+                child.close()
+                if code == _WORKER_CONFIG_EXIT:
+                    out.write(
+                        f"Error: {child.name} rejected its settings:\n"
+                        + _tail(child.log_path)
+                        + "\n"
+                    )
+                    cluster.stop(out)
+                    return 1
+                out.write(f"{child.name} exited with code {code}; starting a new one\n")
+                out.flush()
+                replacement = cluster.worker(i)
+                replacement.start()
+                cluster.worker_children[i] = replacement
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    out.write(
+        "Stopping: workers first (their jobs go back to the queue), "
+        "then the server...\n"
+    )
+    out.flush()
+    try:
+        cluster.stop(out)
+    except KeyboardInterrupt:
+        cluster.kill()
+    out.write("Stopped.\n")
+    return 0
