@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import attrs
 
 from kelpie_sdk.errors import (
+    ConfigError,
     StorageError,
     StorageNotFoundError,
     StoragePermissionError,
@@ -214,8 +215,6 @@ class Storage:
         environ: Mapping[str, str] | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        from kelpie_sdk.errors import ConfigError
-
         env = os.environ if environ is None else environ
         root = root_url or env.get(STORAGE_URL_ENV) or DEFAULT_STORAGE_URL
         if max_concurrency < 1:
@@ -224,8 +223,8 @@ class Storage:
         if max_retries < 0:
             msg = f"max_retries must not be negative, got {max_retries}"
             raise ConfigError(msg)
-        scheme, _, rest = root.partition("://")
-        if not _:
+        scheme, sep, rest = root.partition("://")
+        if not sep:
             if root.startswith("/"):
                 scheme, rest = "file", root
                 root = "file://" + root
@@ -888,8 +887,6 @@ class _S3Backend:
         }
         unknown = set(options) - known
         if unknown:
-            from kelpie_sdk.errors import ConfigError
-
             msg = f"unknown storage_options for s3://: {sorted(unknown)}"
             raise ConfigError(msg)
         self.options = dict(options)
@@ -1198,8 +1195,6 @@ class _FsspecBackend:
 
     def __init__(self, scheme: str, root: str, options: Mapping[str, Any]) -> None:
         import fsspec
-
-        from kelpie_sdk.errors import ConfigError
 
         try:
             self.fs = fsspec.filesystem(scheme, **options)
