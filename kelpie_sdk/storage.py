@@ -733,7 +733,7 @@ def _compile(pattern: str | None) -> re.Pattern[str] | None:
 def _safe_join(target: Path, rel: str, where: str) -> Path:
     """Refuse keys such as ``../x`` that would land outside the target directory."""
     parts = PurePosixPath(rel).parts
-    if not rel or rel.startswith("/") or ".." in parts:
+    if not parts or rel.startswith("/") or ".." in parts:
         msg = f"object {where} would be written outside {target}; refusing"
         raise StorageError(msg)
     return target.joinpath(*parts)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import boto3
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kelpie_sdk.errors import (
     ConfigError,
@@ -20,7 +22,7 @@ from kelpie_sdk.errors import (
     StorageNotFoundError,
     StoragePermissionError,
 )
-from kelpie_sdk.storage import Storage, TransferResult
+from kelpie_sdk.storage import Storage, TransferResult, _safe_join
 from tests.storage.conftest import NO_BOTOCORE_RETRIES
 from tests.storage.proxy import LOSE, Fault, S3FaultProxy, Seen, fail_first
 
@@ -639,3 +641,41 @@ def test_one_storage_serves_several_threads(
     for t in threads:
         t.join()
     assert [] == errors
+
+
+def test_permanent_failure_starts_no_more_files(
+    s3_bucket: str, sleeps: list[float], tmp_path: Path
+) -> None:
+    """After a not-found failure, files not yet started are skipped and counted."""
+    files = []
+    for i in range(5):
+        (tmp_path / f"f{i}").write_bytes(b"x")
+        files.append((tmp_path / f"f{i}", f"f{i}"))
+    with (
+        Storage("s3://", max_concurrency=1, sleep=sleeps.append) as storage,
+        pytest.raises(StorageNotFoundError) as info,
+    ):
+        storage.upload_files(files, "no-such-bucket", "p")
+    assert str(info.value).startswith(
+        "1 of 5 files failed to upload (s3://no-such-bucket/p/): f0; "
+        "4 more not attempted."
+    )
+    assert [] == sleeps
+
+
+@given(
+    st.lists(
+        st.sampled_from(["a", "b.txt", "..", ".", "", "c d", "é", "...", ".x"]),
+        min_size=1,
+        max_size=5,
+    ).map("/".join)
+)
+def test_downloads_never_leave_the_target_directory(rel: str) -> None:
+    """Any relative key either maps inside the target directory or is refused."""
+    target = Path("/target/dir")
+    try:
+        dest = _safe_join(target, rel, "s3://b/" + rel)
+    except StorageError:
+        return
+    assert target in dest.parents
+    assert ".." not in dest.parts
