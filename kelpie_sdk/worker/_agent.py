@@ -73,6 +73,9 @@ EXIT_IDLE = 4
 RESCHEDULE_EXIT_CODE = 85
 
 _RELEASE_ATTEMPTS = 3
+#: Why an upload was not attempted: the lease is gone (or cannot be confirmed
+#: because the worker is stopping during an API outage).
+_NOT_HELD = "the job is no longer held by this worker"
 _REPORT_ATTEMPTS = 5
 
 
@@ -699,8 +702,8 @@ class _JobRun:
         if not self.plan.snapshots:
             return None
         if not self.lease_valid() and not self.confirm_lease():
-            self._warn("not uploading the last checkpoint: the job is no longer ours")
-            return "the job is no longer held by this worker"
+            self._warn("not uploading the last checkpoint: the job is not ours now")
+            return _NOT_HELD
         for snap in self.plan.snapshots:
             try:
                 result = snap.sync(self.worker.storage, final=True)
@@ -1055,12 +1058,13 @@ class _JobRun:
         problem = self._final_sync(required=True)
         if problem is None:
             problem = self._upload_outputs()
-        if self.lost.is_set():
-            return self._canceled()
+        if problem is _NOT_HELD or self.lost.is_set() or not self.confirm_lease():
+            if self.lost.is_set():
+                return self._canceled()
+            # Only a shutdown stops confirm_lease() without losing the job.
+            return self._release("the worker stopped before the outputs were stored")
         if problem is not None:
             return self._fail(f"outputs could not be uploaded: {problem}", exit_code=0)
-        if not self.confirm_lease():
-            return self._canceled()
         state.update(phase="reporting")
         self._hb_stop.set()
         ok = _deliver(
@@ -1099,10 +1103,8 @@ class _JobRun:
     def _upload_outputs(self) -> str | None:
         storage = self.worker.storage
         for local, bucket, prefix, pattern in self.plan.outputs:
-            if self.lost.is_set():
-                return None
             if not self.lease_valid() and not self.confirm_lease():
-                return None
+                return _NOT_HELD
             try:
                 result = storage.upload_dir(
                     local,

@@ -72,6 +72,9 @@ class WorkerProc:
         return self.popen.wait(timeout=timeout)
 
 
+StartWorker = Callable[..., WorkerProc]
+
+
 @attrs.frozen
 class StorageSetup:
     """Where jobs' files live for one test."""

@@ -10,7 +10,6 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,12 +18,11 @@ from kelpie_sdk.client import Client
 from kelpie_sdk.models import Job, JobStatus, SyncConfig, SyncDirection, SyncSpec
 from kelpie_sdk.worker import EXIT_IDLE, EXIT_MAX_FAILURES
 
-from .conftest import EXAMPLES, GROUP, StorageSetup, WorkerProc, wait_for
+from .conftest import EXAMPLES, GROUP, StartWorker, StorageSetup, wait_for
 
 pytestmark = pytest.mark.slow
 
 PY = sys.executable
-StartWorker = Callable[..., WorkerProc]
 
 
 def _finished(client: Client, job_id: str) -> Job | None:
