@@ -44,6 +44,8 @@ class Fault:
 
 #: Answer 200 to a PUT without storing anything: an upload that is silently lost.
 LOSE = "lose"
+#: Forward, then send the headers and only half of the body, and hang up.
+TRUNCATE = "truncate"
 
 
 @attrs.frozen
@@ -126,12 +128,12 @@ class S3FaultProxy:
                     if action == LOSE:
                         self._reply(200, {"ETag": '"0"'}, b"")
                         return
-                    self._forward(body)
+                    self._forward(body, truncate=action == TRUNCATE)
                 finally:
                     with proxy.lock:
                         proxy.in_flight -= 1
 
-            def _forward(self, body: bytes) -> None:
+            def _forward(self, body: bytes, *, truncate: bool = False) -> None:
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=30)
                 try:
                     headers = {
@@ -155,6 +157,16 @@ class S3FaultProxy:
                         for name, value in out.items():
                             self.send_header(name, value)
                         self.end_headers()
+                        return
+                    if truncate:
+                        self.send_response(resp.status)
+                        for name, value in out.items():
+                            self.send_header(name, value)
+                        self.send_header("Content-Length", str(len(data)))
+                        self.end_headers()
+                        self.wfile.write(data[: len(data) // 2])
+                        self.wfile.flush()
+                        self.close_connection = True
                         return
                     self._reply(resp.status, out, data)
                 finally:

@@ -24,7 +24,14 @@ from kelpie_sdk.errors import (
 )
 from kelpie_sdk.storage import Storage, TransferResult, _safe_join
 from tests.storage.conftest import NO_BOTOCORE_RETRIES
-from tests.storage.proxy import LOSE, Fault, S3FaultProxy, Seen, fail_first
+from tests.storage.proxy import (
+    LOSE,
+    TRUNCATE,
+    Fault,
+    S3FaultProxy,
+    Seen,
+    fail_first,
+)
 
 
 def read_tree(root: Path) -> dict[str, bytes]:
@@ -422,6 +429,42 @@ def test_download_retries_transient_errors(
     proxied.download_prefix(s3_bucket, "p", tmp_path / "out")
     assert b"ok" == (tmp_path / "out" / "f").read_bytes()
     assert 1 == len(sleeps)
+
+
+@pytest.mark.parametrize(
+    ("size", "retries", "gets"),
+    [(100_000, 1, 2), (17 * 1024 * 1024, 0, 3)],
+    ids=["one-get-retried-by-storage", "ranged-retried-by-s3transfer"],
+)
+def test_download_cut_off_mid_body_is_retried(
+    proxy: S3FaultProxy,
+    proxied: Storage,
+    s3_bucket: str,
+    sleeps: list[float],
+    tmp_path: Path,
+    size: int,
+    retries: int,
+    gets: int,
+) -> None:
+    """
+    A connection that drops halfway through a body is retried; no partial file stays.
+
+    A small object is fetched again by Storage (one backoff sleep); a large one's
+    range is fetched again inside s3transfer, which retries cut-off streams itself.
+    """
+    data = os.urandom(size)
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="p/f", Body=data)
+    cut = iter(range(1))
+    proxy.rule = lambda seen: (
+        TRUNCATE
+        if seen.method == "GET" and "/p/f" in seen.path and next(cut, None) is not None
+        else None
+    )
+    result = proxied.download_prefix(s3_bucket, "p", tmp_path / "out")
+    assert 1 == result.files
+    assert data == (tmp_path / "out" / "f").read_bytes()
+    assert ["f"] == [p.name for p in (tmp_path / "out").iterdir()]
+    assert (retries, gets) == (len(sleeps), len(proxy.requests("GET", "/p/f")))
 
 
 def test_exhausted_retries_raise_and_name_only_the_failing_keys(
