@@ -250,6 +250,7 @@ class Storage:
                 options,
                 env,
                 request_concurrency=max(max_concurrency, MIN_REQUEST_CONCURRENCY),
+                file_concurrency=max_concurrency,
             )
         elif scheme in ("file", "local"):
             self._scheme = "file"
@@ -875,6 +876,7 @@ class _S3Backend:
         env: Mapping[str, str],
         *,
         request_concurrency: int,
+        file_concurrency: int,
     ) -> None:
         known = {
             "key",
@@ -892,6 +894,7 @@ class _S3Backend:
         self.options = dict(options)
         self.env = dict(env)
         self.request_concurrency = request_concurrency
+        self.file_concurrency = file_concurrency
         self.lock = threading.Lock()
         self._client: Any = None
         self._manager: Any = None
@@ -930,7 +933,10 @@ class _S3Backend:
                 profile_name=env.get("AWS_PROFILE") or None,
             )
             config_kwargs: dict[str, Any] = {
-                "max_pool_connections": self.request_concurrency + 4,
+                # Small objects go from Storage's own threads, large ones from
+                # the transfer manager's: room for both at once.
+                "max_pool_connections": self.request_concurrency
+                + self.file_concurrency,
                 "connect_timeout": 10,
                 "read_timeout": 60,
                 "retries": {"mode": "standard"},
