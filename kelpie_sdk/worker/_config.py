@@ -46,6 +46,7 @@ from kelpie_sdk.errors import ConfigError
 
 __all__ = [
     "DEFAULT_STATE_FILE",
+    "MAX_LONG_POLL_S",
     "SlotConfig",
     "WorkerConfig",
     "default_machine_id",
@@ -53,6 +54,8 @@ __all__ = [
 ]
 
 DEFAULT_STATE_FILE = "./kelpie-state.json"
+#: The longest long-poll the server accepts (``GET /work?wait=``).
+MAX_LONG_POLL_S = 60.0
 
 
 def default_machine_id(hostname: str | None = None) -> str:
@@ -196,6 +199,11 @@ class WorkerConfig:
             )
         if not self.machine_id:
             raise ConfigError("--machine-id (SALAD_MACHINE_ID) must not be empty")
+        if self.long_poll_s > MAX_LONG_POLL_S:
+            raise ConfigError(
+                f"--long-poll / KELPIE_LONG_POLL_S must be at most "
+                f"{MAX_LONG_POLL_S:g} s, got {self.long_poll_s:g}"
+            )
         if self.slots < 1:
             raise ConfigError(f"--slots must be at least 1, got {self.slots}")
         if self.slot_gpus is not None and len(self.slot_gpus) < self.slots:

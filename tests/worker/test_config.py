@@ -128,8 +128,13 @@ def test_container_group_is_required() -> None:
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("MAX_RETRIES", "x"), ("MAX_RETRIES", "0"), ("KELPIE_KILL_GRACE_S", "-1")],
-    ids=["not-int", "too-small", "negative"],
+    [
+        ("MAX_RETRIES", "x"),
+        ("MAX_RETRIES", "0"),
+        ("KELPIE_KILL_GRACE_S", "-1"),
+        ("KELPIE_LONG_POLL_S", "61"),
+    ],
+    ids=["not-int", "too-small", "negative", "long-poll-too-long"],
 )
 def test_bad_numbers_are_rejected(name: str, value: str) -> None:
     """A malformed number is a ConfigError naming the variable."""
