@@ -152,7 +152,9 @@ class _Backend(Protocol):
     """
 
     def list(self, bucket: str, prefix: str) -> list[tuple[str, int, str | None]]:
-        """Return (key, size, etag) of every object under the prefix."""
+        """
+        Return (key, size, etag) of every object under the prefix.
+        """
 
     def upload(
         self,
@@ -162,24 +164,36 @@ class _Backend(Protocol):
         content_encoding: str | None,
         content_type: str | None,
     ) -> None:
-        """Write one object from a local file, whole or not at all."""
+        """
+        Write one object from a local file, whole or not at all.
+        """
 
     def download(
         self, bucket: str, key: str, local: str, size: int, etag: str | None
     ) -> None:
-        """Write one object to a local file, whole or not at all."""
+        """
+        Write one object to a local file, whole or not at all.
+        """
 
     def size(self, bucket: str, key: str) -> int:
-        """Return the size of one object."""
+        """
+        Return the size of one object.
+        """
 
     def delete(self, bucket: str, key: str) -> None:
-        """Delete one object."""
+        """
+        Delete one object.
+        """
 
     def classify(self, exc: BaseException, where: str) -> StorageError | None:
-        """Return the permanent error for ``exc``, or None if it is transient."""
+        """
+        Return the permanent error for ``exc``, or None if it is transient.
+        """
 
     def close(self) -> None:
-        """Release clients and threads."""
+        """
+        Release clients and threads.
+        """
 
 
 class Storage:
@@ -280,7 +294,9 @@ class Storage:
         return f"{self._scheme}://" + "/".join(parts) + "/" + key_or_prefix
 
     def _loc(self, bucket: str, key: str) -> tuple[str, str]:
-        """Map a job bucket and key onto the backend's own bucket and key."""
+        """
+        Map a job bucket and key onto the backend's own bucket and key.
+        """
         _check_bucket(bucket)
         if self._scheme == "s3" and self._root_path:
             real_bucket, _, base = self._root_path.partition("/")
@@ -576,7 +592,9 @@ class Storage:
     # -- retries and fan-out ----------------------------------------------------
 
     def _call(self, fn: Callable[[], Any], *, where: str, what: str) -> Any:
-        """Run one backend call with retries; raise a StorageError when it fails."""
+        """
+        Run one backend call with retries; raise a StorageError when it fails.
+        """
         attempt = 0
         while True:
             try:
@@ -662,7 +680,9 @@ class Storage:
 
 
 class _Skipped(Exception):
-    """A file that was not attempted because an earlier one failed for good."""
+    """
+    A file that was not attempted because an earlier one failed for good.
+    """
 
 
 def _combine(
@@ -702,7 +722,9 @@ def _describe(exc: BaseException) -> str:
 
 
 def _backoff(attempt: int) -> float:
-    """0.5 s * 2**attempt, capped at 8 s, minus up to 25 % jitter."""
+    """
+    0.5 s * 2**attempt, capped at 8 s, minus up to 25 % jitter.
+    """
     delay = min(_BACKOFF_CAP, _BACKOFF_BASE * 2.0**attempt)
     return delay * (1 - 0.25 * random.random())
 
@@ -714,7 +736,9 @@ def _check_bucket(bucket: str) -> None:
 
 
 def _normalize_prefix(prefix: str) -> str:
-    """``p`` -> ``p/``; ``/p/`` -> ``p/``; ``""`` stays ``""`` (the whole bucket)."""
+    """
+    ``p`` -> ``p/``; ``/p/`` -> ``p/``; ``""`` stays ``""`` (the whole bucket).
+    """
     prefix = prefix.lstrip("/")
     if prefix and not prefix.endswith("/"):
         prefix += "/"
@@ -732,7 +756,9 @@ def _compile(pattern: str | None) -> re.Pattern[str] | None:
 
 
 def _safe_join(target: Path, rel: str, where: str) -> Path:
-    """Refuse keys such as ``../x`` that would land outside the target directory."""
+    """
+    Refuse keys such as ``../x`` that would land outside the target directory.
+    """
     parts = PurePosixPath(rel).parts
     if not parts or rel.startswith("/") or ".." in parts:
         msg = f"object {where} would be written outside {target}; refusing"
@@ -741,7 +767,9 @@ def _safe_join(target: Path, rel: str, where: str) -> Path:
 
 
 def _walk(root: Path) -> Iterator[tuple[Path, str]]:
-    """Every file below ``root`` (links followed), sorted, with its POSIX path."""
+    """
+    Every file below ``root`` (links followed), sorted, with its POSIX path.
+    """
     if not root.is_dir():
         return
     for dirpath, dirnames, filenames in os.walk(root):
@@ -793,7 +821,9 @@ def _bind_upload(
 
 
 class _VerifyError(Exception):
-    """The object that was written does not have the size that was sent."""
+    """
+    The object that was written does not have the size that was sent.
+    """
 
 
 def _bind_download(
@@ -842,7 +872,9 @@ def _bind_download(
 
 @contextlib.contextmanager
 def _maybe_gzip(local: str, compress: bool) -> Iterator[str]:
-    """Yield the file to send: ``local`` itself, or a gzipped temporary copy."""
+    """
+    Yield the file to send: ``local`` itself, or a gzipped temporary copy.
+    """
     if not compress:
         yield local
         return
@@ -901,14 +933,18 @@ class _S3Backend:
 
     @property
     def client(self) -> Any:
-        """The boto3 S3 client, created on first use (creation may query IMDS)."""
+        """
+        The boto3 S3 client, created on first use (creation may query IMDS).
+        """
         if self._client is None:
             self._create()
         return self._client
 
     @property
     def manager(self) -> Any:
-        """The transfer manager that all threads share."""
+        """
+        The transfer manager that all threads share.
+        """
         if self._manager is None:
             self._create()
         return self._manager
@@ -1062,7 +1098,9 @@ class _S3Backend:
 
 
 class _KnownObject:
-    """A transfer subscriber that tells the manager an object's size and ETag."""
+    """
+    A transfer subscriber that tells the manager an object's size and ETag.
+    """
 
     def __init__(self, size: int, etag: str | None) -> None:
         self.size = size
@@ -1172,7 +1210,9 @@ def _temp_name(dest: Path) -> Path:
 
 @contextlib.contextmanager
 def _replacing(dest: Path) -> Iterator[Path]:
-    """Yield a temporary path; rename it onto ``dest`` if the block succeeds."""
+    """
+    Yield a temporary path; rename it onto ``dest`` if the block succeeds.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(dest)
     try:
@@ -1185,7 +1225,9 @@ def _replacing(dest: Path) -> Iterator[Path]:
 
 
 def _atomic_copy(source: str, dest: Path) -> None:
-    """Copy a file to ``dest`` through a temporary name in the same directory."""
+    """
+    Copy a file to ``dest`` through a temporary name in the same directory.
+    """
     with _replacing(dest) as tmp:
         shutil.copyfile(source, tmp)
 
