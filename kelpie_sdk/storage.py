@@ -42,7 +42,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import attrs
 
@@ -75,6 +75,8 @@ MULTIPART_THRESHOLD = 16 * 1024 * 1024
 MULTIPART_CHUNKSIZE = 16 * 1024 * 1024
 #: The fewest parallel requests that one large S3 transfer may use.
 MIN_REQUEST_CONCURRENCY = 16
+
+_T = TypeVar("_T")
 
 # (key relative to the prefix, full key, size, ETag if known)
 _Entries = list[tuple[str, str, int, str | None]]
@@ -591,7 +593,7 @@ class Storage:
 
     # -- retries and fan-out ----------------------------------------------------
 
-    def _call(self, fn: Callable[[], Any], *, where: str, what: str) -> Any:
+    def _call(self, fn: Callable[[], _T], *, where: str, what: str) -> _T:
         """
         Run one backend call with retries; raise a StorageError when it fails.
         """
@@ -637,7 +639,7 @@ class Storage:
             if stop.is_set():
                 raise _Skipped
             try:
-                return self._call(fn, where=where, what=what)  # type: ignore[no-any-return]
+                return self._call(fn, where=where, what=what)
             except (StorageNotFoundError, StoragePermissionError):
                 # Every other file would fail the same way: start no more.
                 stop.set()
