@@ -844,26 +844,15 @@ def _bind_download(
         if not gunzip:
             backend.download(bucket, key, os.fspath(dest), size, etag)
             return local_rel, size
-        fd, packed = tempfile.mkstemp(
-            prefix=f".{dest.name}.", suffix=".gz.part", dir=dest.parent
-        )
-        os.close(fd)
+        packed = _temp_name(dest.with_name(dest.name + ".gz"))
         try:
-            backend.download(bucket, key, packed, size, etag)
-            fd, plain = tempfile.mkstemp(
-                prefix=f".{dest.name}.", suffix=".part", dir=dest.parent
-            )
-            try:
-                with (
-                    os.fdopen(fd, "wb") as out,
-                    gzip.open(packed, "rb") as src,
-                ):
-                    shutil.copyfileobj(src, out, _COPY_BUFFER)
-                os.replace(plain, dest)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(plain)
-                raise
+            backend.download(bucket, key, os.fspath(packed), size, etag)
+            with (
+                _replacing(dest) as plain,
+                open(plain, "xb") as out,
+                gzip.open(packed, "rb") as src,
+            ):
+                shutil.copyfileobj(src, out, _COPY_BUFFER)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(packed)
