@@ -80,6 +80,27 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.set_defaults(handler=_up)
 
+    demo = subparsers.add_parser(
+        "demo",
+        help="watch a job survive the loss of its worker, on a local cluster",
+        description=(
+            "Start a local cluster (server, 2 workers, file storage) in a "
+            "temporary directory, run a job that checkpoints every step, kill its "
+            "worker with SIGKILL half-way, and watch another worker resume it "
+            "from the last checkpoint."
+        ),
+    )
+    demo.add_argument(
+        "--steps", type=int, default=30, help="steps the job counts (default: 30)"
+    )
+    demo.add_argument(
+        "--storage",
+        metavar="DIR",
+        default=None,
+        help="keep the cluster's files here (default: a temporary directory)",
+    )
+    demo.set_defaults(handler=_demo)
+
 
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -364,4 +385,144 @@ def _up(args: argparse.Namespace, ctx: Context) -> int:
     except KeyboardInterrupt:
         cluster.kill()
     out.write("Stopped.\n")
+    return 0
+
+
+_DEMO_JOB = """\
+import json, os, time
+from kelpie_sdk import checkpoint
+
+total = int(os.environ["STEPS"])
+ckpt = checkpoint.Checkpointer(every_steps=1, keep_last=2)
+start = ckpt.latest_step()
+state = {"count": 0, "starts": []} if start is None else ckpt.load()
+state["starts"].append(start or 0)
+print(f"attempt {os.environ['KELPIE_ATTEMPT']}: starting at step {start or 0}")
+for step in range(start or 0, total):
+    time.sleep(0.25)
+    state["count"] = step + 1
+    ckpt.save(state, step=step + 1, blocking=True)
+    checkpoint.report_progress(step + 1, total)
+ckpt.close()
+out = os.environ["RESULT_DIR"]
+os.makedirs(out, exist_ok=True)
+with open(os.path.join(out, "result.json"), "w") as f:
+    json.dump(state, f)
+"""
+
+
+def _demo(args: argparse.Namespace, ctx: Context) -> int:
+    import tempfile
+
+    out = sys.stdout
+    steps = max(int(args.steps), 4)
+    with contextlib.ExitStack() as stack:
+        if args.storage is None:
+            root = Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="kelpie-demo-"))
+            )
+        else:
+            root = Path(args.storage).expanduser().absolute()
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "storage" / DEFAULT_BUCKET).mkdir(parents=True, exist_ok=True)
+        script = root / "demo_job.py"
+        script.write_text(_DEMO_JOB, encoding="utf-8")
+        cluster = _Cluster(
+            root=root,
+            host="127.0.0.1",
+            port=_free_port("127.0.0.1"),
+            workers=2,
+            slots=1,
+            group="demo",
+            key=_admin_key(root),
+        )
+        try:
+            cluster.start_server()
+            if not cluster.wait_ready():
+                out.write(
+                    "Error: the server did not start:\n"
+                    + _tail(root / "server.log")
+                    + "\n"
+                )
+                return 1
+            cluster.start_workers()
+            out.write(
+                f"Local cluster up at {cluster.url} with 2 workers (files in {root}).\n"
+            )
+            return _run_demo(cluster, script, steps, out)
+        except KeyboardInterrupt:
+            return 130
+        finally:
+            out.write("Stopping the cluster...\n")
+            out.flush()
+            cluster.stop(out)
+
+
+def _run_demo(cluster: _Cluster, script: Path, steps: int, out: IO[str]) -> int:
+    result_dir = cluster.root / "result"
+    sync = {
+        "during": [
+            {
+                "bucket": DEFAULT_BUCKET,
+                "prefix": "demo/ckpt/",
+                "local_path": str(cluster.root / "ckpt"),
+                "direction": "upload",
+            }
+        ],
+        "after": [
+            {
+                "bucket": DEFAULT_BUCKET,
+                "prefix": "demo/out/",
+                "local_path": str(result_dir),
+                "direction": "upload",
+            }
+        ],
+    }
+    with Client(cluster.url, cluster.key) as client:
+        job = client.submit_job(
+            command=sys.executable,
+            arguments=[str(script)],
+            environment={"STEPS": str(steps), "RESULT_DIR": str(result_dir)},
+            container_group_id=cluster.group,
+            sync=sync,
+            heartbeat_interval=1,
+        )
+        out.write(f"Submitted job {job.id}: count to {steps}, a checkpoint per step.\n")
+        killed = False
+        last = None
+        deadline = time.monotonic() + 60 + steps
+        while time.monotonic() < deadline:
+            current = client.get_job(job.id)
+            step = int((current.progress or {}).get("step") or 0)
+            line = (
+                f"  {current.status.value:9} attempt {current.attempt} "
+                f"on {current.machine_id} step {step}/{steps}"
+                if current.machine_id
+                else f"  {current.status.value:9} waiting for a worker"
+            )
+            if line != last:
+                out.write(line + "\n")
+                out.flush()
+                last = line
+            if current.status.finished:
+                break
+            if not killed and step >= steps // 3 and current.machine_id:
+                index = int(current.machine_id.rsplit("-", 1)[1])
+                out.write(
+                    f"Killing {current.machine_id} (SIGKILL: the node is gone)...\n"
+                )
+                cluster.worker_children[index].signal(signal.SIGKILL)
+                killed = True
+            time.sleep(0.2)
+        final = client.get_job(job.id)
+    stored = cluster.root / "storage" / DEFAULT_BUCKET / "demo" / "out" / "result.json"
+    if final.status.value != "completed" or not stored.exists():
+        out.write(f"The job ended as {final.status.value}: {final.last_error or ''}\n")
+        return 1
+    out.write(
+        f"Completed after {final.attempt} attempts; result in storage: "
+        f"{stored.read_text(encoding='utf-8')}\n"
+        '("starts" lists the step each attempt began at: the second attempt '
+        "resumed from the last checkpoint.)\n"
+    )
     return 0

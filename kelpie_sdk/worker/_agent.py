@@ -1027,24 +1027,22 @@ class _JobRun:
             code = proc.wait() if stopped is None else stopped
         else:
             code = proc.wait()
-        state.update(pid=None)
+        # One write for "exited, now uploading" (each write is an fsync).
+        state.update(phase="uploading", pid=None)
         self._info("process exited: %s", describe_exit(code))
 
         if self.lost.is_set():
             return self._canceled()
         if proc.terminated_by_us or self.worker.stopping:
             # Stopped on worker shutdown: keep what it saved, hand it back.
-            state.update(phase="uploading")
             self._final_sync(required=False)
             return self._release("the worker is shutting down")
         if code == RESCHEDULE_EXIT_CODE:
-            state.update(phase="uploading")
             self._final_sync(required=False)
             return self._release(
                 f"the job exited with {RESCHEDULE_EXIT_CODE} (reschedule)"
             )
         if code != 0:
-            state.update(phase="uploading")
             self._final_sync(required=False)
             exit_code = 128 - code if code < 0 else code
             tail = proc.stderr_tail()
@@ -1054,7 +1052,6 @@ class _JobRun:
             return self._fail(message, exit_code=exit_code)
 
         # Exit 0: everything reaches storage, verified, before "completed".
-        state.update(phase="uploading")
         problem = self._final_sync(required=True)
         if problem is None:
             problem = self._upload_outputs()
@@ -1065,7 +1062,6 @@ class _JobRun:
             return self._release("the worker stopped before the outputs were stored")
         if problem is not None:
             return self._fail(f"outputs could not be uploaded: {problem}", exit_code=0)
-        state.update(phase="reporting")
         self._hb_stop.set()
         ok = _deliver(
             lambda: self.slot.client.report_completed(

@@ -75,8 +75,8 @@ class HeldJob:
         attempt: The claim number the server gave (``None`` for old servers).
         machine_id: The machine id the job was claimed with.
         container_group_id: The queue it came from.
-        phase: ``starting``, ``downloading``, ``running``, ``uploading`` or
-            ``reporting``.
+        phase: ``starting``, ``downloading``, ``running`` or ``uploading``
+            (which includes reporting the outcome).
         start: When the claim happened (ISO 8601).
         pid: The job's process id while it runs.
     """
