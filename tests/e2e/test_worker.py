@@ -449,3 +449,41 @@ def test_idle_limit_exits_with_its_code(start_worker: StartWorker) -> None:
     started = time.monotonic()
     assert EXIT_IDLE == worker.wait(timeout=30)
     assert time.monotonic() - started < 15
+
+
+def test_slots_run_jobs_side_by_side_with_their_own_gpus(
+    client: Client, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    """Two slots run two jobs at once, each with its own directories and GPU."""
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    start_worker(KELPIE_SLOTS="2", KELPIE_SLOT_GPUS="3,5")
+    script = (
+        "import json, os, time\n"
+        "start = time.time(); time.sleep(1.5)\n"
+        f"path = os.path.join({str(seen)!r}, os.environ['KELPIE_JOB_ID'])\n"
+        "json.dump({'gpu': os.environ['CUDA_VISIBLE_DEVICES'], "
+        "'input': os.environ['INPUT_DIR'], 'state': os.environ['KELPIE_STATE_FILE'], "
+        "'start': start, 'end': time.time()}, open(path, 'w'))\n"
+    )
+    jobs = [
+        client.submit_job(
+            command=PY,
+            arguments=["-c", script],
+            container_group_id=GROUP,
+            sync={},
+            heartbeat_interval=1,
+        )
+        for _ in range(2)
+    ]
+    for job in jobs:
+        assert (
+            JobStatus.COMPLETED
+            == wait_for(lambda j=job: _finished(client, j.id)).status
+        )
+    runs = [json.loads((seen / j.id).read_text()) for j in jobs]
+    assert {"3", "5"} == {r["gpu"] for r in runs}
+    assert 2 == len({r["input"] for r in runs})
+    assert 2 == len({r["state"] for r in runs})
+    first, second = sorted(runs, key=lambda r: r["start"])
+    assert second["start"] < first["end"]

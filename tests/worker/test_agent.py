@@ -118,4 +118,6 @@ def test_job_process_is_recognised_by_its_environment() -> None:
     finally:
         proc.kill()
         proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
     assert not _pid_belongs_to_job(proc.pid, "job-42")
