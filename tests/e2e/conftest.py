@@ -137,6 +137,7 @@ def start_worker(
         *,
         storage_url: str | None = None,
         home: Path | None = None,
+        unset: tuple[str, ...] = (),
         **env: str,
     ) -> WorkerProc:
         home = home or tmp_path / name
@@ -163,6 +164,8 @@ def start_worker(
         if storage_url is not None:
             full_env["KELPIE_STORAGE_URL"] = storage_url
         full_env.update(env)
+        for name in unset:
+            full_env.pop(name, None)
         log_path = home / f"worker-{len(procs)}.log"
         with log_path.open("wb") as log:
             popen = subprocess.Popen(

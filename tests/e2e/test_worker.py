@@ -487,3 +487,35 @@ def test_slots_run_jobs_side_by_side_with_their_own_gpus(
     assert 2 == len({r["state"] for r in runs})
     first, second = sorted(runs, key=lambda r: r["start"])
     assert second["start"] < first["end"]
+
+
+@pytest.mark.s3
+def test_missing_storage_credentials_fail_the_job(
+    client: Client, start_worker: StartWorker, s3_storage: StorageSetup
+) -> None:
+    """A worker without S3 credentials fails the job with a clear reason; no run."""
+    setup = s3_storage
+    setup.storage.upload_files([(EXAMPLES / "count.py", "x.py")], setup.bucket, "in/")
+    start_worker(
+        storage_url=setup.url,
+        unset=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"),
+        AWS_SHARED_CREDENTIALS_FILE="/nonexistent/credentials",
+        AWS_CONFIG_FILE="/nonexistent/config",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    job = client.submit_job(
+        command=PY,
+        arguments=["-c", "print('never')"],
+        container_group_id=GROUP,
+        input_bucket=setup.bucket,
+        input_prefix="in/",
+        checkpoint_bucket=setup.bucket,
+        checkpoint_prefix="ck/",
+        output_bucket=setup.bucket,
+        output_prefix="out/",
+        max_failures=1,
+        heartbeat_interval=1,
+    )
+    failed = wait_for(lambda: _finished(client, job.id))
+    assert JobStatus.FAILED == failed.status
+    assert "no storage credentials" in (failed.last_error or "")
