@@ -180,8 +180,14 @@ def start_worker(
         return proc
 
     yield start
+    # A graceful stop (which also lets coverage write its data), then SIGKILL.
     for proc in procs:
         if proc.alive():
+            proc.popen.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.popen.wait(timeout=20)
+        except subprocess.TimeoutExpired:
             proc.popen.send_signal(signal.SIGKILL)
             proc.popen.wait(timeout=10)
 

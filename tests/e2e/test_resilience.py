@@ -92,22 +92,25 @@ def test_job_survives_an_api_outage(
 ) -> None:
     """The server goes away mid-job and comes back: the job runs on and completes."""
     marker = tmp_path / "running"
-    start_worker(KELPIE_API_URL=restartable.url, KELPIE_API_KEY=restartable.key)
-    script = f"import time; open({str(marker)!r}, 'w').close(); time.sleep(6)"
+    worker = start_worker(
+        KELPIE_API_URL=restartable.url, KELPIE_API_KEY=restartable.key
+    )
+    script = f"import time; open({str(marker)!r}, 'w').close(); time.sleep(12)"
     with Client(restartable.url, restartable.key) as client:
         job = client.submit_job(
             command=PY,
             arguments=["-c", script],
             container_group_id=GROUP,
             sync={},
-            heartbeat_interval=4,
+            heartbeat_interval=5,
         )
         wait_for(marker.exists)
         restartable.stop()
-        time.sleep(3)  # heartbeats fail meanwhile; the lease (8 s) still holds
+        time.sleep(5.5)  # the heartbeat at 5 s fails; the lease (10 s) still holds
         restartable.start()
         done = wait_for(lambda: (j := client.get_job(job.id)).status.finished and j)
     assert (JobStatus.COMPLETED, 1, 0) == (done.status, done.attempt, done.num_failures)
+    assert "heartbeat failed" in worker.log()
 
 
 class _GatedStorage(Storage):
