@@ -519,3 +519,96 @@ def test_missing_storage_credentials_fail_the_job(
     failed = wait_for(lambda: _finished(client, job.id))
     assert JobStatus.FAILED == failed.status
     assert "no storage credentials" in (failed.last_error or "")
+
+
+@pytest.mark.s3
+def test_output_upload_failure_is_not_completed(
+    client: Client, start_worker: StartWorker, s3_storage: StorageSetup
+) -> None:
+    """Exit 0 but the outputs cannot be stored: the job fails, never completes."""
+    setup = s3_storage
+    setup.storage.upload_files([(EXAMPLES / "count.py", "x.py")], setup.bucket, "in/")
+    start_worker(storage_url=setup.url)
+    script = (
+        "import os; open(os.path.join(os.environ['OUTPUT_DIR'], 'r.txt'), 'w')"
+        ".write('result')"
+    )
+    job = client.submit_job(
+        command=PY,
+        arguments=["-c", script],
+        container_group_id=GROUP,
+        input_bucket=setup.bucket,
+        input_prefix="in/",
+        checkpoint_bucket=setup.bucket,
+        checkpoint_prefix="ck/",
+        output_bucket="no-such-bucket-for-outputs",
+        output_prefix="out/",
+        max_failures=1,
+        heartbeat_interval=1,
+    )
+    failed = wait_for(lambda: _finished(client, job.id))
+    assert JobStatus.FAILED == failed.status
+    assert "outputs could not be uploaded" in (failed.last_error or "")
+
+
+def test_sync_patterns_and_compression(
+    client: Client,
+    start_worker: StartWorker,
+    file_storage: StorageSetup,
+    tmp_path: Path,
+) -> None:
+    """`before` honours its pattern; with compression, .gz in and out."""
+    setup = file_storage
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("alpha")
+    (src / "b.bin").write_text("beta")
+    setup.storage.upload_files(
+        [(src / "a.txt", "a.txt"), (src / "b.bin", "b.bin")],
+        setup.bucket,
+        "sync/in/",
+        compress=True,
+    )
+    start_worker(storage_url=setup.url)
+    inp, out = tmp_path / "job-in", tmp_path / "job-out"
+    script = (
+        "import os, sys\n"
+        f"names = sorted(os.listdir({str(inp)!r}))\n"
+        f"data = open(os.path.join({str(inp)!r}, 'a.txt')).read()\n"
+        f"open(os.path.join({str(out)!r}, 'res.txt'), 'w').write(','.join(names) + ':' + data)\n"
+    )
+    sync = SyncSpec(
+        before=[
+            SyncConfig(
+                bucket=setup.bucket,
+                prefix="sync/in/",
+                local_path=str(inp),
+                direction=SyncDirection.DOWNLOAD,
+                pattern=r"\.txt(\.gz)?$",
+            )
+        ],
+        after=[
+            SyncConfig(
+                bucket=setup.bucket,
+                prefix="sync/out/",
+                local_path=str(out),
+                direction=SyncDirection.UPLOAD,
+            )
+        ],
+    )
+    job = client.submit_job(
+        command=PY,
+        arguments=["-c", script],
+        container_group_id=GROUP,
+        sync=sync,
+        compression=True,
+        heartbeat_interval=1,
+    )
+    done = wait_for(lambda: _finished(client, job.id))
+    assert JobStatus.COMPLETED == done.status, done.last_error
+    assert ["res.txt.gz"] == [
+        k for k, _ in setup.storage.list(setup.bucket, "sync/out/")
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        setup.storage.download_prefix(setup.bucket, "sync/out/", tmp, decompress=True)
+        assert "a.txt:alpha" == (Path(tmp) / "res.txt").read_text()
