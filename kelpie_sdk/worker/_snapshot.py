@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 Signature = tuple[int, int]
 #: "Storage holds some version of this file, maybe not the latest."
 _STALE: Signature = (-1, -1)
+#: Coarser than any file system's mtime granularity (Linux: one jiffy, <= 10 ms).
+_MTIME_SLACK_S = 0.05
 
 
 @attrs.frozen
@@ -206,12 +208,17 @@ class DirSnapshot:
                 for rel, path, sig in upload:
                     try:
                         st = path.stat()
-                        now_sig: Signature = (st.st_size, st.st_mtime_ns)
                     except OSError:
-                        now_sig = _STALE
+                        self._known[rel] = _STALE
+                        continue
+                    now_sig: Signature = (st.st_size, st.st_mtime_ns)
                     # If it changed while uploading, the next sync sends it
-                    # again; _STALE still says that storage holds a copy.
-                    self._known[rel] = sig if now_sig == sig else _STALE
+                    # again; _STALE still says that storage holds a copy. The
+                    # same goes for a file modified within the file system's
+                    # timestamp granularity: a same-size rewrite in that window
+                    # would keep its (size, mtime_ns), so it is sent once more.
+                    recent = self._clock() - st.st_mtime < _MTIME_SLACK_S
+                    self._known[rel] = sig if now_sig == sig and not recent else _STALE
             for rel in removed:
                 storage.delete(self.bucket, self.key(rel))
                 del self._known[rel]

@@ -5,9 +5,12 @@ Checkpoint snapshots: changed files by (size, mtime_ns), settle time, deletions.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kelpie_sdk.errors import StorageError
 from kelpie_sdk.storage import Storage
@@ -156,3 +159,55 @@ def test_constantly_rewritten_file_is_not_starved(
         uploaded.append(snap.sync(storage).uploaded)
     assert [0, 1, 0, 1] == uploaded
     assert {"state.json": "4444"} == _remote(tmp_path)
+
+
+_NAMES = st.sampled_from(["a", "b", "sub/c", "sub/deeper/d"])
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("write"), _NAMES, st.binary(max_size=3)),
+        st.tuples(st.just("delete"), _NAMES, st.just(b"")),
+        st.tuples(st.just("sync"), st.just(""), st.just(b"")),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=_OPS)
+def test_final_sync_mirrors_the_directory(ops: list[tuple[str, str, bytes]]) -> None:
+    """Whatever the job writes, deletes and however the ticks fall, storage ends
+    up equal to the directory after the final sync (same-size rewrites included)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "store" / "b").mkdir(parents=True)
+        storage = Storage(f"file://{root / 'store'}")
+        local = root / "ck"
+        local.mkdir()
+        snap = DirSnapshot(local, "b", "ck/", settle_s=0.0)
+        for op, name, data in ops:
+            path = local / name
+            if op == "write":
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+            elif op == "delete":
+                path.unlink(missing_ok=True)
+            else:
+                snap.sync(storage)
+        snap.sync(storage, final=True)
+        expected = {
+            p.relative_to(local).as_posix(): p.read_bytes()
+            for p in local.rglob("*")
+            if p.is_file()
+        }
+        base = root / "store" / "b" / "ck"
+        actual = (
+            {
+                p.relative_to(base).as_posix(): p.read_bytes()
+                for p in base.rglob("*")
+                if p.is_file()
+            }
+            if base.exists()
+            else {}
+        )
+        assert expected == actual
+        storage.close()
