@@ -877,18 +877,22 @@ class _JobRun:
             outcome, details = self._execute()
         except Exception as exc:
             logger.exception("job %s: unexpected error in the worker", job.id)
+            if self.process is not None and self.process.poll() is None:
+                self.process.terminate(self.config.kill_grace_s)
             self._stop_heartbeat(hb, snap)
             outcome, details = self._fail(f"worker error: {exc!r}")
         finally:
             self._stop_heartbeat(hb, snap)
             state.finish(outcome.value, **details)
-            # Downloads abandoned on cancel must end before their directories
-            # are wiped for the next job.
-            for t in self._abandoned:
-                t.join()
-            for path in self.plan.wipe:
-                with contextlib.suppress(OSError):
-                    _wipe(path)
+            if not self.worker.stopping:
+                # Downloads abandoned on cancel must end before their directories
+                # are wiped for the next job. (On shutdown nothing waits for
+                # them: the next start wipes the directories before each job.)
+                for t in self._abandoned:
+                    t.join()
+                for path in self.plan.wipe:
+                    with contextlib.suppress(OSError):
+                        _wipe(path)
             self._info("finished: %s", outcome.value)
         return outcome
 
@@ -1033,8 +1037,9 @@ class _JobRun:
 
         if self.lost.is_set():
             return self._canceled()
-        if proc.terminated_by_us or self.worker.stopping:
-            # Stopped on worker shutdown: keep what it saved, hand it back.
+        if proc.terminated_by_us:
+            # Stopped on worker shutdown: keep what it saved, hand it back. (A
+            # job that ended on its own meanwhile is reported as usual.)
             self._final_sync(required=False)
             return self._release("the worker is shutting down")
         if code == RESCHEDULE_EXIT_CODE:

@@ -95,18 +95,20 @@ def test_job_survives_an_api_outage(
     worker = start_worker(
         KELPIE_API_URL=restartable.url, KELPIE_API_KEY=restartable.key
     )
-    script = f"import time; open({str(marker)!r}, 'w').close(); time.sleep(12)"
+    script = f"import time; open({str(marker)!r}, 'w').close(); time.sleep(14)"
     with Client(restartable.url, restartable.key) as client:
         job = client.submit_job(
             command=PY,
             arguments=["-c", script],
             container_group_id=GROUP,
             sync={},
-            heartbeat_interval=5,
+            heartbeat_interval=8,
         )
         wait_for(marker.exists)
         restartable.stop()
-        time.sleep(5.5)  # the heartbeat at 5 s fails; the lease (10 s) still holds
+        # The heartbeat at 8 s fails, and its retries until the server is back;
+        # the lease (16 s from the last heartbeat) still holds then.
+        time.sleep(9)
         restartable.start()
         done = wait_for(lambda: (j := client.get_job(job.id)).status.finished and j)
     assert (JobStatus.COMPLETED, 1, 0) == (done.status, done.attempt, done.num_failures)

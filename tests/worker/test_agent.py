@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -113,7 +114,10 @@ def test_job_process_is_recognised_by_its_environment() -> None:
         [sys.executable, "-c", "import time; time.sleep(30)"], env=env
     )
     try:
-        assert _pid_belongs_to_job(proc.pid, "job-42")
+        deadline = time.monotonic() + 5
+        while not _pid_belongs_to_job(proc.pid, "job-42"):
+            assert time.monotonic() < deadline, "the job's process was not recognised"
+            time.sleep(0.01)
         assert not _pid_belongs_to_job(proc.pid, "job-4")
     finally:
         proc.kill()
