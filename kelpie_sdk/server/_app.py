@@ -527,16 +527,38 @@ async def get_work(
         )
     state = _state(request)
     deadline = time.monotonic() + (wait or 0.0)
-    while True:
-        job = state.store.claim(
-            principal, machine_id=machine_id, group=container_group_id
-        )
-        if job is not None:
-            return _json([job.to_json()])
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return _json([])
-        await state.waker.wait(principal.user_id, container_group_id, remaining)
+    gone: asyncio.Task[None] | None = None
+    try:
+        while True:
+            job = state.store.claim(
+                principal, machine_id=machine_id, group=container_group_id
+            )
+            if job is not None:
+                return _json([job.to_json()])
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return _json([])
+            # A worker that stopped waiting (shut down, timed out) must not be
+            # handed a job it will never run: watch for its disconnect.
+            gone = gone or asyncio.ensure_future(_disconnect(request))
+            wake = asyncio.ensure_future(
+                state.waker.wait(principal.user_id, container_group_id, remaining)
+            )
+            await asyncio.wait({gone, wake}, return_when=asyncio.FIRST_COMPLETED)
+            if gone.done():
+                wake.cancel()
+                return _json([])
+    finally:
+        if gone is not None:
+            gone.cancel()
+
+
+async def _disconnect(request: Request[Any, Any, Any]) -> None:
+    """
+    Return once the client has closed the connection.
+    """
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _report(request: Request[Any, Any, Any]) -> WorkerReport:

@@ -372,3 +372,28 @@ def test_long_poll_times_out_empty(api: Any, container_group_id: str) -> None:
     start = time.monotonic()
     assert None is claim(api, container_group_id, wait=0.5)
     assert 0.45 <= time.monotonic() - start < 3
+
+
+def test_abandoned_long_poll_claims_nothing(
+    api: Any, api_server: Any, user_key: str, container_group_id: str
+) -> None:
+    """A long poll whose client went away does not claim the next job."""
+    import http.client
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(api_server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=0.3)
+    conn.request(
+        "GET",
+        f"/work?machine_id=gone&container_group_id={container_group_id}&wait=10",
+        headers={"X-Kelpie-Key": user_key},
+    )
+    with pytest.raises(socket.timeout):
+        conn.getresponse()
+    conn.close()
+    time.sleep(0.3)
+    job = api.post("/jobs", json=sync_job(container_group_id)).json()
+    time.sleep(1.5)
+    after = api.get(f"/jobs/{job['id']}").json()
+    assert ("pending", None) == (after["status"], after["machine_id"])
