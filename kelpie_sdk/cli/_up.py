@@ -278,10 +278,14 @@ class _Cluster:
                 child.wait(5)
             child.close()
         if self.server is not None:
+            # uvicorn waits for open requests (long-polls abandoned by the
+            # workers) on the first SIGTERM and gives up on them on the second.
             self.server.signal(signal.SIGTERM)
-            if self.server.wait(15) is None:
-                self.server.signal(signal.SIGKILL)
-                self.server.wait(5)
+            if self.server.wait(3) is None:
+                self.server.signal(signal.SIGTERM)
+                if self.server.wait(10) is None:
+                    self.server.signal(signal.SIGKILL)
+                    self.server.wait(5)
             self.server.close()
 
     def kill(self) -> None:
@@ -311,11 +315,16 @@ def _up(args: argparse.Namespace, ctx: Context) -> int:
     )
     stopping = False
 
-    def on_term(signum: int, frame: object) -> None:
+    def on_signal(signum: int, frame: object) -> None:
+        # Explicit for SIGINT too: a shell may start us with SIGINT ignored.
         nonlocal stopping
+        if stopping:
+            raise KeyboardInterrupt  # a second Ctrl-C: kill everything now
         stopping = True
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    previous = {
+        sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
     try:
         cluster.start_server()
         if not cluster.wait_ready():
@@ -373,8 +382,6 @@ def _up(args: argparse.Namespace, ctx: Context) -> int:
                 cluster.worker_children[i] = replacement
     except KeyboardInterrupt:
         pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     out.write(
         "Stopping: workers first (their jobs go back to the queue), "
         "then the server...\n"
@@ -383,7 +390,11 @@ def _up(args: argparse.Namespace, ctx: Context) -> int:
     try:
         cluster.stop(out)
     except KeyboardInterrupt:
+        out.write("Killing everything.\n")
         cluster.kill()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     out.write("Stopped.\n")
     return 0
 
