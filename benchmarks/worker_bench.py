@@ -153,18 +153,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, run_server() as server:
         root = Path(tmp)
         client = Client(server.url, server.admin_key)
-        with worker(server.url, server.admin_key, root / "lp", KELPIE_LONG_POLL_S="20"):
-            lp_claim, lp_spawn = latency(client, root / "lp", args.samples, 2.0)
-            direct, per_job, wall = overhead(client, args.jobs)
+        # Separate queues: a long-poll abandoned by the first worker's shutdown
+        # must not claim a job of the second phase.
+        lp, poll = root / "lp", root / "poll"
+        with worker(server.url, server.admin_key, lp, "lp", KELPIE_LONG_POLL_S="20"):
+            lp_claim, lp_spawn = latency(client, lp, "lp", args.samples, 2.0)
+            direct, per_job, wall = overhead(client, "lp", args.jobs)
         with worker(
             server.url,
             server.admin_key,
-            root / "poll",
+            poll,
+            "poll",
             KELPIE_LONG_POLL_S="0",
             HEARTBEAT_INTERVAL_S="10",
         ):
             poll_claim, poll_spawn = latency(
-                client, root / "poll", args.poll_samples, 10.0
+                client, poll, "poll", args.poll_samples, 10.0
             )
         client.close()
 
