@@ -42,6 +42,7 @@ from typing import Any
 
 import attrs
 
+from kelpie_sdk.config import Settings
 from kelpie_sdk.errors import ConfigError
 
 __all__ = [
@@ -128,14 +129,6 @@ def _float_env(env: Mapping[str, str], name: str, default: float) -> float:
     if value < 0:
         raise ConfigError(f"{name} must not be negative, got {value}")
     return value
-
-
-def _first(env: Mapping[str, str], *names: str) -> str | None:
-    for name in names:
-        value = env.get(name)
-        if value:
-            return value
-    return None
 
 
 @attrs.frozen(kw_only=True)
@@ -230,14 +223,14 @@ class WorkerConfig:
             ConfigError: A value is missing or invalid.
         """
         env = os.environ if environ is None else environ
+        # The API's own variables and their precedence live in one place.
+        api = Settings.from_env(env)
         values: dict[str, Any] = {
-            "api_url": _first(env, "KELPIE_API_URL"),
-            "api_key": _first(env, "KELPIE_API_KEY"),
-            "salad_api_key": _first(env, "SALAD_API_KEY"),
-            "salad_organization": _first(
-                env, "SALAD_ORGANIZATION", "SALAD_ORGANIZATION_NAME"
-            ),
-            "salad_project": _first(env, "SALAD_PROJECT", "SALAD_PROJECT_NAME"),
+            "api_url": api.api_url,
+            "api_key": api.api_key,
+            "salad_api_key": api.salad_api_key,
+            "salad_organization": api.salad_organization,
+            "salad_project": api.salad_project,
             "machine_id": env.get("SALAD_MACHINE_ID", "").strip(),
             "container_group_id": env.get("SALAD_CONTAINER_GROUP_ID", "").strip(),
             "max_retries": _int_env(env, "MAX_RETRIES", 3, 1),
