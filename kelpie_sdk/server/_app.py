@@ -266,18 +266,35 @@ class _Waker:
 
     def __init__(self) -> None:
         self._events: dict[tuple[str, str], asyncio.Event] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def notify(self, user_id: FromPath[str], group: str) -> None:
+    def notify(self, user_id: str, group: str) -> None:
+        """
+        Wake the waiters of one queue; safe to call from any thread.
+        """
+        loop = self._loop
+        if loop is not None and not _running_in(loop):
+            loop.call_soon_threadsafe(self.notify, user_id, group)
+            return
         event = self._events.pop((user_id, group), None)
         if event is not None:
             event.set()
 
-    async def wait(
-        self, user_id: FromPath[str], group: FromPath[str], timeout: float
-    ) -> None:
+    async def wait(self, user_id: str, group: str, timeout: float) -> None:
+        """
+        Wait until the queue is notified, ``timeout`` passes, or ``RECHECK``.
+        """
+        self._loop = asyncio.get_running_loop()
         event = self._events.setdefault((user_id, group), asyncio.Event())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout=min(timeout, self.RECHECK))
+
+
+def _running_in(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 # -- the application -----------------------------------------------------------
@@ -360,9 +377,7 @@ async def submit_job(
     Queue one job.
     """
     sub = validate_submission(_strict(await request.json(), JobSubmission))
-    state = _state(request)
-    (job,) = state.store.insert_jobs(principal.user_id, [sub])
-    state.waker.notify(principal.user_id, job.container_group_id)
+    (job,) = _state(request).store.insert_jobs(principal.user_id, [sub])
     return _job_response(job, 202)
 
 
@@ -398,10 +413,7 @@ async def submit_batch(
         except HTTPProblem as exc:
             exc.extra["index"] = index
             raise
-    state = _state(request)
-    jobs = state.store.insert_jobs(principal.user_id, subs)
-    for group in {j.container_group_id for j in jobs}:
-        state.waker.notify(principal.user_id, group)
+    jobs = _state(request).store.insert_jobs(principal.user_id, subs)
     return _json([j.to_json() for j in jobs], 202)
 
 
@@ -623,10 +635,7 @@ async def failed(
     job is requeued at once unless it reached ``max_failures``.
     """
     report = await _report(request)
-    state = _state(request)
-    outcome = state.store.fail(principal, job_id, report)
-    _fenced(outcome, "failure")
-    state.waker.notify(principal.user_id, report.container_group_id)
+    _fenced(_state(request).store.fail(principal, job_id, report), "failure")
     return _json({"message": "Failure reported"}, 202)
 
 
@@ -642,9 +651,7 @@ async def release(
     failure): a worker restarting, shutting down, or a job exiting with 85.
     """
     report = await _report(request)
-    state = _state(request)
-    _fenced(state.store.release(principal, job_id, report), "release")
-    state.waker.notify(principal.user_id, report.container_group_id)
+    _fenced(_state(request).store.release(principal, job_id, report), "release")
     return _json({"message": "Job released"})
 
 
@@ -926,5 +933,6 @@ def create_app(store: Store, *, debug: bool = False) -> Litestar:
         ),
         debug=debug,
     )
-    app.state.kelpie = _State(store=store)
+    app.state.kelpie = state = _State(store=store)
+    store.on_available(state.waker.notify)
     return app

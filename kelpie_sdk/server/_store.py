@@ -173,6 +173,7 @@ _FAIL_SQL = f"""
                       THEN :now ELSE failed END,
         heartbeat = :now, lease_expires = NULL, last_error = :error
     WHERE {_HOLDER}
+    RETURNING status, container_group_id
 """  # noqa: S608 - built from constants only
 _BAN_SQL = """
     INSERT INTO job_bans (job_id, machine_id, created)
@@ -184,6 +185,7 @@ _RELEASE_SQL = f"""
     UPDATE jobs SET status = 'pending', lease_expires = NULL, heartbeat = :now,
         num_interruptions = num_interruptions + 1
     WHERE {_HOLDER}
+    RETURNING status, container_group_id
 """  # noqa: S608 - built from constants only
 
 
@@ -266,6 +268,21 @@ class Store:
         self.engine = engine
         self._clock = clock
         self._hot = _HotPath(engine)
+        self._listeners: list[Callable[[str, str], None]] = []
+
+    def on_available(self, listener: Callable[[str, str], None]) -> None:
+        """
+        Call ``listener(user_id, container_group_id)`` after a queue may have
+        gained a claimable job: jobs inserted, a failure requeued, a release.
+
+        The listener runs in the thread that made the change.
+        """
+        self._listeners.append(listener)
+
+    def _available(self, user_id: str, row: Mapping[str, Any]) -> None:
+        if row["status"] == "pending":
+            for listener in self._listeners:
+                listener(user_id, row["container_group_id"])
 
     def close(self) -> None:
         """
@@ -418,6 +435,8 @@ class Store:
         rows = [self._submission_row(user_id, sub, now) for sub in subs]
         with self._write() as conn:
             conn.execute(JOBS.insert(), rows)
+        for group in dict.fromkeys(row["container_group_id"] for row in rows):
+            self._available(user_id, {"status": "pending", "container_group_id": group})
         return [self._row_to_job(row) for row in rows]
 
     @staticmethod
@@ -701,10 +720,12 @@ class Store:
         params["now"] = self.now_ms()
         params["error"] = error
         with self._hot.transaction() as cur:
-            if not self._hot.execute(cur, _FAIL_SQL, params):
+            row = self._hot.fetch_one(cur, _FAIL_SQL, params)
+            if row is None:
                 found = self._state(cur, principal, job_id) is not None
                 return "not_holder" if found else "not_found"
             self._hot.execute(cur, _BAN_SQL, params)
+        self._available(principal.user_id, row)
         return "ok"
 
     def release(
@@ -716,10 +737,12 @@ class Store:
         params = self._fence(principal, job_id, report)
         params["now"] = self.now_ms()
         with self._hot.transaction() as cur:
-            if self._hot.execute(cur, _RELEASE_SQL, params):
-                return "ok"
-            found = self._state(cur, principal, job_id) is not None
-        return "not_holder" if found else "not_found"
+            row = self._hot.fetch_one(cur, _RELEASE_SQL, params)
+            if row is None:
+                found = self._state(cur, principal, job_id) is not None
+                return "not_holder" if found else "not_found"
+        self._available(principal.user_id, row)
+        return "ok"
 
     # -- scaling rules ----------------------------------------------------------
 

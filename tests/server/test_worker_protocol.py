@@ -397,3 +397,49 @@ def test_abandoned_long_poll_claims_nothing(
     time.sleep(1.5)
     after = api.get(f"/jobs/{job['id']}").json()
     assert ("pending", None) == (after["status"], after["machine_id"])
+
+
+def test_release_wakes_a_long_poll_of_the_jobs_own_queue(
+    api: Any, container_group_id: str
+) -> None:
+    """A release wakes the job's queue at once, whatever group the report names."""
+    job = api.post("/jobs", json=sync_job(container_group_id)).json()
+    claim(api, container_group_id, "m1")
+    result: list[Any] = []
+    poll = threading.Thread(
+        target=lambda: result.append(claim(api, container_group_id, "m2", wait=10))
+    )
+    poll.start()
+    time.sleep(0.3)
+    start = time.monotonic()
+    api.post(f"/jobs/{job['id']}/release", json=report("m1", "some-other-group"))
+    poll.join(timeout=10)
+    assert job["id"] == result[0]["id"]
+    assert time.monotonic() - start < 0.6
+
+
+def test_store_changes_from_another_thread_wake_long_polls(
+    api: Any, api_server: Any, container_group_id: str
+) -> None:
+    """Jobs inserted through the store from another thread wake a waiting claim."""
+    from kelpie_sdk.models import JobSubmission, SyncSpec
+
+    user_id = api.get("/users/me").json()["id"]
+    result: list[Any] = []
+    poll = threading.Thread(
+        target=lambda: result.append(claim(api, container_group_id, wait=10))
+    )
+    poll.start()
+    time.sleep(0.3)
+    start = time.monotonic()
+    (job,) = api_server.store.insert_jobs(
+        user_id,
+        [
+            JobSubmission(
+                command="x", container_group_id=container_group_id, sync=SyncSpec()
+            )
+        ],
+    )
+    poll.join(timeout=10)
+    assert job.id == result[0]["id"]
+    assert time.monotonic() - start < 0.6
