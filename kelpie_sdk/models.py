@@ -27,6 +27,7 @@ from kelpie_sdk.errors import ResponseValidationError
 __all__ = [
     "LEGACY_STORAGE_FIELDS",
     "MAX_BATCH_SIZE",
+    "MAX_LONG_POLL",
     "JSONValue",
     "Job",
     "JobList",
@@ -50,6 +51,9 @@ JSONValue: TypeAlias = (
 
 #: The most jobs ``POST /jobs/batch`` accepts in one request.
 MAX_BATCH_SIZE = 1000
+
+#: The longest ``wait`` (seconds) that ``GET /work`` accepts (a long poll).
+MAX_LONG_POLL = 60.0
 
 #: The flat ("legacy") storage fields of a job, in wire order.
 LEGACY_STORAGE_FIELDS = (

@@ -32,6 +32,7 @@ from litestar.plugins.attrs import AttrsSchemaPlugin
 from kelpie_sdk.models import (
     LEGACY_STORAGE_FIELDS,
     MAX_BATCH_SIZE,
+    MAX_LONG_POLL,
     Job,
     JobStatus,
     JobSubmission,
@@ -46,14 +47,12 @@ from kelpie_sdk.models import (
 )
 from kelpie_sdk.server._store import Principal, ReportOutcome, Store
 
-__all__ = ["MAX_LONG_POLL", "MAX_PAGE_SIZE", "HTTPProblem", "create_app"]
+__all__ = ["MAX_PAGE_SIZE", "HTTPProblem", "create_app"]
 
 logger = logging.getLogger(__name__)
 
 #: The largest ``page_size`` that ``GET /jobs`` accepts.
 MAX_PAGE_SIZE = 1000
-#: The longest ``wait`` (seconds) that ``GET /work`` accepts.
-MAX_LONG_POLL = 60.0
 #: How long a looked-up API key is trusted without asking the database again.
 KEY_CACHE_SECONDS = 5.0
 

@@ -44,6 +44,7 @@ import attrs
 
 from kelpie_sdk.config import Settings
 from kelpie_sdk.errors import ConfigError
+from kelpie_sdk.models import MAX_LONG_POLL
 
 __all__ = [
     "DEFAULT_STATE_FILE",
@@ -56,7 +57,7 @@ __all__ = [
 
 DEFAULT_STATE_FILE = "./kelpie-state.json"
 #: The longest long-poll the server accepts (``GET /work?wait=``).
-MAX_LONG_POLL_S = 60.0
+MAX_LONG_POLL_S = MAX_LONG_POLL
 
 
 def default_machine_id(hostname: str | None = None) -> str:
