@@ -264,7 +264,10 @@ def _operation(path: str, method: str, op: dict[str, Any]) -> list[str]:
         out += [rst_to_md(op["description"]), ""]
     params = op.get("parameters", [])
     if params:
-        out += ["| Parameter | In | Type | Required | Description |", "|---|---|---|---|---|"]
+        out += [
+            "| Parameter | In | Type | Required | Description |",
+            "|---|---|---|---|---|",
+        ]
         for p in params:
             out.append(
                 f"| `{p['name']}` | {p['in']} | {schema_type(p.get('schema', {}))} "
@@ -322,8 +325,7 @@ def api_reference(document: dict[str, Any] | None = None) -> str:
         "# HTTP API",
         "",
         GENERATED_NOTE.format(
-            source="the OpenAPI document that `kelpie server` serves at "
-            "`/openapi.json`"
+            source="the OpenAPI document that `kelpie server` serves at `/openapi.json`"
         ),
         f"{info.get('title', '')}, version {info.get('version', '')}, "
         f"OpenAPI {doc.get('openapi', '')}. {info.get('description', '')}",
@@ -378,8 +380,7 @@ INJECTED = {
         "checkpoint location."
     ),
     "KELPIE_OUTPUT_URL": (
-        "The storage URL of the job's outputs. Set when the job has an output "
-        "location."
+        "The storage URL of the job's outputs. Set when the job has an output location."
     ),
     "CUDA_VISIBLE_DEVICES": "The slot's GPUs, when `--slot-gpus` pins them.",
 }
@@ -400,7 +401,7 @@ def settings_table(doc: str) -> list[tuple[str, list[str], str]]:
         (setting, variables, default) per row; a row's continuation lines (a
         second variable read when the first is unset) are folded in.
     """
-    lines = doc.splitlines()
+    lines = inspect.cleandoc(doc).splitlines()
     borders = [i for i, line in enumerate(lines) if re.fullmatch(r"=+( +=+)+", line)]
     if len(borders) != 3:
         raise ValueError("expected one reStructuredText table in the docstring")
