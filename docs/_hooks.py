@@ -157,7 +157,12 @@ def _usage(parser: argparse.ArgumentParser) -> str:
             del os.environ["COLUMNS"]
         else:
             os.environ["COLUMNS"] = old
-    return usage.removeprefix("usage: ").rstrip()
+    # Continuation lines are indented for the "usage: " prefix, which goes.
+    prefix = "usage: "
+    lines = usage.removeprefix(prefix).rstrip().splitlines()
+    return "\n".join(
+        [lines[0], *(line.removeprefix(" " * len(prefix)) for line in lines[1:])]
+    )
 
 
 def cli_reference() -> str:
@@ -255,6 +260,15 @@ def schema_type(schema: dict[str, Any]) -> str:
     return "any"
 
 
+def _described(schema: dict[str, Any]) -> str:
+    """A field's description, and its default when the schema gives one."""
+    text = cell(schema.get("description", ""))
+    if "default" in schema:
+        default = code_cell(json.dumps(schema["default"]))
+        text = f"{text} (default {default})" if text else f"default {default}"
+    return text
+
+
 def _operation(path: str, method: str, op: dict[str, Any]) -> list[str]:
     anchor = slug(f"{method} {path}")
     out = [f"### {method.upper()} `{path}` {{#{anchor}}}", ""]
@@ -272,7 +286,7 @@ def _operation(path: str, method: str, op: dict[str, Any]) -> list[str]:
             out.append(
                 f"| `{p['name']}` | {p['in']} | {schema_type(p.get('schema', {}))} "
                 f"| {'yes' if p.get('required') else 'no'} "
-                f"| {cell(p.get('description', ''))} |"
+                f"| {_described({**p.get('schema', {}), **p})} |"
             )
         out.append("")
     body = op.get("requestBody")
@@ -310,7 +324,7 @@ def _component(name: str, schema: dict[str, Any]) -> list[str]:
             out.append(
                 f"| `{field}` | {schema_type(sub)} "
                 f"| {'yes' if field in required else 'no'} "
-                f"| {cell(sub.get('description', ''))} |"
+                f"| {_described(sub)} |"
             )
         out.append("")
     else:
@@ -387,9 +401,9 @@ INJECTED = {
 
 #: What the settings without a flag mean, by setting.
 UNFLAGGED = {
-    "salad_api_key": "A SaladCloud API key, the other way to authenticate.",
-    "salad_organization": "The SaladCloud organization, with `SALAD_API_KEY`.",
-    "salad_project": "The SaladCloud project, with `SALAD_API_KEY`.",
+    "salad_api_key": "a SaladCloud API key, used when there is no Kelpie API key",
+    "salad_organization": "the SaladCloud organization, with `SALAD_API_KEY`",
+    "salad_project": "the SaladCloud project, with `SALAD_API_KEY`",
 }
 
 
