@@ -547,6 +547,11 @@ def _svg(fig: Any) -> bytes:
     return buf.getvalue().encode()
 
 
+def number(value: float) -> str:
+    """A bar's label: whole numbers from 100 up, three significant digits below."""
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def _hbar(
     labels: list[str], series: dict[str, list[float]], xlabel: str, title: str
 ) -> bytes:
@@ -557,7 +562,7 @@ def _hbar(
     for i, (name, values) in enumerate(series.items()):
         ys = [y + i * height for y in range(len(labels))]
         bars = ax.barh(ys, values, height=height, label=name)
-        ax.bar_label(bars, fmt="%.3g", padding=3, fontsize=8)
+        ax.bar_label(bars, labels=[number(v) for v in values], padding=3, fontsize=8)
     ax.set_yticks([y + height * (len(series) - 1) / 2 for y in range(len(labels))])
     ax.set_yticklabels(labels)
     ax.invert_yaxis()
@@ -577,6 +582,7 @@ def benchmark_plots() -> dict[str, bytes]:
     import matplotlib.pyplot as plt
 
     plt.rcParams["svg.hashsalt"] = "kelpie-docs"  # stable ids: same input, same SVG
+    plt.rcParams["svg.fonttype"] = "none"  # text stays text, in the page's font
     plots: dict[str, bytes] = {}
 
     server = _load("server")
@@ -650,7 +656,8 @@ def benchmark_plots() -> dict[str, bytes]:
     for key, label in labels.items():
         values = sorted(latency[key])
         fractions = [(i + 1) / len(values) for i in range(len(values))]
-        ax.step(values, fractions, where="post", label=label, marker="o", ms=3)
+        style = "--" if key.endswith("process_started") else "-"
+        ax.step(values, fractions, style, where="post", label=label, marker="o", ms=3)
     ax.set_xscale("log")
     ax.set_xlabel("submit to running, ms (log scale; left is better)")
     ax.set_ylabel("fraction of jobs")
