@@ -60,8 +60,13 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
 
 def cell(text: object) -> str:
     """One table cell: a single line, with Markdown's and HTML's specials escaped."""
-    value = " ".join(str(text).split())
-    return value.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+    value = " ".join(str(text).split()).replace("|", "\\|")
+    # Code spans show their text as is; elsewhere < and > would be read as HTML.
+    parts = re.split(r"(`[^`]*`)", value)
+    return "".join(
+        part if part.startswith("`") else part.replace("<", "&lt;").replace(">", "&gt;")
+        for part in parts
+    )
 
 
 def code_cell(text: str) -> str:
@@ -272,10 +277,10 @@ def _described(schema: dict[str, Any]) -> str:
 def _operation(path: str, method: str, op: dict[str, Any]) -> list[str]:
     anchor = slug(f"{method} {path}")
     out = [f"### {method.upper()} `{path}` {{#{anchor}}}", ""]
-    if op.get("summary"):
-        out += [f"**{op['summary']}**", ""]
     if op.get("description"):
         out += [rst_to_md(op["description"]), ""]
+    elif op.get("summary"):
+        out += [op["summary"], ""]
     params = op.get("parameters", [])
     if params:
         out += [
@@ -332,6 +337,13 @@ def _component(name: str, schema: dict[str, Any]) -> list[str]:
     return out
 
 
+def _summary(op: dict[str, Any]) -> str:
+    """The first paragraph of an operation's description, else its summary."""
+    description = rst_to_md(op.get("description", ""))
+    first = description.split("\n\n", 1)[0]
+    return cell(first or op.get("summary", ""))
+
+
 def api_reference(document: dict[str, Any] | None = None) -> str:
     doc = openapi_document() if document is None else document
     info = doc.get("info", {})
@@ -357,10 +369,7 @@ def api_reference(document: dict[str, Any] | None = None) -> str:
     for path, ops in paths.items():
         for method, op in ops.items():
             anchor = slug(f"{method} {path}")
-            out.append(
-                f"| {method.upper()} | [`{path}`](#{anchor}) "
-                f"| {cell(op.get('summary', ''))} |"
-            )
+            out.append(f"| {method.upper()} | [`{path}`](#{anchor}) | {_summary(op)} |")
     out.append("")
     for path, ops in paths.items():
         for method, op in ops.items():

@@ -216,3 +216,7 @@ def test_settings_table_folds_continuation_lines(hooks: Any) -> None:
     """
     rows = hooks.settings_table(doc)
     assert [("a", ["A_ONE", "A_TWO"], "1"), ("b", ["B"], "none")] == rows
+
+
+def test_table_cells_escape_html_outside_code_only(hooks: Any) -> None:
+    assert "a -&gt; b `<x>` c \\| d" == hooks.cell("a -> b `<x>` c | d")
