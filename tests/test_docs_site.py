@@ -140,8 +140,12 @@ def test_api_reference_has_every_path_of_the_openapi_document(
     text = page_text(site, "reference/api")
     assert len(document["paths"]) >= 10
     for path, operations in document["paths"].items():
-        for method in operations:
+        for method, operation in operations.items():
             assert f"{method.upper()} {path}" in text, (method, path)
+            # Each operation is described (from its handler's docstring).
+            first_line = operation.get("description", "").strip().splitlines()
+            assert first_line, (method, path)
+            assert first_line[0].replace("``", "")[:30] in text, (method, path)
     for name in document["components"]["schemas"]:
         assert name in text, name
 
