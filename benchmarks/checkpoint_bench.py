@@ -23,6 +23,7 @@ further apart than their own duration. Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
@@ -126,6 +127,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--mb", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--json", type=Path, default=None, help="also write the results here"
+    )
     args = parser.parse_args()
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     torch.set_num_threads(1)
@@ -200,6 +204,21 @@ def main() -> None:
             f"| {r['incremental_uploaded_mb']:.1f} of {r['state_mb']:.1f} MiB "
             f"({r['incremental_uploaded_mb'] / r['state_mb']:.1%}) "
             f"| {r['incremental_s']:.2f} |"
+        )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "benchmark": "checkpoint",
+                    "args": {"mb": args.mb, "repeat": args.repeat},
+                    "python": platform.python_version(),
+                    "torch": torch.__version__,
+                    "cpus": os.cpu_count(),
+                    "backends": results,
+                },
+                indent=2,
+            )
+            + "\n"
         )
 
 

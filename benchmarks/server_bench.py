@@ -1,7 +1,8 @@
 """
 Throughput of the API server on SQLite, over HTTP, beside two ceilings.
 
-    .venv/bin/python benchmarks/server_bench.py [--jobs 6000] [--clients 3]
+    .venv/bin/python benchmarks/server_bench.py [--jobs 6000] [--clients 3] \
+        [--json out.json]
 
 Measures, in one run, on this machine:
 
@@ -26,12 +27,14 @@ import http.client
 import json
 import multiprocessing
 import os
+import platform
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 ADMIN_KEY = "bench-admin-key"
@@ -172,6 +175,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=6000)
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--json", type=Path, default=None, help="also write the results here"
+    )
     args = parser.parse_args()
 
     db_rate = bench_db(args.jobs)
@@ -247,6 +253,27 @@ def main() -> None:
     print(f"  claim+complete / db ceiling          = {http_rate / db_rate:.3f}")
     print(f"  claim+complete requests / no-op      = {2 * http_rate / noop_rate:.3f}")
     print(f"  heartbeats / no-op                   = {hb_rate / noop_rate:.3f}")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "benchmark": "server",
+                    "args": {
+                        "jobs": args.jobs,
+                        "clients": clients,
+                        "seconds": args.seconds,
+                    },
+                    "python": platform.python_version(),
+                    "cpus": os.cpu_count(),
+                    "db_jobs_per_s": db_rate,
+                    "noop_requests_per_s": noop_rate,
+                    "claim_complete_jobs_per_s": http_rate,
+                    "heartbeats_per_s": hb_rate,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

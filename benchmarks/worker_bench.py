@@ -12,7 +12,7 @@ Worker benchmarks, each beside a baseline measured in the same run.
 Run::
 
     .venv/bin/python benchmarks/worker_bench.py \
-        [--samples 15] [--poll-samples 8] [--jobs 50]
+        [--samples 15] [--poll-samples 8] [--jobs 50] [--json out.json]
 
 The server runs in this process (``kelpie_sdk.testing.run_server``, SQLite),
 the workers as subprocesses, all on 127.0.0.1.
@@ -21,7 +21,9 @@ the workers as subprocesses, all on 127.0.0.1.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 import random
 import signal
 import statistics
@@ -148,6 +150,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=15)
     parser.add_argument("--poll-samples", type=int, default=8)
     parser.add_argument("--jobs", type=int, default=50)
+    parser.add_argument(
+        "--json", type=Path, default=None, help="also write the results here"
+    )
     args = parser.parse_args()
     random.seed(1)
     with tempfile.TemporaryDirectory() as tmp, run_server() as server:
@@ -195,6 +200,34 @@ def main() -> None:
     )
     print(f"| worker: wall time per job, {args.jobs} queued jobs | {wall:.1f} |")
     print(f"\nper-job claim->completed / direct spawn = {per_job / direct:.1f}x")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "benchmark": "worker",
+                    "args": {
+                        "samples": args.samples,
+                        "poll_samples": args.poll_samples,
+                        "jobs": args.jobs,
+                    },
+                    "python": platform.python_version(),
+                    "cpus": os.cpu_count(),
+                    "latency_ms": {
+                        "long_poll_claimed": lp_claim,
+                        "long_poll_process_started": lp_spawn,
+                        "polling_claimed": poll_claim,
+                        "polling_process_started": poll_spawn,
+                    },
+                    "noop_job_ms": {
+                        "direct_spawn_p50": direct,
+                        "claim_to_completed_p50": per_job,
+                        "wall_per_job": wall,
+                    },
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

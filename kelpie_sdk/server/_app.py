@@ -929,6 +929,8 @@ def create_app(store: Store, *, debug: bool = False) -> Litestar:
             ),
             path="/docs",
             render_plugins=[SwaggerRenderPlugin(path="/")],
+            # The handlers' docstrings become each operation's description.
+            use_handler_docstrings=True,
         ),
         debug=debug,
     )
