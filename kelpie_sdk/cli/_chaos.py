@@ -146,7 +146,10 @@ class ChaosReport:
         jobs: Jobs submitted.
         completed: Jobs that completed.
         faults: The faults injected, by kind (storage faults included).
-        interruptions: Attempts that ended without completing their job.
+        interruptions: Attempts the queue took back from a lost machine
+            (the server's count).
+        retried_failures: Attempts that failed and were retried (the
+            server's count; storage failures that outlasted the retries).
         lost_steps: Steps lost per interruption (computed again later).
         useful_steps: Steps the jobs needed.
         computed_steps: Steps the jobs computed, in all attempts.
@@ -159,6 +162,7 @@ class ChaosReport:
     completed: int = 0
     faults: Counter[str] = attrs.Factory(Counter)
     interruptions: int = 0
+    retried_failures: int = 0
     lost_steps: list[int] = attrs.Factory(list)
     useful_steps: int = 0
     computed_steps: int = 0
@@ -193,7 +197,8 @@ class ChaosReport:
             f"Jobs:                  {self.completed}/{self.jobs} completed",
             f"Faults injected:       {process} process faults, {storage} storage "
             f"faults ({by_kind or 'none'})",
-            f"Interruptions survived: {self.interruptions}",
+            f"Interruptions survived: {self.interruptions} "
+            f"(and {self.retried_failures} failed attempts retried)",
             f"Compute lost:          {total_lost} steps "
             f"(~{total_lost * self.step_s:.1f} s of compute)",
             f"Lost work per interruption (steps): p50 {pct(0.5)}, p90 {pct(0.9)}, "
@@ -747,6 +752,8 @@ class _Run:
                 fail(f"{spec.name}: ended {status}{error}, not completed")
                 continue
             report.completed += 1
+            report.interruptions += job.num_interruptions or 0
+            report.retried_failures += job.num_failures
             events = _read_events(spec.events)
             final = job.attempt or 0
             self._check_job(spec, final, events, report, detection_s, step_times)
@@ -810,7 +817,6 @@ class _Run:
         for pos, (attempt, _start) in enumerate(starts):
             if attempt == final:
                 continue
-            report.interruptions += 1
             steps = [e for e in by_attempt[attempt] if e["e"] == "step"]
             nxt = next((s for a, s in starts[pos + 1 :] if a > attempt), None)
             if nxt is None:
