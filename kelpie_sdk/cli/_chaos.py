@@ -70,7 +70,7 @@ _GROUP = "chaos"
 _FAULT_KINDS = ("kill", "kill-save", "kill-upload", "server")
 #: How long an armed kill point may wait for a save or upload before the
 #: harness falls back to a plain kill.
-_ARM_TIMEOUT_S = 15.0
+_ARM_TIMEOUT_S = 8.0
 _STATUS_STYLES = {
     "pending": "yellow",
     "running": "cyan",
@@ -453,6 +453,7 @@ class _Run:
         self.jobs: dict[str, Job] = {}
         self.armed: tuple[str, float] | None = None
         self.log: list[str] = []
+        self.plan: list[str] = []
 
     # ---------------------------------------------------------------- setup
 
@@ -565,9 +566,19 @@ class _Run:
             except (OSError, ValueError):
                 continue  # being written
             hit.unlink()
-            kind = "kill-save" if data["kind"] == "save" else "kill-upload"
-            where = Path(data["path"]).relative_to(self.root / "storage")
-            if self._kill_machine(data["machine"], kind, f"while writing {where}"):
+            parts = Path(data["path"]).parts
+            job = next((p for p in parts if p.startswith("job-")), data["path"])
+            if data["kind"] == "save":
+                kind, what = (
+                    "kill-save",
+                    f"while saving a checkpoint of {job}",
+                )
+            else:
+                kind, what = (
+                    "kill-upload",
+                    f"while uploading the output of {job}",
+                )
+            if self._kill_machine(data["machine"], kind, what):
                 self.armed = None
 
     def _inject(self, kind: str) -> bool:
@@ -598,10 +609,11 @@ class _Run:
         arm = self.cluster.control / f"arm-{kind.removeprefix('kill-')}"
         with contextlib.suppress(FileNotFoundError):
             arm.unlink()
-            # Nobody took it: inject a plain kill instead.
-            self.armed = None
-            self._note(f"{kind}: no {kind[5:]} came in time; a plain kill instead")
-            self._inject("kill")
+        # No save or upload took it in time (or its machine was gone already).
+        self.armed = None
+        self._note(f"{kind}: no {kind[5:]} came in time; a plain kill instead")
+        if not self._inject("kill"):
+            self.plan.insert(0, "kill")
 
     # ---------------------------------------------------------------- loop
 
@@ -629,7 +641,7 @@ class _Run:
         self.cluster.control.mkdir(parents=True, exist_ok=True)
         (self.root / "storage" / _BUCKET).mkdir(parents=True, exist_ok=True)
         self._make_specs()
-        plan = _plan_faults(cfg.faults, self.rng)
+        plan = self.plan = _plan_faults(cfg.faults, self.rng)
         # Fault i is due once the jobs are this far along, leaving the last
         # quarter of the run for the tail of jobs.
         due = [0.05 + 0.65 * (i + 1) / (len(plan) + 1) for i in range(len(plan))]

@@ -63,6 +63,7 @@ def test_fifty_jobs_survive_twenty_faults(tmp_path: Path) -> None:
     assert float(_figure(r"Goodput:\s+([\d.]+)%", out)) > 50
 
 
+@pytest.mark.timeout(320)
 def test_a_job_that_does_not_resume_fails_the_run(tmp_path: Path) -> None:
     """Jobs that ignore their checkpoint lose more than an interval: exit 1."""
     proc = _kelpie(
@@ -89,6 +90,7 @@ def test_a_job_that_does_not_resume_fails_the_run(tmp_path: Path) -> None:
     assert re.search(r"lost \d+ steps .*the checkpoint interval is 3", out), out
 
 
+@pytest.mark.timeout(320)
 def test_a_wrong_result_after_an_interruption_fails_the_run(tmp_path: Path) -> None:
     """An output that differs from the uninterrupted computation: exit 1."""
     proc = _kelpie(
@@ -112,6 +114,7 @@ def test_a_wrong_result_after_an_interruption_fails_the_run(tmp_path: Path) -> N
     assert "the output differs from an uninterrupted run" in out
 
 
+@pytest.mark.timeout(320)
 def test_demo_shows_jobs_finishing_while_machines_die(tmp_path: Path) -> None:
     """`kelpie demo`, small: a live table, faults, checked results, a summary, exit 0."""
     proc = _kelpie(
