@@ -178,3 +178,82 @@ def test_report_summarises_lost_work_and_failures() -> None:
     assert "6 steps (~3.0 s of compute)" in text
     assert "  - job-0001: broken" in text
     assert not report.ok
+
+
+def _checked(
+    tmp_path: Path, events: list[dict[str, object]], *, final: int, stored: int
+) -> ChaosReport:
+    """Run one job's checks on hand-made events (interval 3, 0.2 s steps)."""
+    import json
+
+    from rich.console import Console
+
+    from kelpie_sdk.cli._chaos import ChaosConfig, _JobSpec, _Run
+
+    run = _Run(ChaosConfig(every=3, step_s=0.2, heartbeat=1), tmp_path, Console())
+    result = tmp_path / "result.json"
+    result.write_text(json.dumps({"result": "abc", "attempt": stored}))
+    spec = _JobSpec("job-0000", "sum", {}, "abc", tmp_path / "events", result)
+    report = ChaosReport()
+    run._check_job(spec, final, events, report, 7.0, [])
+    return report
+
+
+def _steps(attempt: int, first: int, last: int, t0: float) -> list[dict[str, object]]:
+    start = [{"e": "start", "a": attempt, "t": t0, "step": first - 1}]
+    return start + [
+        {"e": "step", "a": attempt, "t": t0 + 0.2 * i, "step": s}
+        for i, s in enumerate(range(first, last + 1), 1)
+    ]
+
+
+def test_checks_measure_lost_work_against_the_next_attempt(tmp_path: Path) -> None:
+    """Steps redone after a resume are lost work; more than an interval fails."""
+    done = [{"e": "done", "a": 2, "t": 99.0}]
+    ok = _checked(
+        tmp_path,
+        _steps(1, 1, 8, 0.0) + _steps(2, 7, 12, 10.0) + done,
+        final=2,
+        stored=2,
+    )
+    assert [2] == ok.lost_steps
+    assert [] == ok.failures
+    assert 14 == ok.computed_steps
+    bad = _checked(
+        tmp_path,
+        _steps(1, 1, 8, 0.0) + _steps(2, 1, 12, 10.0) + done,
+        final=2,
+        stored=2,
+    )
+    assert [8] == bad.lost_steps
+    assert [
+        "job-0000: attempt 1 lost 8 steps (it reached step 8, attempt 2 resumed "
+        "from step 0); the checkpoint interval is 3"
+    ] == bad.failures
+
+
+def test_checks_allow_work_lost_while_the_old_holder_learns_it(tmp_path: Path) -> None:
+    """Steps an old attempt computed after the next one started count as detection."""
+    done = [{"e": "done", "a": 2, "t": 99.0}]
+    # Attempt 2 starts at t=1.0 from step 3; attempt 1 runs on until step 9 (t=1.8).
+    report = _checked(
+        tmp_path, _steps(1, 1, 9, 0.0) + _steps(2, 4, 10, 1.0) + done, final=2, stored=2
+    )
+    assert [6] == report.lost_steps
+    assert [] == report.failures
+
+
+def test_checks_catch_corruption_and_a_stale_output(tmp_path: Path) -> None:
+    """A corrupt load, an output from another attempt and a late attempt all fail."""
+    events = [
+        *_steps(1, 1, 3, 0.0),
+        {"e": "corrupt", "a": 2, "t": 5.0, "step": 3},
+        *_steps(3, 4, 6, 6.0),
+        {"e": "done", "a": 3, "t": 9.0},
+        {"e": "start", "a": 4, "t": 10.0, "step": 6},
+    ]
+    report = _checked(tmp_path, events, final=3, stored=2)
+    text = "\n".join(report.failures)
+    assert "attempt 2 read back a bad checkpoint (corrupt at step 3)" in text
+    assert "the stored output is from attempt 2, but attempt 3 completed" in text
+    assert "attempts [4] ran after attempt 3 completed" in text
