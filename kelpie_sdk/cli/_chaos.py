@@ -123,7 +123,7 @@ class ChaosConfig:
         if self.heartbeat < 1:
             raise UsageError("--heartbeat must be at least 1 second")
         for name in self.kinds:
-            if name not in JOB_KINDS:
+            if name != "all" and name not in JOB_KINDS:
                 raise UsageError(
                     f"unknown job kind {name!r}; choose from {', '.join(JOB_KINDS)}"
                 )
@@ -460,9 +460,13 @@ class _Run:
     def _make_specs(self) -> None:
         cfg = self.config
         (self.root / "events").mkdir(parents=True, exist_ok=True)
-        kinds = [k for k in cfg.kinds if JOB_KINDS[k].available()]
+        names = list(JOB_KINDS) if "all" in cfg.kinds else list(cfg.kinds)
+        kinds = [k for k in names if JOB_KINDS[k].available()]
         if not kinds:
-            raise UsageError("none of the job kinds given can run here")
+            raise UsageError(
+                f"none of the job kinds {', '.join(names)} can run here "
+                "(are their extras installed?)"
+            )
         for i in range(cfg.jobs):
             kind = kinds[i % len(kinds)]
             name = f"job-{i:04d}"
@@ -969,7 +973,8 @@ def _add_options(parser: argparse.ArgumentParser, defaults: ChaosConfig) -> None
     add(
         "--kinds",
         default=",".join(defaults.kinds),
-        help=f"job kinds, comma-separated, from: {', '.join(JOB_KINDS)} "
+        help=f"job kinds, comma-separated, from: {', '.join(JOB_KINDS)}; 'all' "
+        "for every kind whose extras are installed "
         f"(default: {','.join(defaults.kinds)})",
     )
     add(
@@ -1026,6 +1031,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 _DEMO = ChaosConfig(
+    kinds=("all",),
     jobs=12,
     workers=3,
     faults=8,
