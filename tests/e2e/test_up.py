@@ -98,28 +98,3 @@ def test_up_runs_jobs_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def test_demo_shows_a_job_surviving_its_worker(tmp_path: Path) -> None:
-    """`kelpie demo` kills the job's worker and the job completes on the other."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kelpie_sdk",
-            "demo",
-            "--steps",
-            "12",
-            "--storage",
-            str(tmp_path / "demo"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert 0 == proc.returncode, proc.stdout + proc.stderr
-    assert "Killing local-" in proc.stdout
-    assert "Completed after 2 attempts" in proc.stdout
-    result = re.search(r"result in storage: (\{.*\})", proc.stdout)
-    assert result is not None
-    assert '"count": 12' in result.group(1)
