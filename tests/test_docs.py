@@ -46,8 +46,8 @@ PYTHON = frozenset({"python", "py"})
 SHELL = frozenset({"console", "bash", "sh", "shell"})
 BLOCK_TIMEOUT = 90
 WORKER_GROUP = "my-gpus"
-FENCE = re.compile(r"^(```+|~~~+)\s*([^\s`]*)")
-MARKER = re.compile(r"^<!--\s*docs-test:\s*(?P<kind>[\w-]+)\s*:(?P<arg>.*?)-->\s*$")
+FENCE = re.compile(r"^\s*(```+|~~~+)\s*([^\s`]*)")
+MARKER = re.compile(r"^\s*<!--\s*docs-test:\s*(?P<kind>[\w-]+)\s*:(?P<arg>.*?)-->\s*$")
 REFERENCE_NAMES = (
     "kelpie-protocol.md",
     "checkpoint-anchors.md",
@@ -226,7 +226,7 @@ def find_blocks(path: Path) -> list[Block]:
                 path=path,
                 line=start + 1,
                 lang=lang.lower(),
-                code="\n".join(body) + "\n",
+                code=textwrap.dedent("\n".join(body) + "\n"),
                 marker=above["kind"] if above else None,
                 marker_arg=above["arg"].strip() if above else "",
             )
@@ -564,4 +564,49 @@ def test_deviation_ids_are_defined() -> None:
     assert not undefined, (
         "ids not defined in the deviation tables of docs/server.md or docs/worker.md:\n"
         + "\n".join(undefined)
+    )
+
+
+def test_the_harness_reads_blocks_markers_and_prompts(tmp_path: Path) -> None:
+    """The parser finds languages, markers, indented blocks and console commands."""
+    doc = tmp_path / "doc.md"
+    doc.write_text(
+        "# Title\n"
+        "<!-- docs-test: skip: needs a cloud -->\n"
+        "```bash\n"
+        "kelpie worker\n"
+        "```\n"
+        "\n"
+        "```\n"
+        "no language\n"
+        "```\n"
+        "- item\n"
+        "  <!-- docs-test: prelude: recipe -->\n"
+        "  ```python\n"
+        "  print(1)\n"
+        "  ```\n"
+        "```console\n"
+        "$ kelpie submit --command python \\\n"
+        "    --arg x.py\n"
+        "Queued 1 job\n"
+        "$ kelpie jobs list\n"
+        "```\n"
+    )
+    skip, bare, indented, console = find_blocks(doc)
+    assert (skip.line, skip.lang, skip.marker, skip.marker_arg) == (
+        3,
+        "bash",
+        "skip",
+        "needs a cloud",
+    )
+    assert ("", None) == (bare.lang, bare.marker)
+    assert ("python", "prelude", "recipe", "print(1)\n") == (
+        indented.lang,
+        indented.marker,
+        indented.marker_arg,
+        indented.code,
+    )
+    assert (
+        "kelpie submit --command python \\\n    --arg x.py\nkelpie jobs list\n"
+        == console_commands(console.code)
     )
