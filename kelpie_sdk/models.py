@@ -7,7 +7,7 @@ about missing or mistyped required ones, raising ``ResponseValidationError``).
 
 The server decodes request bodies into these very classes, so there is one
 definition of the wire format. Field order follows the original API's column
-order (``kelpie-protocol.md`` §2.6); fields this project adds to the protocol
+order (its jobs table); fields this project adds to the protocol
 (``attempt``, ``num_interruptions``, ``lease_expires``, ``progress``,
 ``last_error``) are optional and omitted when unset, so a job read from the
 hosted API round-trips exactly too.

@@ -24,7 +24,7 @@ from kelpie_sdk.models import (
 
 from . import strategies
 
-# A job as the original API returns it (kelpie-protocol.md §2.6), shortened ids.
+# A job as the original API returns it, shortened ids.
 ORIGINAL_JOB = {
     "id": "1a5fac9a",
     "user_id": "5b0f6331",

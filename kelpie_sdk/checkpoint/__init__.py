@@ -8,13 +8,15 @@ The five-line recipe::
     start = ckpt.latest_step()                # None on a fresh start
     state = ckpt.load() if start is not None else init_state()
     for step in range(start or 0, total):
-        ...                                   # one step of work
-        if ckpt.should_save(step + 1):        # every N steps / T seconds / preemption
+        train_one_step(state)                 # one step of work
+        if ckpt.should_save(step + 1):        # every 300 s; SIGTERM under the worker
             ckpt.save(state, step=step + 1)   # async by default; blocking=True to wait
-    ckpt.close()                              # flushes the in-flight save
+    ckpt.finish(state, step=total)            # final save unless saved; waits
 
 Importing this module is cheap: no numpy, torch, HTTP or server code is loaded, and
-nothing (signal handlers, exit hooks) is installed until you ask for it.
+nothing is installed on import. A Checkpointer registers an exit hook (to finish its
+last save) and, in a job run by ``kelpie worker``, a SIGTERM handler (see
+``Checkpointer(preemption=...)``).
 """
 
 from __future__ import annotations

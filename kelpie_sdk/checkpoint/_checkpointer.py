@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from kelpie_sdk.checkpoint import _codecs, _manifest
+from kelpie_sdk.checkpoint import _codecs, _manifest, _signals
 from kelpie_sdk.checkpoint._signals import preempted
 from kelpie_sdk.checkpoint._store import Store, default_url, parallel_map
 from kelpie_sdk.errors import (
@@ -34,6 +34,8 @@ log = logging.getLogger("kelpie_sdk.checkpoint")
 
 DEFAULT_CHUNK_SIZE = 2 * 1024 * 1024
 DEFAULT_EVERY_SECONDS = 300.0
+# Set by the worker for the job's process: the Checkpointer then handles SIGTERM.
+JOB_ID_ENV = "KELPIE_JOB_ID"
 # A local temporary file this old belongs to a writer that was killed.
 STALE_TEMPORARY_SECONDS = 3600.0
 
@@ -98,7 +100,13 @@ class Checkpointer:
         keep_every: Also keep every step that is a multiple of K.
         every_steps: `should_save(step)` is True when ``step % every_steps == 0``.
         every_seconds: `should_save()` is True when this long has passed since the last
-            save. When neither policy is given, every 300 seconds.
+            save (or since the Checkpointer was created). When neither policy is
+            given, every 300 seconds.
+        preemption: Install a SIGTERM handler (main thread only) so that SIGTERM
+            makes `should_save()` True; the next save is then made blocking and,
+            once it is committed, the process ends as SIGTERM would have ended it.
+            A Python handler installed before is still called. None (the default):
+            only in a job run by ``kelpie worker`` (``KELPIE_JOB_ID`` is set).
         chunk_size: Bytes per chunk; smaller means finer incremental saves.
         storage_options: Passed to fsspec (credentials, endpoint...).
         fs: An fsspec filesystem to use instead of building one from the URL.
@@ -123,6 +131,7 @@ class Checkpointer:
         fs: Any = None,
         io_threads: int = 8,
         fsync: bool = True,
+        preemption: bool | None = None,
     ) -> None:
         for name, value in (
             ("keep_last", keep_last),
@@ -159,6 +168,10 @@ class Checkpointer:
         self.loaded_step: int | None = None
         _live.add(self)
         _register_atexit()
+        if preemption is None:
+            preemption = bool(os.environ.get(JOB_ID_ENV))
+        if preemption:
+            _signals.install_deferring_handler()
 
     def __repr__(self) -> str:
         return f"Checkpointer({self.url!r})"
@@ -175,11 +188,11 @@ class Checkpointer:
         """
         Return whether the policy says to save at ``step``.
 
-        True when a preemption signal arrived (see `install_preemption_handler`),
-        when ``step`` is a multiple of ``every_steps``, or when ``every_seconds`` have
-        passed since the last save. Always False for a step at or below one already
-        saved, loaded or found by `latest_step()`, since that step cannot be
-        committed twice.
+        True when a preemption signal arrived (see `install_preemption_handler` and
+        the ``preemption`` argument), when ``step`` is a multiple of
+        ``every_steps``, or when ``every_seconds`` have passed since the last save.
+        Always False for a step at or below one already saved, loaded or found by
+        `latest_step()`, since that step cannot be committed twice.
         """
         if self._last_step is not None and step <= self._last_step:
             return False
@@ -220,7 +233,9 @@ class Checkpointer:
             step: The step number (an int >= 0); each step is committed once.
             codec: ``"raw"``, ``"json"``, ``"pickle"`` or ``"arrays"``; chosen from
                 the type of ``state`` when None.
-            blocking: Wait until the step is committed.
+            blocking: Wait until the step is committed. Always, after a SIGTERM
+                whose default action the Checkpointer deferred: the process then
+                ends by that signal once the step is committed.
 
         Raises:
             CheckpointCodecError: The state cannot be encoded.
@@ -231,6 +246,23 @@ class Checkpointer:
         self._begin(step)
         snap = _codecs.snapshot(state, codec)
         self._start(snap, step, blocking)
+
+    def finish(self, state: Any, *, step: int, codec: str | None = None) -> None:
+        """
+        Save the final state unless ``step`` is saved already, then close.
+
+        Call it after the loop, with the total number of steps: a run shorter than
+        the save interval still leaves its result, and a run that was already
+        finished (``latest_step()`` returned ``step``) saves nothing.
+
+        Raises:
+            The errors of `save` and `close`.
+        """
+        try:
+            if self._last_step is None or step > self._last_step:
+                self.save(state, step=step, codec=codec, blocking=True)
+        finally:
+            self.close()
 
     def save_dir(
         self, path: str | os.PathLike[str], *, step: int, blocking: bool = False
@@ -289,8 +321,14 @@ class Checkpointer:
         )
         self._thread = thread
         thread.start()
-        if blocking:
+        deferred = preempted() and _signals.termination_pending()
+        if blocking or deferred:
             self.wait()
+        if deferred:
+            # The preemption save is committed: finish the others, then end the
+            # process as the deferred SIGTERM would have.
+            _flush_at_exit()
+            _signals.terminate()
 
     def wait(self) -> None:
         """

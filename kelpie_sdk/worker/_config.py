@@ -1,6 +1,6 @@
 """
-The worker's settings: environment variables (the original's names and defaults,
-``kelpie-protocol.md`` §10.1) and command-line flags, flags winning.
+The worker's settings: environment variables (the original worker's names and
+defaults, see docs/worker.md) and command-line flags, flags winning.
 
 =============================  ===============================  ==================
 Setting                        Environment variable             Default

@@ -1,7 +1,7 @@
 """
 Snapshots of a local directory to storage: the changed files, on demand.
 
-This replaces the original's file watcher (§10.6). There is no watcher: the
+This replaces the original's file watcher. There is no watcher here: the
 worker calls :meth:`DirSnapshot.sync` on each heartbeat tick and once after the
 job exits. A file is "changed" when its ``(size, mtime_ns)`` differs from the
 version last uploaded (or downloaded). On a tick, files modified within the

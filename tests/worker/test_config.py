@@ -16,7 +16,7 @@ BASE = {"SALAD_CONTAINER_GROUP_ID": "cg", "SALAD_MACHINE_ID": "m1"}
 
 
 def test_defaults_match_the_original() -> None:
-    """Without variables the defaults of kelpie-protocol.md §10.1 apply."""
+    """Without variables the original worker's defaults apply."""
     config = WorkerConfig.from_env(BASE)
     assert (3, 5, 0.0, 10.0) == (
         config.max_retries,
