@@ -579,15 +579,37 @@ async def _report(request: Request[Any, Any, Any]) -> WorkerReport:
     return report
 
 
-def _fenced(outcome: ReportOutcome, verb: str) -> None:
+def _fenced(
+    outcome: ReportOutcome, verb: str, job_id: str, report: WorkerReport
+) -> bool:
+    """
+    Turn a fenced report's outcome into an answer; ``True`` if it took effect.
+
+    A report without ``attempt`` comes from a worker written for the original
+    API, which answered every report with success and whose worker exits after
+    three refused reports. Such a report from a caller that does not hold the
+    job changes nothing, is logged, and is answered as a success. A report
+    that carries ``attempt`` is told the truth: 409.
+    """
     if outcome == "not_found":
         raise _not_found()
     if outcome == "not_holder":
+        if report.attempt is None:
+            logger.warning(
+                "ignored the %s report for job %s from machine %s, which does "
+                "not hold it (canceled, finished or claimed again); "
+                "answered as a success for compatibility",
+                verb,
+                job_id,
+                report.machine_id,
+            )
+            return False
         raise HTTPProblem(
             409,
             "Conflict",
             f"cannot report {verb}: this machine (and attempt) does not hold the job",
         )
+    return True
 
 
 @post("/jobs/{job_id:str}/heartbeat", status_code=200)
@@ -615,10 +637,18 @@ async def completed(
     principal: NamedDependency[Principal],
 ) -> Response[dict[str, str]]:
     """
-    The holder reports success. 409 if the caller no longer holds the job.
+    The holder reports success.
+
+    From a caller that no longer holds the job: 409 if the report carries
+    ``attempt``, else ignored and answered as a success (as the original).
     """
     report = await _report(request)
-    _fenced(_state(request).store.complete(principal, job_id, report), "completion")
+    _fenced(
+        _state(request).store.complete(principal, job_id, report),
+        "completion",
+        job_id,
+        report,
+    )
     return _json({"message": "Completed reported"})
 
 
@@ -632,9 +662,17 @@ async def failed(
     """
     The holder reports a failure: the machine is banned from the job, and the
     job is requeued at once unless it reached ``max_failures``.
+
+    From a caller that no longer holds the job: 409 if the report carries
+    ``attempt``, else ignored and answered as a success (as the original).
     """
     report = await _report(request)
-    _fenced(_state(request).store.fail(principal, job_id, report), "failure")
+    _fenced(
+        _state(request).store.fail(principal, job_id, report),
+        "failure",
+        job_id,
+        report,
+    )
     return _json({"message": "Failure reported"}, 202)
 
 
@@ -650,7 +688,12 @@ async def release(
     failure): a worker restarting, shutting down, or a job exiting with 85.
     """
     report = await _report(request)
-    _fenced(_state(request).store.release(principal, job_id, report), "release")
+    _fenced(
+        _state(request).store.release(principal, job_id, report),
+        "release",
+        job_id,
+        report,
+    )
     return _json({"message": "Job released"})
 
 
