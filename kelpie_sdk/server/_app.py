@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import logging
 import re
 import time
@@ -23,7 +24,12 @@ import msgspec
 from litestar import Litestar, Request, Response, delete, get, patch, post
 from litestar.di import NamedDependency, Provide
 from litestar.enums import RequestEncodingType
-from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.exceptions import (
+    HTTPException,
+    NotFoundException,
+    SerializationException,
+    ValidationException,
+)
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.params import BodyKwarg, FromPath, FromQuery, JSONBody
@@ -169,6 +175,71 @@ async def _raw_json(request: Request[Any, Any, Any]) -> Any:
         return msgspec.json.decode(body)
     except msgspec.DecodeError as exc:
         raise HTTPProblem(400, "Bad Request", f"malformed JSON: {exc}") from exc
+
+
+#: Fields of a job as the API returns it: ignored in a submission, so that a
+#: job read back with ``GET /jobs/{id}`` can be submitted again, as before.
+_JOB_ONLY_FIELDS = frozenset(f.name for f in attrs.fields(Job)) - frozenset(
+    f.name for f in attrs.fields(JobSubmission)
+)
+#: How alike an unknown field must be to a known one to count as a misspelling.
+_TYPO_CUTOFF = 0.75
+
+
+def _check_fields(
+    raw: Any, model: type[Any], where: str = "", ignored: frozenset[str] = frozenset()
+) -> None:
+    """
+    Name the unknown fields of a submission that are surely mistakes.
+
+    The original API dropped unknown fields silently, and clients written for
+    it may send extra ones, so unknown fields are still ignored, except a
+    misspelling of a known field, and any unknown field when a required field
+    is missing: both are 400s that name the field.
+    """
+    if not isinstance(raw, dict):
+        return
+    fields = attrs.fields(model)
+    known = [f.name for f in fields]
+    unknown = [k for k in raw if k not in known and k not in ignored]
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=_TYPO_CUTOFF)
+        if close:
+            raise HTTPProblem(
+                400,
+                "Invalid request",
+                f"unknown field '{where}{key}' (did you mean '{close[0]}'?)",
+            )
+    missing = [
+        f.name for f in fields if f.default is attrs.NOTHING and f.name not in raw
+    ]
+    if missing and unknown:
+        raise HTTPProblem(
+            400,
+            "Invalid request",
+            f"missing required field '{where}{missing[0]}'; unknown "
+            + ("fields " if len(unknown) > 1 else "field ")
+            + ", ".join(f"'{where}{k}'" for k in unknown)
+            + " given instead",
+        )
+
+
+def _check_submission_fields(raw: Any) -> None:
+    _check_fields(raw, JobSubmission, ignored=_JOB_ONLY_FIELDS)
+    sync = raw.get("sync") if isinstance(raw, dict) else None
+    if not isinstance(sync, dict):
+        return
+    _check_fields(sync, SyncSpec, "sync.")
+    for phase in ("before", "during", "after"):
+        entries = sync.get(phase)
+        if isinstance(entries, list):
+            for i, entry in enumerate(entries):
+                _check_fields(entry, SyncConfig, f"sync.{phase}[{i}].")
+
+
+def _decode_submission(raw: Any, where: str = "body") -> JobSubmission:
+    _check_submission_fields(raw)
+    return _strict(raw, JobSubmission, where)
 
 
 def _normalise_prefix(prefix: str) -> str:
@@ -366,7 +437,17 @@ def _not_found(what: str = "Job") -> HTTPProblem:
 # Jobs ------------------------------------------------------------------------
 
 
-@post("/jobs", status_code=202)
+async def _check_job_body(request: Request[Any, Any, Any]) -> None:
+    # Runs before Litestar decodes the body, whose error for a misspelt
+    # required field would name the missing field, not the misspelt one.
+    try:
+        raw = await request.json()
+    except SerializationException:
+        return  # malformed JSON: Litestar's decoding answers it
+    _check_submission_fields(raw)
+
+
+@post("/jobs", status_code=202, before_request=_check_job_body)
 async def submit_job(
     request: Request[Any, Any, Any],
     data: JSONBody[JobSubmission],
@@ -375,7 +456,7 @@ async def submit_job(
     """
     Queue one job.
     """
-    sub = validate_submission(_strict(await request.json(), JobSubmission))
+    sub = validate_submission(_decode_submission(await request.json()))
     (job,) = _state(request).store.insert_jobs(principal.user_id, [sub])
     return _job_response(job, 202)
 
@@ -408,7 +489,7 @@ async def submit_batch(
     subs = []
     for index, item in enumerate(raw):
         try:
-            subs.append(validate_submission(_strict(item, JobSubmission, "job")))
+            subs.append(validate_submission(_decode_submission(item, "job")))
         except HTTPProblem as exc:
             exc.extra["index"] = index
             raise
