@@ -32,6 +32,7 @@ from litestar.exceptions import (
 )
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import BodyKwarg, FromPath, FromQuery, JSONBody
 from litestar.plugins.attrs import AttrsSchemaPlugin
 
@@ -997,6 +998,67 @@ def openapi_json(request: Request[Any, Any, Any]) -> Response[Any]:
     return _json(request.app.openapi_schema.to_schema())
 
 
+#: Where the Swagger UI files that ``/docs`` loads are served from.
+_DOCS_ASSETS = "/docs/assets"
+#: The name of the API key's security scheme in the OpenAPI document.
+_KEY_SCHEME = "KelpieKey"
+
+
+def _docs_assets() -> Any:
+    """
+    Serve Swagger UI's files from the installed ``swagger-ui-bundle-v2``
+    package, so that ``/docs`` works offline.
+    """
+    from litestar.static_files import create_static_files_router
+    from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
+
+    return create_static_files_router(
+        path=_DOCS_ASSETS,
+        directories=[str(swagger_ui_path)],
+        include_in_schema=False,
+        name="docs-assets",
+    )
+
+
+def _openapi_config() -> OpenAPIConfig:
+    from importlib.metadata import version
+
+    return OpenAPIConfig(
+        title="Kelpie API (kelpie-sdk)",
+        version=version("kelpie-sdk"),
+        description=(
+            "A self-hosted, wire-compatible Kelpie API. "
+            "Authenticate with the X-Kelpie-Key header (Authorize, above)."
+        ),
+        path="/docs",
+        render_plugins=[
+            SwaggerRenderPlugin(
+                path="/",
+                js_url=f"{_DOCS_ASSETS}/swagger-ui-bundle.js",
+                css_url=f"{_DOCS_ASSETS}/swagger-ui.css",
+                standalone_preset_js_url=(
+                    f"{_DOCS_ASSETS}/swagger-ui-standalone-preset.js"
+                ),
+                favicon=(
+                    f"<link rel='icon' type='image/png' "
+                    f"href='{_DOCS_ASSETS}/favicon-32x32.png'>"
+                ),
+            )
+        ],
+        components=Components(
+            security_schemes={
+                _KEY_SCHEME: SecurityScheme(
+                    type="apiKey",
+                    name="X-Kelpie-Key",
+                    security_scheme_in="header",
+                    description="An API key issued by the admin",
+                )
+            }
+        ),
+        security=[{_KEY_SCHEME: []}],
+    )
+
+
 def create_app(store: Store, *, debug: bool = False) -> Litestar:
     """
     Build the Kelpie API application around a store.
@@ -1005,8 +1067,6 @@ def create_app(store: Store, *, debug: bool = False) -> Litestar:
         store: The store (schema already migrated).
         debug: Litestar debug mode (tracebacks in responses).
     """
-    from importlib.metadata import version
-
     handlers: Sequence[Any] = [
         submit_job,
         submit_batch,
@@ -1032,6 +1092,7 @@ def create_app(store: Store, *, debug: bool = False) -> Litestar:
         delete_users,
         health,
         openapi_json,
+        _docs_assets(),
     ]
     exception_handlers: Mapping[Any, Any] = {
         HTTPProblem: _on_problem,
@@ -1044,16 +1105,7 @@ def create_app(store: Store, *, debug: bool = False) -> Litestar:
         dependencies={"principal": Provide(_authenticate, sync_to_thread=False)},
         exception_handlers=dict(exception_handlers),
         plugins=[AttrsSchemaPlugin()],
-        openapi_config=OpenAPIConfig(
-            title="Kelpie API (kelpie-sdk)",
-            version=version("kelpie-sdk"),
-            description=(
-                "A self-hosted, wire-compatible Kelpie API. "
-                "Authenticate with the X-Kelpie-Key header."
-            ),
-            path="/docs",
-            render_plugins=[SwaggerRenderPlugin(path="/")],
-        ),
+        openapi_config=_openapi_config(),
         debug=debug,
     )
     app.state.kelpie = state = _State(store=store)
