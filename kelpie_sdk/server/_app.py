@@ -327,7 +327,8 @@ def validate_submission(sub: JobSubmission) -> JobSubmission:
 
 class _Waker:
     """
-    Wakes ``GET /work`` long-polls when a queue may have gained a job.
+    Wakes long polls waiting on a key: a queue ``(user_id, group)`` that may
+    have gained a job, or a job ``(job_id,)`` that may have changed.
 
     In-process only: with several server replicas a waiter also re-checks the
     database every ``RECHECK`` seconds, which also catches expiring leases.
@@ -336,27 +337,27 @@ class _Waker:
     RECHECK = 1.0
 
     def __init__(self) -> None:
-        self._events: dict[tuple[str, str], asyncio.Event] = {}
+        self._events: dict[tuple[str, ...], asyncio.Event] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def notify(self, user_id: str, group: str) -> None:
+    def notify(self, *key: str) -> None:
         """
-        Wake the waiters of one queue; safe to call from any thread.
+        Wake the waiters of one key; safe to call from any thread.
         """
         loop = self._loop
         if loop is not None and not _running_in(loop):
-            loop.call_soon_threadsafe(self.notify, user_id, group)
+            loop.call_soon_threadsafe(self.notify, *key)
             return
-        event = self._events.pop((user_id, group), None)
+        event = self._events.pop(key, None)
         if event is not None:
             event.set()
 
-    async def wait(self, user_id: str, group: str, timeout: float) -> None:
+    async def wait(self, key: tuple[str, ...], timeout: float) -> None:
         """
-        Wait until the queue is notified, ``timeout`` passes, or ``RECHECK``.
+        Wait until the key is notified, ``timeout`` passes, or ``RECHECK``.
         """
         self._loop = asyncio.get_running_loop()
-        event = self._events.setdefault((user_id, group), asyncio.Event())
+        event = self._events.setdefault(key, asyncio.Event())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout=min(timeout, self.RECHECK))
 
@@ -375,6 +376,8 @@ def _running_in(loop: asyncio.AbstractEventLoop) -> bool:
 class _State:
     store: Store
     waker: _Waker = attrs.field(factory=_Waker)
+    #: Wakes ``GET /jobs/{id}/status`` long polls when a job changes.
+    jobs: _Waker = attrs.field(factory=_Waker)
     keys: dict[str, tuple[Principal, float]] = attrs.field(factory=dict)
 
 
@@ -564,6 +567,7 @@ def cancel_job(
         raise _not_found()
     if isinstance(outcome, JobStatus):
         raise HTTPProblem(409, "Conflict", f"Job already {outcome.value}")
+    _state(request).jobs.notify(job_id)
     return _json({"message": "Job canceled"}, 202)
 
 
@@ -627,6 +631,7 @@ async def get_work(
                 principal, machine_id=machine_id, group=container_group_id
             )
             if job is not None:
+                state.jobs.notify(job.id)  # a reclaim: the old holder's poll
                 return _json([job.to_json()])
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -635,7 +640,7 @@ async def get_work(
             # handed a job it will never run: watch for its disconnect.
             gone = gone or asyncio.ensure_future(_disconnect(request))
             wake = asyncio.ensure_future(
-                state.waker.wait(principal.user_id, container_group_id, remaining)
+                state.waker.wait((principal.user_id, container_group_id), remaining)
             )
             await asyncio.wait({gone, wake}, return_when=asyncio.FIRST_COMPLETED)
             if gone.done():
@@ -725,12 +730,11 @@ async def completed(
     ``attempt``, else ignored and answered as a success (as the original).
     """
     report = await _report(request)
-    _fenced(
-        _state(request).store.complete(principal, job_id, report),
-        "completion",
-        job_id,
-        report,
-    )
+    state = _state(request)
+    if _fenced(
+        state.store.complete(principal, job_id, report), "completion", job_id, report
+    ):
+        state.jobs.notify(job_id)
     return _json({"message": "Completed reported"})
 
 
@@ -749,12 +753,9 @@ async def failed(
     ``attempt``, else ignored and answered as a success (as the original).
     """
     report = await _report(request)
-    _fenced(
-        _state(request).store.fail(principal, job_id, report),
-        "failure",
-        job_id,
-        report,
-    )
+    state = _state(request)
+    if _fenced(state.store.fail(principal, job_id, report), "failure", job_id, report):
+        state.jobs.notify(job_id)
     return _json({"message": "Failure reported"}, 202)
 
 
@@ -770,13 +771,88 @@ async def release(
     failure): a worker restarting, shutting down, or a job exiting with 85.
     """
     report = await _report(request)
-    _fenced(
-        _state(request).store.release(principal, job_id, report),
-        "release",
-        job_id,
-        report,
-    )
+    state = _state(request)
+    if _fenced(
+        state.store.release(principal, job_id, report), "release", job_id, report
+    ):
+        state.jobs.notify(job_id)
     return _json({"message": "Job released"})
+
+
+# Progress and status between heartbeats (optional additions) ------------------------
+
+
+@post("/jobs/{job_id:str}/progress", status_code=200)
+async def report_progress(
+    request: Request[Any, Any, Any],
+    job_id: FromPath[str],
+    data: JSONBody[WorkerReport],
+    principal: NamedDependency[Principal],
+) -> Response[dict[str, str]]:
+    """
+    The holder's latest progress record, sent as soon as the job writes it.
+
+    Unlike a heartbeat it does not extend the lease. Answered like a
+    heartbeat: ``{"status": "canceled"}`` means: stop the job now.
+    """
+    report = await _report(request)
+    if report.progress is None:
+        raise HTTPProblem(
+            400, "Bad Request", "progress is required: the job's latest progress record"
+        )
+    status = _state(request).store.report_progress(principal, job_id, report)
+    if status is None:
+        raise _not_found()
+    return _json({"status": status.value})
+
+
+@get("/jobs/{job_id:str}/status")
+async def holder_status(
+    request: Request[Any, Any, Any],
+    job_id: FromPath[str],
+    principal: NamedDependency[Principal],
+    machine_id: FromQuery[str | None] = None,
+    attempt: FromQuery[int | None] = None,
+    wait: FromQuery[float | None] = None,
+) -> Response[dict[str, str]]:
+    """
+    The job's status for its holder: ``{"status": "running"}`` while
+    ``machine_id`` (and ``attempt``) holds it, else ``canceled`` or the final
+    status, as a heartbeat would answer, without extending the lease.
+
+    ``wait`` (seconds, up to 60) holds the request while the answer is
+    ``running`` and returns at once when the job is canceled, finished or
+    claimed by someone else: a worker learns of a cancel without waiting for
+    its next heartbeat.
+    """
+    if not machine_id:
+        raise HTTPProblem(400, "Bad Request", "query parameter machine_id is required")
+    if wait is not None and not 0 <= wait <= MAX_LONG_POLL:
+        raise HTTPProblem(
+            400, "Bad Request", f"wait must be between 0 and {MAX_LONG_POLL:g} seconds"
+        )
+    state = _state(request)
+    deadline = time.monotonic() + (wait or 0.0)
+    gone: asyncio.Task[None] | None = None
+    try:
+        while True:
+            status = state.store.holder_status(
+                principal, job_id, machine_id=machine_id, attempt=attempt
+            )
+            if status is None:
+                raise _not_found()
+            remaining = deadline - time.monotonic()
+            if status is not JobStatus.RUNNING or remaining <= 0:
+                return _json({"status": status.value})
+            gone = gone or asyncio.ensure_future(_disconnect(request))
+            wake = asyncio.ensure_future(state.jobs.wait((job_id,), remaining))
+            await asyncio.wait({gone, wake}, return_when=asyncio.FIRST_COMPLETED)
+            if gone.done():
+                wake.cancel()
+                return _json({"status": status.value})
+    finally:
+        if gone is not None:
+            gone.cancel()
 
 
 # Scaling rules -------------------------------------------------------------------
@@ -1080,6 +1156,8 @@ def create_app(store: Store, *, debug: bool = False) -> Litestar:
         completed,
         failed,
         release,
+        report_progress,
+        holder_status,
         create_rule,
         list_rules,
         get_rule,
