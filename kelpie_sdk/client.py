@@ -914,3 +914,88 @@ class Client:
             NotFoundError: No such job.
         """
         self._report(job_id, "release", report, timeout, max_retries)
+
+    # -- between heartbeats: progress and the holder's status ---------------------
+    #
+    # Optional additions to the protocol (a server written for the original
+    # answers them 404): they carry progress and cancellation within seconds
+    # without making heartbeats more frequent.
+
+    def report_progress(
+        self,
+        job_id: str,
+        report: WorkerReport,
+        *,
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> JobStatus:
+        """
+        Worker: send the job's latest progress record (``report.progress``)
+        now, without extending the lease.
+
+        Returns:
+            The job's status as a heartbeat answers it; ``canceled`` means
+            stop now.
+        """
+        data = self._request(
+            "POST",
+            f"/jobs/{_quote(job_id)}/progress",
+            json_body=report.to_json(),
+            idempotent=True,
+            timeout=timeout,
+            max_retries=max_retries,
+        )
+        return _job_status(data, "POST /jobs/{id}/progress")
+
+    def holder_status(
+        self,
+        job_id: str,
+        *,
+        machine_id: str,
+        attempt: int | None = None,
+        wait: float | None = None,
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> JobStatus:
+        """
+        Worker: the job's status for its holder, without extending the lease.
+
+        Args:
+            machine_id: This machine.
+            attempt: The claim's attempt, to tell this claim from later ones.
+            wait: Long-poll: seconds the server may hold the request while
+                the answer is ``running``; it answers at once when the job is
+                canceled, finished or claimed by another machine. The read
+                timeout is raised to ``wait + 5`` s.
+
+        Returns:
+            ``running`` while this machine holds the job, else ``canceled`` or
+            the job's final status.
+        """
+        params: dict[str, str | int | float] = {"machine_id": machine_id}
+        if attempt is not None:
+            params["attempt"] = attempt
+        limits = normalize_timeout(self.timeout if timeout is None else timeout)
+        if wait is not None:
+            if wait < 0:
+                raise ValueError(f"wait must not be negative, got {wait}")
+            params["wait"] = f"{wait:g}"
+            limits = (limits[0], max(limits[1], wait + CLAIM_WAIT_MARGIN))
+        data = self._request(
+            "GET",
+            f"/jobs/{_quote(job_id)}/status",
+            params=params,
+            idempotent=True,
+            timeout=limits,
+            max_retries=max_retries,
+        )
+        return _job_status(data, "GET /jobs/{id}/status")
+
+
+def _job_status(data: Any, what: str) -> JobStatus:
+    value = _expect_mapping(data, what).get("status")
+    if not isinstance(value, str) or value not in JobStatus._value2member_map_:
+        raise ResponseValidationError(
+            f"{what}: 'status' must be a job status, got {value!r}"
+        )
+    return JobStatus(value)

@@ -49,6 +49,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         choices=["critical", "error", "warning", "info", "debug"],
         help="uvicorn's log level (default: info)",
     )
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log each request with its status and duration (default: off)",
+    )
     parser.set_defaults(handler=_serve)
 
 
@@ -66,5 +71,6 @@ def _serve(args: argparse.Namespace, ctx: Context) -> int:
         port=args.port,
         database_url=database,
         log_level=args.log_level,
+        access_log=args.access_log,
     )
     return EXIT_OK

@@ -12,10 +12,12 @@ import pathlib
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import sqlalchemy as sa
 
 from kelpie_sdk.errors import ConfigError
+from kelpie_sdk.server._access import AccessLog
 from kelpie_sdk.server._app import HTTPProblem, create_app, validate_submission
 from kelpie_sdk.server._db import ADMIN_ID, make_engine, upgrade
 from kelpie_sdk.server._store import Principal, Store
@@ -77,6 +79,7 @@ def serve(
     database_url: str | None = None,
     admin_key: str | None = None,
     log_level: str = "info",
+    access_log: bool = False,
 ) -> None:
     """
     Run the server in the foreground until interrupted.
@@ -88,6 +91,8 @@ def serve(
             data directory.
         admin_key: The admin's API key; default ``KELPIE_ADMIN_KEY``, else one
             is generated at first start and printed once.
+        log_level: The level of uvicorn's and the server's log messages.
+        access_log: Log each request with its status and duration.
     """
     import uvicorn
 
@@ -98,5 +103,32 @@ def serve(
             f"Generated the admin API key (shown only once): {generated}",
             file=sys.stderr,
         )
-    app = create_app(store)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    app: Any = create_app(store)
+    if access_log:
+        app = AccessLog(app)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        log_config=_log_config(log_level),
+        access_log=False,
+    )
+
+
+def _log_config(level: str) -> dict[str, Any]:
+    """
+    uvicorn's logging configuration, plus the server's own loggers (access
+    lines, ignored stale reports) on the same handler.
+    """
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config: dict[str, Any] = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["kelpie_sdk"] = {
+        "handlers": ["default"],
+        "level": level.upper(),
+        "propagate": False,
+    }
+    return config

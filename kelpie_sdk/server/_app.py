@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import logging
 import re
 import time
@@ -23,9 +24,15 @@ import msgspec
 from litestar import Litestar, Request, Response, delete, get, patch, post
 from litestar.di import NamedDependency, Provide
 from litestar.enums import RequestEncodingType
-from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.exceptions import (
+    HTTPException,
+    NotFoundException,
+    SerializationException,
+    ValidationException,
+)
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import BodyKwarg, FromPath, FromQuery, JSONBody
 from litestar.plugins.attrs import AttrsSchemaPlugin
 
@@ -171,6 +178,71 @@ async def _raw_json(request: Request[Any, Any, Any]) -> Any:
         raise HTTPProblem(400, "Bad Request", f"malformed JSON: {exc}") from exc
 
 
+#: Fields of a job as the API returns it: ignored in a submission, so that a
+#: job read back with ``GET /jobs/{id}`` can be submitted again, as before.
+_JOB_ONLY_FIELDS = frozenset(f.name for f in attrs.fields(Job)) - frozenset(
+    f.name for f in attrs.fields(JobSubmission)
+)
+#: How alike an unknown field must be to a known one to count as a misspelling.
+_TYPO_CUTOFF = 0.75
+
+
+def _check_fields(
+    raw: Any, model: type[Any], where: str = "", ignored: frozenset[str] = frozenset()
+) -> None:
+    """
+    Name the unknown fields of a submission that are surely mistakes.
+
+    The original API dropped unknown fields silently, and clients written for
+    it may send extra ones, so unknown fields are still ignored, except a
+    misspelling of a known field, and any unknown field when a required field
+    is missing: both are 400s that name the field.
+    """
+    if not isinstance(raw, dict):
+        return
+    fields = attrs.fields(model)
+    known = [f.name for f in fields]
+    unknown = [k for k in raw if k not in known and k not in ignored]
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=_TYPO_CUTOFF)
+        if close:
+            raise HTTPProblem(
+                400,
+                "Invalid request",
+                f"unknown field '{where}{key}' (did you mean '{close[0]}'?)",
+            )
+    missing = [
+        f.name for f in fields if f.default is attrs.NOTHING and f.name not in raw
+    ]
+    if missing and unknown:
+        raise HTTPProblem(
+            400,
+            "Invalid request",
+            f"missing required field '{where}{missing[0]}'; unknown "
+            + ("fields " if len(unknown) > 1 else "field ")
+            + ", ".join(f"'{where}{k}'" for k in unknown)
+            + " given instead",
+        )
+
+
+def _check_submission_fields(raw: Any) -> None:
+    _check_fields(raw, JobSubmission, ignored=_JOB_ONLY_FIELDS)
+    sync = raw.get("sync") if isinstance(raw, dict) else None
+    if not isinstance(sync, dict):
+        return
+    _check_fields(sync, SyncSpec, "sync.")
+    for phase in ("before", "during", "after"):
+        entries = sync.get(phase)
+        if isinstance(entries, list):
+            for i, entry in enumerate(entries):
+                _check_fields(entry, SyncConfig, f"sync.{phase}[{i}].")
+
+
+def _decode_submission(raw: Any, where: str = "body") -> JobSubmission:
+    _check_submission_fields(raw)
+    return _strict(raw, JobSubmission, where)
+
+
 def _normalise_prefix(prefix: str) -> str:
     # An empty prefix is the bucket root; the original turned it into "/",
     # a different (and surprising) key prefix.
@@ -255,7 +327,8 @@ def validate_submission(sub: JobSubmission) -> JobSubmission:
 
 class _Waker:
     """
-    Wakes ``GET /work`` long-polls when a queue may have gained a job.
+    Wakes long polls waiting on a key: a queue ``(user_id, group)`` that may
+    have gained a job, or a job ``(job_id,)`` that may have changed.
 
     In-process only: with several server replicas a waiter also re-checks the
     database every ``RECHECK`` seconds, which also catches expiring leases.
@@ -264,27 +337,27 @@ class _Waker:
     RECHECK = 1.0
 
     def __init__(self) -> None:
-        self._events: dict[tuple[str, str], asyncio.Event] = {}
+        self._events: dict[tuple[str, ...], asyncio.Event] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def notify(self, user_id: str, group: str) -> None:
+    def notify(self, *key: str) -> None:
         """
-        Wake the waiters of one queue; safe to call from any thread.
+        Wake the waiters of one key; safe to call from any thread.
         """
         loop = self._loop
         if loop is not None and not _running_in(loop):
-            loop.call_soon_threadsafe(self.notify, user_id, group)
+            loop.call_soon_threadsafe(self.notify, *key)
             return
-        event = self._events.pop((user_id, group), None)
+        event = self._events.pop(key, None)
         if event is not None:
             event.set()
 
-    async def wait(self, user_id: str, group: str, timeout: float) -> None:
+    async def wait(self, key: tuple[str, ...], timeout: float) -> None:
         """
-        Wait until the queue is notified, ``timeout`` passes, or ``RECHECK``.
+        Wait until the key is notified, ``timeout`` passes, or ``RECHECK``.
         """
         self._loop = asyncio.get_running_loop()
-        event = self._events.setdefault((user_id, group), asyncio.Event())
+        event = self._events.setdefault(key, asyncio.Event())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout=min(timeout, self.RECHECK))
 
@@ -303,6 +376,8 @@ def _running_in(loop: asyncio.AbstractEventLoop) -> bool:
 class _State:
     store: Store
     waker: _Waker = attrs.field(factory=_Waker)
+    #: Wakes ``GET /jobs/{id}/status`` long polls when a job changes.
+    jobs: _Waker = attrs.field(factory=_Waker)
     keys: dict[str, tuple[Principal, float]] = attrs.field(factory=dict)
 
 
@@ -366,7 +441,17 @@ def _not_found(what: str = "Job") -> HTTPProblem:
 # Jobs ------------------------------------------------------------------------
 
 
-@post("/jobs", status_code=202)
+async def _check_job_body(request: Request[Any, Any, Any]) -> None:
+    # Runs before Litestar decodes the body, whose error for a misspelt
+    # required field would name the missing field, not the misspelt one.
+    try:
+        raw = await request.json()
+    except SerializationException:
+        return  # malformed JSON: Litestar's decoding answers it
+    _check_submission_fields(raw)
+
+
+@post("/jobs", status_code=202, before_request=_check_job_body)
 async def submit_job(
     request: Request[Any, Any, Any],
     data: JSONBody[JobSubmission],
@@ -375,7 +460,7 @@ async def submit_job(
     """
     Queue one job.
     """
-    sub = validate_submission(_strict(await request.json(), JobSubmission))
+    sub = validate_submission(_decode_submission(await request.json()))
     (job,) = _state(request).store.insert_jobs(principal.user_id, [sub])
     return _job_response(job, 202)
 
@@ -408,7 +493,7 @@ async def submit_batch(
     subs = []
     for index, item in enumerate(raw):
         try:
-            subs.append(validate_submission(_strict(item, JobSubmission, "job")))
+            subs.append(validate_submission(_decode_submission(item, "job")))
         except HTTPProblem as exc:
             exc.extra["index"] = index
             raise
@@ -482,6 +567,7 @@ def cancel_job(
         raise _not_found()
     if isinstance(outcome, JobStatus):
         raise HTTPProblem(409, "Conflict", f"Job already {outcome.value}")
+    _state(request).jobs.notify(job_id)
     return _json({"message": "Job canceled"}, 202)
 
 
@@ -545,6 +631,7 @@ async def get_work(
                 principal, machine_id=machine_id, group=container_group_id
             )
             if job is not None:
+                state.jobs.notify(job.id)  # a reclaim: the old holder's poll
                 return _json([job.to_json()])
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -553,7 +640,7 @@ async def get_work(
             # handed a job it will never run: watch for its disconnect.
             gone = gone or asyncio.ensure_future(_disconnect(request))
             wake = asyncio.ensure_future(
-                state.waker.wait(principal.user_id, container_group_id, remaining)
+                state.waker.wait((principal.user_id, container_group_id), remaining)
             )
             await asyncio.wait({gone, wake}, return_when=asyncio.FIRST_COMPLETED)
             if gone.done():
@@ -579,15 +666,37 @@ async def _report(request: Request[Any, Any, Any]) -> WorkerReport:
     return report
 
 
-def _fenced(outcome: ReportOutcome, verb: str) -> None:
+def _fenced(
+    outcome: ReportOutcome, verb: str, job_id: str, report: WorkerReport
+) -> bool:
+    """
+    Turn a fenced report's outcome into an answer; ``True`` if it took effect.
+
+    A report without ``attempt`` comes from a worker written for the original
+    API, which answered every report with success and whose worker exits after
+    three refused reports. Such a report from a caller that does not hold the
+    job changes nothing, is logged, and is answered as a success. A report
+    that carries ``attempt`` is told the truth: 409.
+    """
     if outcome == "not_found":
         raise _not_found()
     if outcome == "not_holder":
+        if report.attempt is None:
+            logger.warning(
+                "ignored the %s report for job %s from machine %s, which does "
+                "not hold it (canceled, finished or claimed again); "
+                "answered as a success for compatibility",
+                verb,
+                job_id,
+                report.machine_id,
+            )
+            return False
         raise HTTPProblem(
             409,
             "Conflict",
             f"cannot report {verb}: this machine (and attempt) does not hold the job",
         )
+    return True
 
 
 @post("/jobs/{job_id:str}/heartbeat", status_code=200)
@@ -615,10 +724,17 @@ async def completed(
     principal: NamedDependency[Principal],
 ) -> Response[dict[str, str]]:
     """
-    The holder reports success. 409 if the caller no longer holds the job.
+    The holder reports success.
+
+    From a caller that no longer holds the job: 409 if the report carries
+    ``attempt``, else ignored and answered as a success (as the original).
     """
     report = await _report(request)
-    _fenced(_state(request).store.complete(principal, job_id, report), "completion")
+    state = _state(request)
+    if _fenced(
+        state.store.complete(principal, job_id, report), "completion", job_id, report
+    ):
+        state.jobs.notify(job_id)
     return _json({"message": "Completed reported"})
 
 
@@ -632,9 +748,14 @@ async def failed(
     """
     The holder reports a failure: the machine is banned from the job, and the
     job is requeued at once unless it reached ``max_failures``.
+
+    From a caller that no longer holds the job: 409 if the report carries
+    ``attempt``, else ignored and answered as a success (as the original).
     """
     report = await _report(request)
-    _fenced(_state(request).store.fail(principal, job_id, report), "failure")
+    state = _state(request)
+    if _fenced(state.store.fail(principal, job_id, report), "failure", job_id, report):
+        state.jobs.notify(job_id)
     return _json({"message": "Failure reported"}, 202)
 
 
@@ -650,8 +771,88 @@ async def release(
     failure): a worker restarting, shutting down, or a job exiting with 85.
     """
     report = await _report(request)
-    _fenced(_state(request).store.release(principal, job_id, report), "release")
+    state = _state(request)
+    if _fenced(
+        state.store.release(principal, job_id, report), "release", job_id, report
+    ):
+        state.jobs.notify(job_id)
     return _json({"message": "Job released"})
+
+
+# Progress and status between heartbeats (optional additions) ------------------------
+
+
+@post("/jobs/{job_id:str}/progress", status_code=200)
+async def report_progress(
+    request: Request[Any, Any, Any],
+    job_id: FromPath[str],
+    data: JSONBody[WorkerReport],
+    principal: NamedDependency[Principal],
+) -> Response[dict[str, str]]:
+    """
+    The holder's latest progress record, sent as soon as the job writes it.
+
+    Unlike a heartbeat it does not extend the lease. Answered like a
+    heartbeat: ``{"status": "canceled"}`` means: stop the job now.
+    """
+    report = await _report(request)
+    if report.progress is None:
+        raise HTTPProblem(
+            400, "Bad Request", "progress is required: the job's latest progress record"
+        )
+    status = _state(request).store.report_progress(principal, job_id, report)
+    if status is None:
+        raise _not_found()
+    return _json({"status": status.value})
+
+
+@get("/jobs/{job_id:str}/status")
+async def holder_status(
+    request: Request[Any, Any, Any],
+    job_id: FromPath[str],
+    principal: NamedDependency[Principal],
+    machine_id: FromQuery[str | None] = None,
+    attempt: FromQuery[int | None] = None,
+    wait: FromQuery[float | None] = None,
+) -> Response[dict[str, str]]:
+    """
+    The job's status for its holder: ``{"status": "running"}`` while
+    ``machine_id`` (and ``attempt``) holds it, else ``canceled`` or the final
+    status, as a heartbeat would answer, without extending the lease.
+
+    ``wait`` (seconds, up to 60) holds the request while the answer is
+    ``running`` and returns at once when the job is canceled, finished or
+    claimed by someone else: a worker learns of a cancel without waiting for
+    its next heartbeat.
+    """
+    if not machine_id:
+        raise HTTPProblem(400, "Bad Request", "query parameter machine_id is required")
+    if wait is not None and not 0 <= wait <= MAX_LONG_POLL:
+        raise HTTPProblem(
+            400, "Bad Request", f"wait must be between 0 and {MAX_LONG_POLL:g} seconds"
+        )
+    state = _state(request)
+    deadline = time.monotonic() + (wait or 0.0)
+    gone: asyncio.Task[None] | None = None
+    try:
+        while True:
+            status = state.store.holder_status(
+                principal, job_id, machine_id=machine_id, attempt=attempt
+            )
+            if status is None:
+                raise _not_found()
+            remaining = deadline - time.monotonic()
+            if status is not JobStatus.RUNNING or remaining <= 0:
+                return _json({"status": status.value})
+            gone = gone or asyncio.ensure_future(_disconnect(request))
+            wake = asyncio.ensure_future(state.jobs.wait((job_id,), remaining))
+            await asyncio.wait({gone, wake}, return_when=asyncio.FIRST_COMPLETED)
+            if gone.done():
+                wake.cancel()
+                return _json({"status": status.value})
+    finally:
+        if gone is not None:
+            gone.cancel()
 
 
 # Scaling rules -------------------------------------------------------------------
@@ -873,6 +1074,69 @@ def openapi_json(request: Request[Any, Any, Any]) -> Response[Any]:
     return _json(request.app.openapi_schema.to_schema())
 
 
+#: Where the Swagger UI files that ``/docs`` loads are served from.
+_DOCS_ASSETS = "/docs/assets"
+#: The name of the API key's security scheme in the OpenAPI document.
+_KEY_SCHEME = "KelpieKey"
+
+
+def _docs_assets() -> Any:
+    """
+    Serve Swagger UI's files from the installed ``swagger-ui-bundle-v2``
+    package, so that ``/docs`` works offline.
+    """
+    from litestar.static_files import create_static_files_router
+    from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
+
+    return create_static_files_router(
+        path=_DOCS_ASSETS,
+        directories=[str(swagger_ui_path)],
+        include_in_schema=False,
+        name="docs-assets",
+    )
+
+
+def _openapi_config() -> OpenAPIConfig:
+    from importlib.metadata import version
+
+    return OpenAPIConfig(
+        title="Kelpie API (kelpie-sdk)",
+        version=version("kelpie-sdk"),
+        description=(
+            "A self-hosted, wire-compatible Kelpie API. "
+            "Authenticate with the X-Kelpie-Key header (Authorize, above)."
+        ),
+        path="/docs",
+        render_plugins=[
+            SwaggerRenderPlugin(
+                path="/",
+                js_url=f"{_DOCS_ASSETS}/swagger-ui-bundle.js",
+                css_url=f"{_DOCS_ASSETS}/swagger-ui.css",
+                standalone_preset_js_url=(
+                    f"{_DOCS_ASSETS}/swagger-ui-standalone-preset.js"
+                ),
+                favicon=(
+                    f"<link rel='icon' type='image/png' "
+                    f"href='{_DOCS_ASSETS}/favicon-32x32.png'>"
+                ),
+            )
+        ],
+        components=Components(
+            security_schemes={
+                _KEY_SCHEME: SecurityScheme(
+                    type="apiKey",
+                    name="X-Kelpie-Key",
+                    security_scheme_in="header",
+                    description="An API key issued by the admin",
+                )
+            }
+        ),
+        security=[{_KEY_SCHEME: []}],
+        # The handlers' docstrings become each operation's description.
+        use_handler_docstrings=True,
+    )
+
+
 def create_app(store: Store, *, debug: bool = False) -> Litestar:
     """
     Build the Kelpie API application around a store.
@@ -881,8 +1145,6 @@ def create_app(store: Store, *, debug: bool = False) -> Litestar:
         store: The store (schema already migrated).
         debug: Litestar debug mode (tracebacks in responses).
     """
-    from importlib.metadata import version
-
     handlers: Sequence[Any] = [
         submit_job,
         submit_batch,
@@ -896,6 +1158,8 @@ def create_app(store: Store, *, debug: bool = False) -> Litestar:
         completed,
         failed,
         release,
+        report_progress,
+        holder_status,
         create_rule,
         list_rules,
         get_rule,
@@ -908,6 +1172,7 @@ def create_app(store: Store, *, debug: bool = False) -> Litestar:
         delete_users,
         health,
         openapi_json,
+        _docs_assets(),
     ]
     exception_handlers: Mapping[Any, Any] = {
         HTTPProblem: _on_problem,
@@ -920,18 +1185,7 @@ def create_app(store: Store, *, debug: bool = False) -> Litestar:
         dependencies={"principal": Provide(_authenticate, sync_to_thread=False)},
         exception_handlers=dict(exception_handlers),
         plugins=[AttrsSchemaPlugin()],
-        openapi_config=OpenAPIConfig(
-            title="Kelpie API (kelpie-sdk)",
-            version=version("kelpie-sdk"),
-            description=(
-                "A self-hosted, wire-compatible Kelpie API. "
-                "Authenticate with the X-Kelpie-Key header."
-            ),
-            path="/docs",
-            render_plugins=[SwaggerRenderPlugin(path="/")],
-            # The handlers' docstrings become each operation's description.
-            use_handler_docstrings=True,
-        ),
+        openapi_config=_openapi_config(),
         debug=debug,
     )
     app.state.kelpie = state = _State(store=store)

@@ -189,6 +189,23 @@ _RELEASE_SQL = f"""
 """  # noqa: S608 - built from constants only
 
 
+_PROGRESS_SQL = f"""
+    UPDATE jobs SET progress = :progress
+    WHERE {_HOLDER}
+"""  # noqa: S608 - built from constants only
+
+
+def _holder_view(
+    state: Mapping[str, Any] | None, machine_id: str, attempt: int | None
+) -> JobStatus | None:
+    if state is None:
+        return None
+    if state["status"] != "running":
+        return JobStatus(state["status"])
+    holds = state["machine_id"] == machine_id and attempt in (None, state["attempt"])
+    return JobStatus.RUNNING if holds else JobStatus.CANCELED
+
+
 class _HotPath:
     """
     Per-thread DBAPI connections for the few statements on the hot path.
@@ -743,6 +760,49 @@ class Store:
                 return "not_holder" if found else "not_found"
         self._available(principal.user_id, row)
         return "ok"
+
+    # -- jobs: progress and status between heartbeats ------------------------------
+    #
+    # Optional additions: a light progress report, and the holder's view of
+    # its job for the status long poll (GET /jobs/{id}/status).
+
+    def report_progress(
+        self, principal: Principal, job_id: str, report: WorkerReport
+    ) -> JobStatus | None:
+        """
+        Store the holder's latest progress record; the lease is not extended.
+
+        Returns:
+            As :meth:`heartbeat`: ``None`` for an unknown job, ``RUNNING`` when
+            stored, ``CANCELED`` or the final status otherwise.
+        """
+        params = self._fence(principal, job_id, report)
+        params["progress"] = json.dumps(report.progress)
+        with self._hot.transaction() as cur:
+            if self._hot.execute(cur, _PROGRESS_SQL, params):
+                return JobStatus.RUNNING
+            state = self._state(cur, principal, job_id)
+        return _holder_view(state, report.machine_id, report.attempt)
+
+    def holder_status(
+        self,
+        principal: Principal,
+        job_id: str,
+        *,
+        machine_id: str,
+        attempt: int | None,
+    ) -> JobStatus | None:
+        """
+        The job's status as its (former) holder sees it, changing nothing.
+
+        Returns:
+            ``None`` for an unknown job; ``RUNNING`` if this machine (and
+            attempt) holds it; ``CANCELED`` if it is running for someone else;
+            otherwise the job's status.
+        """
+        with self._hot.transaction(write=False) as cur:
+            state = self._state(cur, principal, job_id)
+        return _holder_view(state, machine_id, attempt)
 
     # -- scaling rules ----------------------------------------------------------
 

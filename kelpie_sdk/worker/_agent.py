@@ -44,6 +44,7 @@ from kelpie_sdk.worker._config import SlotConfig, WorkerConfig
 from kelpie_sdk.worker._runner import JobProcess, SpawnError, describe_exit
 from kelpie_sdk.worker._snapshot import DirSnapshot
 from kelpie_sdk.worker._state import HeldJob, StateFile
+from kelpie_sdk.worker._watch import JobWatch
 
 if TYPE_CHECKING:
     from kelpie_sdk.storage import Storage
@@ -871,6 +872,8 @@ class _JobRun:
         )
         hb.start()
         snap.start()
+        watch = self._watch()
+        watch.start()
         outcome = Outcome.UNREPORTED
         details: dict[str, Any] = {}
         try:
@@ -882,6 +885,7 @@ class _JobRun:
             self._stop_heartbeat(hb, snap)
             outcome, details = self._fail(f"worker error: {exc!r}")
         finally:
+            watch.stop()
             self._stop_heartbeat(hb, snap)
             state.finish(outcome.value, **details)
             if not self.worker.stopping:
@@ -895,6 +899,25 @@ class _JobRun:
                         _wipe(path)
             self._info("finished: %s", outcome.value)
         return outcome
+
+    def _watch(self) -> JobWatch:
+        """Progress and cancellation between heartbeats (see ``_watch.py``)."""
+
+        def on_lost(reason: str) -> None:
+            if not self._hb_stop.is_set():  # not once the outcome is reported
+                self._mark_lost(reason)
+
+        return JobWatch(
+            make_client=self.worker.make_client,
+            job_id=self.job.id,
+            machine_id=self.config.machine_id,
+            attempt=self.attempt,
+            progress_file=self.slot.cfg.progress_file,
+            make_report=lambda record: self.slot.report(
+                self.job.id, self.attempt, progress=record
+            ),
+            on_lost=on_lost,
+        )
 
     def _stop_heartbeat(self, *threads: threading.Thread) -> None:
         self._hb_stop.set()

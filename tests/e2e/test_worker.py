@@ -612,3 +612,65 @@ def test_sync_patterns_and_compression(
     with tempfile.TemporaryDirectory() as tmp:
         setup.storage.download_prefix(setup.bucket, "sync/out/", tmp, decompress=True)
         assert "a.txt:alpha" == (Path(tmp) / "res.txt").read_text()
+
+
+def test_progress_is_visible_within_seconds_with_30s_heartbeats(
+    client: Client, start_worker: StartWorker
+) -> None:
+    """A progress record reaches GET /jobs/{id} within about 2 s, long before the next 30 s heartbeat."""
+    start_worker()
+    script = (
+        "import time\nfrom kelpie_sdk import checkpoint\n"
+        "time.sleep(3)\n"
+        "checkpoint.report_progress(1, 10, written_at=time.time())\n"
+        "time.sleep(120)\n"
+    )
+    job = client.submit_job(
+        command=PY,
+        arguments=["-c", script],
+        container_group_id=GROUP,
+        sync={},
+        heartbeat_interval=30,
+    )
+    progress = wait_for(lambda: client.get_job(job.id).progress, timeout=20)
+    latency = time.time() - progress["metrics"]["written_at"]
+    assert 1 == progress["step"]
+    # About 2 s on a quiet machine; the margin is for loaded CI machines.
+    assert latency < 2 + 3.0
+    client.cancel(job.id)
+
+
+def test_cancel_stops_the_job_within_seconds_with_30s_heartbeats(
+    client: Client, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    """A cancel reaches the worker through its long poll: the process is gone within about 2 s, not at the next 30 s heartbeat."""
+    pidfile = tmp_path / "pid"
+    start_worker()
+    script = (
+        f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); "
+        "time.sleep(120)"
+    )
+    job = client.submit_job(
+        command=PY,
+        arguments=["-c", script],
+        container_group_id=GROUP,
+        sync={},
+        heartbeat_interval=30,
+    )
+    wait_for(lambda: pidfile.exists() and pidfile.read_text())
+    pid = int(pidfile.read_text())
+    time.sleep(1.0)  # past the first heartbeat, sent as the job starts
+    canceled_at = time.monotonic()
+    client.cancel(job.id)
+
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_for(gone, timeout=20)
+    # About 2 s on a quiet machine; the margin is for loaded CI machines.
+    assert time.monotonic() - canceled_at < 2 + 3.0
+    assert JobStatus.CANCELED == client.get_job(job.id).status

@@ -27,7 +27,7 @@ def _free_port() -> int:
 
 @contextmanager
 def kelpie_server(
-    db: pathlib.Path, env: dict[str, str]
+    db: pathlib.Path, env: dict[str, str], *args: str
 ) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     port = _free_port()
     proc = subprocess.Popen(
@@ -40,6 +40,7 @@ def kelpie_server(
             str(port),
             "--database",
             f"sqlite:///{db}",
+            *args,
         ],
         env={**os.environ, **env},
         stdout=subprocess.PIPE,
@@ -93,3 +94,36 @@ def test_server_generates_the_admin_key_once(tmp_path: pathlib.Path) -> None:
         )
         assert 200 == me.status_code
     assert "Generated" not in proc.stderr.read()  # type: ignore[union-attr]
+
+
+_ACCESS_LINE = re.compile(
+    r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/1\.1" (?P<status>\d{3}) '
+    r"(?P<ms>\d+\.\d) ms"
+)
+
+
+@pytest.mark.slow
+def test_access_log_shows_each_request_with_status_and_duration(
+    tmp_path: pathlib.Path,
+) -> None:
+    """--access-log logs one line per request: method, path, status, duration."""
+    with kelpie_server(tmp_path / "c.db", {}, "--access-log") as (url, proc):
+        requests.get(url + "/health", timeout=5)
+        requests.get(url + "/jobs?status=running", timeout=5)
+        requests.get(url + "/nowhere", headers={"X-Kelpie-Key": "x"}, timeout=5)
+    logged = [
+        (m["method"], m["path"], m["status"])
+        for m in _ACCESS_LINE.finditer(proc.stderr.read())  # type: ignore[union-attr]
+    ]
+    assert ("GET", "/health", "200") in logged
+    assert ("GET", "/jobs?status=running", "401") in logged
+    assert ("GET", "/nowhere", "404") in logged
+
+
+@pytest.mark.slow
+def test_access_log_is_off_by_default(tmp_path: pathlib.Path) -> None:
+    """Without --access-log requests are not logged."""
+    with kelpie_server(tmp_path / "d.db", {}) as (url, proc):
+        requests.get(url + "/health", timeout=5)
+    err = proc.stderr.read()  # type: ignore[union-attr]
+    assert "/health" not in err, err

@@ -168,10 +168,79 @@ def test_malformed_bodies_are_400_json(api: Any, raw: str) -> None:
 
 
 def test_unknown_body_keys_are_ignored(api: Any, container_group_id: str) -> None:
-    """Extra keys are dropped, as the original's schema did."""
+    """Extra keys that are not misspellings are dropped, as the original's schema did."""
     r = api.post("/jobs", json=sync_job(container_group_id, colour="blue"))
     assert 202 == r.status_code
     assert "colour" not in r.json()
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (
+            {"comand": "x", "sync": {}},
+            "unknown field 'comand' (did you mean 'command'?)",
+        ),
+        (
+            {"command": "x", "sync": {}, "max_failure": 5},
+            "unknown field 'max_failure' (did you mean 'max_failures'?)",
+        ),
+        (
+            {"command": "x", "sync": {}, "enviroment": {"A": "1"}},
+            "unknown field 'enviroment' (did you mean 'environment'?)",
+        ),
+        ({"cmd_line": "x", "sync": {}}, "'cmd_line'"),
+        (
+            {
+                "command": "x",
+                "sync": {
+                    "before": [
+                        {
+                            "bucket": "b",
+                            "prefix": "p",
+                            "local_pth": "/in",
+                            "direction": "download",
+                        }
+                    ]
+                },
+            },
+            "unknown field 'sync.before[0].local_pth' (did you mean 'local_path'?)",
+        ),
+        (
+            {"command": "x", "sync": {"afer": []}},
+            "unknown field 'sync.afer' (did you mean 'after'?)",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_misspelt_fields_are_named(
+    api: Any, container_group_id: str, body: dict[str, Any], named: str
+) -> None:
+    """A misspelt field, or an unknown one where a required field is missing, is a 400 that names it."""
+    r = api.post("/jobs", json={"container_group_id": container_group_id, **body})
+    assert 400 == r.status_code
+    assert named in r.json()["message"]
+    batch = api.post(
+        "/jobs/batch",
+        json=[
+            sync_job(container_group_id),
+            {"container_group_id": container_group_id, **body},
+        ],
+    )
+    assert (400, 1) == (batch.status_code, batch.json()["index"])
+    assert named in batch.json()["message"]
+
+
+def test_a_job_read_back_can_be_resubmitted(api: Any, container_group_id: str) -> None:
+    """The fields of a job as the API returns it are ignored in a submission, as before."""
+    job = api.post("/jobs", json=sync_job(container_group_id)).json()
+    again = api.post("/jobs", json=api.get(f"/jobs/{job['id']}").json())
+    assert 202 == again.status_code
+    assert (job["command"], "pending") == (
+        again.json()["command"],
+        again.json()["status"],
+    )
+    assert job["id"] != again.json()["id"]
 
 
 def test_batch_keeps_request_order(api: Any, container_group_id: str) -> None:

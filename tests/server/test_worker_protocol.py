@@ -144,7 +144,10 @@ def test_only_the_holder_completes(api: Any, container_group_id: str) -> None:
     job = api.post("/jobs", json=sync_job(container_group_id)).json()
     claim(api, container_group_id)
     url = f"/jobs/{job['id']}/completed"
-    assert 409 == api.post(url, json=report("m2", container_group_id)).status_code
+    assert (
+        409
+        == api.post(url, json=report("m2", container_group_id, attempt=1)).status_code
+    )
     assert "running" == api.get(f"/jobs/{job['id']}").json()["status"]
     r = api.post(url, json=report("m1", container_group_id))
     assert (200, {"message": "Completed reported"}) == (r.status_code, r.json())
@@ -162,7 +165,8 @@ def test_pending_job_cannot_be_completed(api: Any, container_group_id: str) -> N
     assert (
         409
         == api.post(
-            f"/jobs/{job['id']}/completed", json=report("m1", container_group_id)
+            f"/jobs/{job['id']}/completed",
+            json=report("m1", container_group_id, attempt=1),
         ).status_code
     )
     assert (
@@ -181,13 +185,15 @@ def test_canceled_job_stays_canceled(api: Any, container_group_id: str) -> None:
     assert (
         409
         == api.post(
-            f"/jobs/{job['id']}/completed", json=report("m1", container_group_id)
+            f"/jobs/{job['id']}/completed",
+            json=report("m1", container_group_id, attempt=1),
         ).status_code
     )
     assert (
         409
         == api.post(
-            f"/jobs/{job['id']}/failed", json=report("m1", container_group_id)
+            f"/jobs/{job['id']}/failed",
+            json=report("m1", container_group_id, attempt=1),
         ).status_code
     )
     assert "canceled" == api.get(f"/jobs/{job['id']}").json()["status"]
@@ -268,13 +274,15 @@ def test_expired_lease_is_an_interruption_not_a_failure(
     assert (
         409
         == api.post(
-            f"/jobs/{job['id']}/completed", json=report("m1", container_group_id)
+            f"/jobs/{job['id']}/completed",
+            json=report("m1", container_group_id, attempt=1),
         ).status_code
     )
     assert (
         409
         == api.post(
-            f"/jobs/{job['id']}/failed", json=report("m1", container_group_id)
+            f"/jobs/{job['id']}/failed",
+            json=report("m1", container_group_id, attempt=1),
         ).status_code
     )
     assert (
@@ -326,7 +334,8 @@ def test_release_requeues_at_once_as_an_interruption(
     assert (
         409
         == api.post(
-            f"/jobs/{job['id']}/release", json=report("m2", container_group_id)
+            f"/jobs/{job['id']}/release",
+            json=report("m2", container_group_id, attempt=1),
         ).status_code
     )
     r = api.post(
