@@ -94,6 +94,56 @@ def test_submit_from_flags(
     )
 
 
+def _docstring_command(path: Path) -> list[str]:
+    """The `kelpie submit ...` line of an example's docstring, as arguments."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip().startswith("kelpie submit"):
+            return line.split()[1:]
+    raise AssertionError(f"no kelpie submit line in {path}")
+
+
+def test_submit_command_after_double_dash(
+    kelpie: Run, client: Client, container_group_id: str
+) -> None:
+    """The exact line of examples/jobs/count.py's docstring submits its command."""
+    argv = _docstring_command(Path(__file__).parent.parent / "examples/jobs/count.py")
+    assert ["submit", "--container-group-id", "local", "--"] == argv[:4]
+    argv[2] = container_group_id
+    assert 0 == kelpie(*argv)
+    [job] = client.list_jobs(container_group_id=container_group_id)
+    assert ("python", ("examples/jobs/count.py",), {}) == (
+        job.command,
+        job.arguments,
+        job.environment,
+    )
+
+
+def test_submit_double_dash_keeps_dashes_and_json(
+    kelpie: Run, client: Client, container_group_id: str
+) -> None:
+    """After `--`, words that start with `-` are arguments; --json goes before it."""
+    code = kelpie(
+        "submit",
+        "--container-group-id",
+        container_group_id,
+        "--env",
+        "A=1",
+        "--json",
+        "--",
+        "python",
+        "-c",
+        "print(1)",
+        "--json",
+    )
+    assert 0 == code
+    job = client.get_job(kelpie.json()["id"])
+    assert ("python", ("-c", "print(1)", "--json"), {"A": "1"}) == (
+        job.command,
+        job.arguments,
+        job.environment,
+    )
+
+
 def test_submit_with_sync_json(kelpie: Run, container_group_id: str) -> None:
     """--sync-json sets the sync block."""
     sync = {
@@ -239,6 +289,16 @@ def test_submit_missing_file(
             ],
             "--sync-json must be a JSON object",
         ),
+        (
+            ["submit", "--container-group-id", "g", "--command", "x", "--", "y"],
+            "give the command either after -- or with --command/--arg, not both",
+        ),
+        (
+            ["submit", "job.json", "--", "python"],
+            "give either FILE or a command after --, not both",
+        ),
+        (["submit", "--container-group-id", "g", "--"], "nothing after --"),
+        (["jobs", "list", "--", "x"], "kelpie jobs list takes no arguments after --"),
     ],
 )
 def test_submit_usage_errors(
