@@ -415,6 +415,12 @@ class Transport:
         if not message:
             raw = body if isinstance(body, str) else json.dumps(body)
             message = raw.strip()[:200] or response.reason or "no message"
+        index = body.get("index") if isinstance(body, Mapping) else None
+        if isinstance(index, bool) or not isinstance(index, int):
+            index = None
+        else:
+            # The server names the rejected item of a batch; say which.
+            message = f"job at index {index}: {message}"
         request_id = response.headers.get("x-request-id")
         text = f"{response.status_code} {method} {path}: {message}"
         if request_id:
@@ -428,4 +434,5 @@ class Transport:
             retry_after=parse_retry_after(response.headers.get("Retry-After")),
             method=method,
             url=url,
+            index=index,
         )

@@ -227,6 +227,20 @@ def test_submit_invalid_file_job_is_an_error(
     assert "" == kelpie.out
 
 
+def test_submit_file_names_the_bad_job(
+    kelpie: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In a file of many jobs, the error line names the rejected job's index."""
+    good = {"command": "x", "container_group_id": "g", "sync": {}}
+    jobs = [good] * 40 + [{"command": "x", "container_group_id": "g", "sync": 5}]
+    path = tmp_path / "jobs.json"
+    path.write_text(json.dumps(jobs + [good] * 3))
+    assert 1 == kelpie("submit", str(path))
+    err = capsys.readouterr().err
+    assert err.startswith("Error: 400 POST /jobs/batch: job at index 40: ")
+    assert 1 == len(err.strip().splitlines())
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

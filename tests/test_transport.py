@@ -270,6 +270,27 @@ def test_error_lists_validation_details(fault_server: FaultServer) -> None:
     assert expected == str(info.value)
 
 
+def test_error_names_the_batch_index(fault_server: FaultServer) -> None:
+    """An `index` in the error body is kept on the error and named in its text."""
+    body = {"error": "Bad Request", "message": "invalid job: no command", "index": 7}
+    fault_server.play(Reply(status=400, body=body))
+    with pytest.raises(BadRequestError) as info:
+        make(fault_server.url).request("POST", "/jobs/batch", json_body=[])
+    assert 7 == info.value.index
+    assert "400 POST /jobs/batch: job at index 7: invalid job: no command" == str(
+        info.value
+    )
+
+
+def test_error_without_index_has_none(fault_server: FaultServer) -> None:
+    """Errors that name no item have `index` None (and a bool is no index)."""
+    fault_server.play(Reply(status=400, body={"message": "bad", "index": True}))
+    with pytest.raises(BadRequestError) as info:
+        make(fault_server.url).request("POST", "/jobs", json_body={})
+    assert info.value.index is None
+    assert "400 POST /jobs: bad" == str(info.value)
+
+
 def test_error_without_any_body_uses_reason(fault_server: FaultServer) -> None:
     """An empty error body falls back to the HTTP reason phrase."""
     fault_server.play(Reply(status=409))
