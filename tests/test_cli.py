@@ -19,6 +19,7 @@ from kelpie_sdk import Client, JobStatus
 from kelpie_sdk.cli import main
 from kelpie_sdk.cli._common import format_progress
 from kelpie_sdk.models import LEGACY_STORAGE_FIELDS, WorkerReport
+from tests.fault_server import closed_port_url_fixture  # noqa: F401 (fixture)
 
 
 class Run:
@@ -537,6 +538,32 @@ def test_no_credentials_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
     run = Run("", "")
     assert 1 == run("jobs", "list", auth=False)
     assert capsys.readouterr().err.startswith("Error: no API credentials")
+
+
+def test_unreachable_server_is_one_line(
+    closed_port_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Connection refused: exit 1 and one line that says what to check."""
+    run = Run(closed_port_url, "k")
+    assert 1 == run("jobs", "list")
+    err = capsys.readouterr().err
+    assert (
+        f"Error: cannot reach {closed_port_url} (connection refused): is the server "
+        "running? (`kelpie up` starts one)\n"
+    ) == err
+
+
+def test_wrong_base_url_is_one_line(
+    api_server: Any, user_key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A base URL with a path the server does not have: exit 1, a hint, one line."""
+    run = Run(api_server.url + "/api", user_key)
+    assert 1 == run("jobs", "list")
+    err = capsys.readouterr().err
+    assert (
+        f"Error: 404 GET /jobs: {api_server.url}/api answered 404 for /jobs: is "
+        "KELPIE_API_URL the server's base URL?\n"
+    ) == err
 
 
 def test_ctrl_c_exits_130(
