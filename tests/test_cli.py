@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -628,3 +629,87 @@ def test_python_dash_m(tmp_path: Path) -> None:
     )
     assert 0 == result.returncode
     assert "submit" in result.stdout
+
+
+def _running_job_with_progress(client: Client, group: str) -> str:
+    """A running job with a long progress message, the widest kind of row."""
+    [job_id] = submit(client, group)
+    claimed = client.claim_work(machine_id="m", container_group_id=group)
+    assert claimed is not None
+    report = WorkerReport(
+        machine_id="m",
+        container_group_id=group,
+        attempt=claimed.attempt,
+        progress={"step": 420, "total": 1000, "message": "training epoch 3 of 10"},
+    )
+    client.heartbeat(job_id, report)
+    return job_id
+
+
+def _assert_rows_readable(out: str, job_ids: list[str], width: int) -> None:
+    lines = out.splitlines()
+    assert all(len(line) <= width for line in lines), out
+    for job_id in job_ids:
+        [row] = [line for line in lines if job_id in line]
+        assert "running" in row or "pending" in row, out
+    assert "Status" in out
+
+
+@pytest.mark.parametrize("width", [80, 60])
+def test_jobs_table_keeps_id_and_status_when_narrow(
+    kelpie: Run, client: Client, container_group_id: str, width: int
+) -> None:
+    """At 80 columns (and narrower) every row shows the whole id and the status."""
+    ids = [_running_job_with_progress(client, container_group_id)]
+    ids += submit(client, container_group_id, 2)
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width, color_system=None)
+    argv = ["--api-url", kelpie.url, "--api-key", kelpie.key, "jobs", "list"]
+    assert 0 == main(argv, console=console)
+    _assert_rows_readable(buffer.getvalue(), ids, width)
+
+
+def test_jobs_table_wide_shows_every_column(
+    kelpie: Run, client: Client, container_group_id: str
+) -> None:
+    """With room, the table has all its columns, progress included."""
+    _running_job_with_progress(client, container_group_id)
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=200, color_system=None)
+    argv = ["--api-url", kelpie.url, "--api-key", kelpie.key, "jobs", "list"]
+    assert 0 == main(argv, console=console)
+    out = buffer.getvalue()
+    for text in ("Container group", "Created", "Failures", "Heartbeats", "Progress"):
+        assert text in out
+    assert container_group_id in out
+    assert "42% step 420/1000 training epoch 3 of 10" in out
+
+
+@pytest.mark.parametrize("columns", ["80", None])
+def test_jobs_list_piped_is_readable(
+    api_server: Any,
+    user_key: str,
+    client: Client,
+    container_group_id: str,
+    tmp_path: Path,
+    columns: str | None,
+) -> None:
+    """Piped into a file (no terminal), rows keep the whole id and the status."""
+    ids = [_running_job_with_progress(client, container_group_id)]
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    if columns is not None:
+        env["COLUMNS"] = columns
+    env.update(KELPIE_API_URL=api_server.url, KELPIE_API_KEY=user_key)
+    with (tmp_path / "out.txt").open("w") as out:
+        result = subprocess.run(
+            [sys.executable, "-m", "kelpie_sdk", "jobs", "list"],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            check=False,
+            timeout=60,
+            env=env,
+        )
+    assert 0 == result.returncode, result.stderr
+    _assert_rows_readable((tmp_path / "out.txt").read_text(), ids, 80)

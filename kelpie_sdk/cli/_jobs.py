@@ -326,7 +326,13 @@ def _show_submitted(ctx: Context, jobs: list[Job], *, as_list: bool) -> int:
             [j.to_json() for j in jobs] if as_list else jobs[0].to_json(),
         )
     else:
-        ctx.console.print(jobs_table(jobs, title=f"Submitted {len(jobs)} job(s)"))
+        ctx.console.print(
+            jobs_table(
+                jobs,
+                title=f"Submitted {len(jobs)} job(s)",
+                width=ctx.console.width,
+            )
+        )
     return EXIT_OK
 
 
@@ -345,7 +351,7 @@ def _list(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         print_json(ctx.console, [j.to_json() for j in jobs])
     elif jobs:
-        ctx.console.print(jobs_table(jobs))
+        ctx.console.print(jobs_table(jobs, width=ctx.console.width))
     else:
         ctx.console.print("No jobs.")
     return EXIT_OK
@@ -424,7 +430,7 @@ def _wait(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         print_json(ctx.console, [j.to_json() for j in jobs])
     else:
-        ctx.console.print(jobs_table(jobs))
+        ctx.console.print(jobs_table(jobs, width=ctx.console.width))
     unsuccessful = [j for j in jobs if j.status is not JobStatus.COMPLETED]
     if unsuccessful:
         detail = ", ".join(f"{j.id} ({j.status.value})" for j in unsuccessful[:5])
