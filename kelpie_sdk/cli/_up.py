@@ -441,7 +441,7 @@ def _up(args: argparse.Namespace, ctx: Context) -> int:
             "Try:\n"
             f"  export KELPIE_API_URL={cluster.url} KELPIE_API_KEY={cluster.key}\n"
             f"  kelpie submit --container-group-id {cluster.group} "
-            "--command python --arg=-c --arg 'print(42)'\n"
+            "-- python -c 'print(42)'\n"
             "Press Ctrl-C to stop.\n"
         )
         out.flush()

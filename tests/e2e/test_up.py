@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -91,6 +92,22 @@ def test_up_runs_jobs_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
             )
             assert JobStatus.COMPLETED == done.status
             assert "42" == (root / "storage" / "local" / "out" / "y.txt").read_text()
+            # The example the banner suggests works as printed.
+            [line] = [x for x in banner.splitlines() if "kelpie submit" in x]
+            argv = shlex.split(line)[1:]
+            env = dict(os.environ, KELPIE_API_URL=url.group(1))
+            env["KELPIE_API_KEY"] = key.group(1)
+            tried = subprocess.run(
+                [sys.executable, "-m", "kelpie_sdk", *argv],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=60,
+                check=False,
+            )
+            assert 0 == tried.returncode, tried.stderr
+            [example] = [j for j in client.list_jobs() if j.command == "python"]
+            assert ("-c", "print(42)") == example.arguments
             proc.send_signal(signal.SIGINT)
             assert 0 == proc.wait(timeout=60)
             with pytest.raises(APIConnectionError):
