@@ -267,9 +267,13 @@ class Worker:
             on_stopped: Called (in a new thread) once no slot is claiming: from
                 then on this worker will not take a job that another releases.
         """
-        if not self._draining.is_set():
-            logger.info("stopped claiming: running jobs go on, then the worker exits")
-        self._draining.set()
+        with self._lock:
+            if not self._draining.is_set():
+                logger.info(
+                    "stopped claiming: running jobs go on, then the worker exits"
+                )
+                self._stop_reason = self._stop_reason or "drained"
+            self._draining.set()
         if on_stopped is not None:
 
             def notify() -> None:
