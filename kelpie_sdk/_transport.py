@@ -14,6 +14,8 @@ import http.client
 import json
 import logging
 import math
+import re
+import socket
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias
@@ -150,12 +152,77 @@ def classify(exc: BaseException) -> Failure:
     return Failure.CONNECTION
 
 
+def _connect_reason(exc: BaseException, connect_timeout: float) -> str:
+    chain = _chain(exc)
+    if any(
+        isinstance(e, socket.gaierror | urllib3.exceptions.NameResolutionError)
+        for e in chain
+    ):
+        return "host name not found"
+    if any(isinstance(e, ConnectionRefusedError) for e in chain) or any(
+        isinstance(e, str) and "Connection refused" in e for e in chain
+    ):
+        return "connection refused"
+    if isinstance(exc, requests.exceptions.ConnectTimeout) or any(
+        # NewConnectionError is a ConnectTimeoutError too, for old callers.
+        isinstance(e, urllib3.exceptions.ConnectTimeoutError | TimeoutError)
+        and not isinstance(e, urllib3.exceptions.NewConnectionError)
+        for e in chain
+    ):
+        return f"no answer within {connect_timeout:g} s"
+    return _short_reason(chain)
+
+
+def _short_reason(chain: list[object]) -> str:
+    """The innermost plain words of a transport error, without library reprs."""
+    for item in reversed(chain):
+        if isinstance(item, OSError) and item.strerror:
+            return str(item.strerror).lower()
+    texts = [
+        str(item) or type(item).__name__
+        for item in reversed(chain)
+        if isinstance(item, BaseException)
+        and not isinstance(
+            item, requests.exceptions.RequestException | urllib3.exceptions.HTTPError
+        )
+    ]
+    texts += [item for item in reversed(chain) if isinstance(item, str)]
+    for raw in texts:
+        text = re.sub(r"^\[Errno -?\d+\] ", "", raw.rsplit(": ", 1)[-1].strip())
+        if text and not any(c in text for c in "()'\""):
+            return text[0].lower() + text[1:]
+    return type(chain[0]).__name__ if chain else "unknown error"
+
+
+def connect_failure_text(
+    base_url: str, exc: BaseException, connect_timeout: float
+) -> str:
+    """
+    One line for a request that could not connect, e.g. ``cannot reach
+    http://127.0.0.1:8787 (connection refused): is the server running? ...``.
+    """
+    reason = _connect_reason(exc, connect_timeout)
+    return (
+        f"cannot reach {base_url} ({reason}): is the server running? "
+        "(`kelpie up` starts one)"
+    )
+
+
 def _error_detail(error: object) -> str:
     if not isinstance(error, Mapping):
         return str(error)
     text = str(error.get("message", error))
     key = error.get("key") or error.get("field")
     return f"{key}: {text}" if key else text
+
+
+def _is_kelpie_404(body: object) -> bool:
+    """A Kelpie "no such job/rule/user" body, not an unknown route or a stranger."""
+    return (
+        isinstance(body, Mapping)
+        and isinstance(body.get("error"), str)
+        and body["error"] != "Route Not Found"
+    )
 
 
 class Transport:
@@ -297,7 +364,8 @@ class Transport:
                 error: APIError
                 if failure is Failure.CONNECTION:
                     error = APIConnectionError(
-                        f"{method} {path}: connection failed: {exc}",
+                        f"{method} {path}: the connection to {self.base_url} was "
+                        f"lost before an answer came ({_short_reason(_chain(exc))})",
                         method=method,
                         url=url,
                     )
@@ -308,7 +376,7 @@ class Transport:
                         else APIConnectionError
                     )
                     error = error_cls(
-                        f"{method} {path}: cannot connect to {self.base_url}: {exc}",
+                        connect_failure_text(self.base_url, exc, limits[0]),
                         method=method,
                         url=url,
                     )
@@ -335,7 +403,9 @@ class Transport:
             )
             if 200 <= response.status_code < 300:
                 return self._decode(response, method, path, url)
-            status_error = self._status_error(response, method, path, url)
+            status_error = self._status_error(
+                response, method, path, url, self.base_url
+            )
             if should_retry(
                 Failure.STATUS,
                 status=response.status_code,
@@ -390,7 +460,7 @@ class Transport:
 
     @staticmethod
     def _status_error(
-        response: requests.Response, method: str, path: str, url: str
+        response: requests.Response, method: str, path: str, url: str, base_url: str
     ) -> APIStatusError:
         body: Any
         try:
@@ -398,7 +468,12 @@ class Transport:
         except ValueError:
             body = response.text
         message = ""
-        if isinstance(body, Mapping):
+        if response.status_code == 404 and not _is_kelpie_404(body):
+            message = (
+                f"{base_url} answered 404 for {path}: is KELPIE_API_URL the "
+                "server's base URL?"
+            )
+        if isinstance(body, Mapping) and not message:
             for key in ("message", "error"):
                 value = body.get(key)
                 if isinstance(value, str) and value:
@@ -415,6 +490,12 @@ class Transport:
         if not message:
             raw = body if isinstance(body, str) else json.dumps(body)
             message = raw.strip()[:200] or response.reason or "no message"
+        index = body.get("index") if isinstance(body, Mapping) else None
+        if isinstance(index, bool) or not isinstance(index, int):
+            index = None
+        else:
+            # The server names the rejected item of a batch; say which.
+            message = f"job at index {index}: {message}"
         request_id = response.headers.get("x-request-id")
         text = f"{response.status_code} {method} {path}: {message}"
         if request_id:
@@ -428,4 +509,5 @@ class Transport:
             retry_after=parse_retry_after(response.headers.get("Retry-After")),
             method=method,
             url=url,
+            index=index,
         )

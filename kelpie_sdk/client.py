@@ -25,6 +25,7 @@ from kelpie_sdk._transport import (
 )
 from kelpie_sdk.config import Settings
 from kelpie_sdk.errors import (
+    APIStatusError,
     ConfigError,
     KelpieError,
     ResponseValidationError,
@@ -328,7 +329,9 @@ class Client:
             The queued jobs, in the order given.
 
         Raises:
-            BadRequestError: The server rejected a batch.
+            BadRequestError: The server rejected a batch; ``index`` (and the
+                message, ``job at index N``) names the rejected job, counted
+                from the first job given.
         """
         bodies = [_submission_json(job) for job in jobs]
         queued: list[Job] = []
@@ -348,6 +351,8 @@ class Client:
                     "POST /jobs/batch",
                 )
             except KelpieError as exc:
+                if isinstance(exc, APIStatusError):
+                    exc.shift_index(start)
                 if queued:
                     exc.add_note(
                         f"{len(queued)} job(s) of earlier batches were queued: "

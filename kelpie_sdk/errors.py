@@ -132,6 +132,9 @@ class APIStatusError(APIError):
         body: The decoded JSON body, or the raw text if it was not JSON.
         request_id: The server's request id, if it sent one.
         retry_after: Seconds the server asked us to wait, if it said.
+        index: For a rejected batch, the position of the job the server
+            named (counted from the first job given to ``submit_jobs``), also
+            shown in the message as ``job at index N``; ``None`` otherwise.
     """
 
     def __init__(
@@ -144,12 +147,26 @@ class APIStatusError(APIError):
         retry_after: float | None = None,
         method: str | None = None,
         url: str | None = None,
+        index: int | None = None,
     ) -> None:
         super().__init__(message, method=method, url=url)
         self.status_code = status_code
         self.body = body
         self.request_id = request_id
         self.retry_after = retry_after
+        self.index = index
+
+    def shift_index(self, offset: int) -> None:
+        """
+        Count ``index`` (and the message's ``job at index N``) ``offset`` further,
+        for a batch that did not start at the first job.
+        """
+        if self.index is None or not offset:
+            return
+        old = f"job at index {self.index}: "
+        self.index += offset
+        self.message = self.message.replace(old, f"job at index {self.index}: ", 1)
+        self.args = (self.message, *self.args[1:])
 
 
 class BadRequestError(APIStatusError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -19,6 +20,7 @@ from kelpie_sdk import Client, JobStatus
 from kelpie_sdk.cli import main
 from kelpie_sdk.cli._common import format_progress
 from kelpie_sdk.models import LEGACY_STORAGE_FIELDS, WorkerReport
+from tests.fault_server import closed_port_url_fixture  # noqa: F401 (fixture)
 
 
 class Run:
@@ -91,6 +93,56 @@ def test_submit_from_flags(
         job.max_failures,
         job.heartbeat_interval,
         data["sync"],
+    )
+
+
+def _docstring_command(path: Path) -> list[str]:
+    """The `kelpie submit ...` line of an example's docstring, as arguments."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip().startswith("kelpie submit"):
+            return line.split()[1:]
+    raise AssertionError(f"no kelpie submit line in {path}")
+
+
+def test_submit_command_after_double_dash(
+    kelpie: Run, client: Client, container_group_id: str
+) -> None:
+    """The exact line of examples/jobs/count.py's docstring submits its command."""
+    argv = _docstring_command(Path(__file__).parent.parent / "examples/jobs/count.py")
+    assert ["submit", "--container-group-id", "local", "--"] == argv[:4]
+    argv[2] = container_group_id
+    assert 0 == kelpie(*argv)
+    [job] = client.list_jobs(container_group_id=container_group_id)
+    assert ("python", ("examples/jobs/count.py",), {}) == (
+        job.command,
+        job.arguments,
+        job.environment,
+    )
+
+
+def test_submit_double_dash_keeps_dashes_and_json(
+    kelpie: Run, client: Client, container_group_id: str
+) -> None:
+    """After `--`, words that start with `-` are arguments; --json goes before it."""
+    code = kelpie(
+        "submit",
+        "--container-group-id",
+        container_group_id,
+        "--env",
+        "A=1",
+        "--json",
+        "--",
+        "python",
+        "-c",
+        "print(1)",
+        "--json",
+    )
+    assert 0 == code
+    job = client.get_job(kelpie.json()["id"])
+    assert ("python", ("-c", "print(1)", "--json"), {"A": "1"}) == (
+        job.command,
+        job.arguments,
+        job.environment,
     )
 
 
@@ -177,6 +229,20 @@ def test_submit_invalid_file_job_is_an_error(
     assert "" == kelpie.out
 
 
+def test_submit_file_names_the_bad_job(
+    kelpie: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In a file of many jobs, the error line names the rejected job's index."""
+    good = {"command": "x", "container_group_id": "g", "sync": {}}
+    jobs = [good] * 40 + [{"command": "x", "container_group_id": "g", "sync": 5}]
+    path = tmp_path / "jobs.json"
+    path.write_text(json.dumps(jobs + [good] * 3))
+    assert 1 == kelpie("submit", str(path))
+    err = capsys.readouterr().err
+    assert err.startswith("Error: 400 POST /jobs/batch: job at index 40: ")
+    assert 1 == len(err.strip().splitlines())
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -239,6 +305,16 @@ def test_submit_missing_file(
             ],
             "--sync-json must be a JSON object",
         ),
+        (
+            ["submit", "--container-group-id", "g", "--command", "x", "--", "y"],
+            "give the command either after -- or with --command/--arg, not both",
+        ),
+        (
+            ["submit", "job.json", "--", "python"],
+            "give either FILE or a command after --, not both",
+        ),
+        (["submit", "--container-group-id", "g", "--"], "nothing after --"),
+        (["jobs", "list", "--", "x"], "kelpie jobs list takes no arguments after --"),
     ],
 )
 def test_submit_usage_errors(
@@ -465,6 +541,32 @@ def test_no_credentials_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().err.startswith("Error: no API credentials")
 
 
+def test_unreachable_server_is_one_line(
+    closed_port_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Connection refused: exit 1 and one line that says what to check."""
+    run = Run(closed_port_url, "k")
+    assert 1 == run("jobs", "list")
+    err = capsys.readouterr().err
+    assert (
+        f"Error: cannot reach {closed_port_url} (connection refused): is the server "
+        "running? (`kelpie up` starts one)\n"
+    ) == err
+
+
+def test_wrong_base_url_is_one_line(
+    api_server: Any, user_key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A base URL with a path the server does not have: exit 1, a hint, one line."""
+    run = Run(api_server.url + "/api", user_key)
+    assert 1 == run("jobs", "list")
+    err = capsys.readouterr().err
+    assert (
+        f"Error: 404 GET /jobs: {api_server.url}/api answered 404 for /jobs: is "
+        "KELPIE_API_URL the server's base URL?\n"
+    ) == err
+
+
 def test_ctrl_c_exits_130(
     kelpie: Run, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -527,3 +629,87 @@ def test_python_dash_m(tmp_path: Path) -> None:
     )
     assert 0 == result.returncode
     assert "submit" in result.stdout
+
+
+def _running_job_with_progress(client: Client, group: str) -> str:
+    """A running job with a long progress message, the widest kind of row."""
+    [job_id] = submit(client, group)
+    claimed = client.claim_work(machine_id="m", container_group_id=group)
+    assert claimed is not None
+    report = WorkerReport(
+        machine_id="m",
+        container_group_id=group,
+        attempt=claimed.attempt,
+        progress={"step": 420, "total": 1000, "message": "training epoch 3 of 10"},
+    )
+    client.heartbeat(job_id, report)
+    return job_id
+
+
+def _assert_rows_readable(out: str, job_ids: list[str], width: int) -> None:
+    lines = out.splitlines()
+    assert all(len(line) <= width for line in lines), out
+    for job_id in job_ids:
+        [row] = [line for line in lines if job_id in line]
+        assert "running" in row or "pending" in row, out
+    assert "Status" in out
+
+
+@pytest.mark.parametrize("width", [80, 60])
+def test_jobs_table_keeps_id_and_status_when_narrow(
+    kelpie: Run, client: Client, container_group_id: str, width: int
+) -> None:
+    """At 80 columns (and narrower) every row shows the whole id and the status."""
+    ids = [_running_job_with_progress(client, container_group_id)]
+    ids += submit(client, container_group_id, 2)
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width, color_system=None)
+    argv = ["--api-url", kelpie.url, "--api-key", kelpie.key, "jobs", "list"]
+    assert 0 == main(argv, console=console)
+    _assert_rows_readable(buffer.getvalue(), ids, width)
+
+
+def test_jobs_table_wide_shows_every_column(
+    kelpie: Run, client: Client, container_group_id: str
+) -> None:
+    """With room, the table has all its columns, progress included."""
+    _running_job_with_progress(client, container_group_id)
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=200, color_system=None)
+    argv = ["--api-url", kelpie.url, "--api-key", kelpie.key, "jobs", "list"]
+    assert 0 == main(argv, console=console)
+    out = buffer.getvalue()
+    for text in ("Container group", "Created", "Failures", "Heartbeats", "Progress"):
+        assert text in out
+    assert container_group_id in out
+    assert "42% step 420/1000 training epoch 3 of 10" in out
+
+
+@pytest.mark.parametrize("columns", ["80", None])
+def test_jobs_list_piped_is_readable(
+    api_server: Any,
+    user_key: str,
+    client: Client,
+    container_group_id: str,
+    tmp_path: Path,
+    columns: str | None,
+) -> None:
+    """Piped into a file (no terminal), rows keep the whole id and the status."""
+    ids = [_running_job_with_progress(client, container_group_id)]
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    if columns is not None:
+        env["COLUMNS"] = columns
+    env.update(KELPIE_API_URL=api_server.url, KELPIE_API_KEY=user_key)
+    with (tmp_path / "out.txt").open("w") as out:
+        result = subprocess.run(
+            [sys.executable, "-m", "kelpie_sdk", "jobs", "list"],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            check=False,
+            timeout=60,
+            env=env,
+        )
+    assert 0 == result.returncode, result.stderr
+    _assert_rows_readable((tmp_path / "out.txt").read_text(), ids, 80)

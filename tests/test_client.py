@@ -439,3 +439,22 @@ def test_submit_jobs_chunks_and_notes_partial_success(
     assert ["1000 job(s) of earlier batches were queued: first j0, last j999"] == (
         info.value.__notes__
     )
+
+
+def test_submit_jobs_names_the_bad_job_across_batches(
+    fault_server: FaultServer,
+) -> None:
+    """The index of a rejected job counts from the first job given, not the batch."""
+    first = [job_json(f"j{i}") for i in range(1000)]
+    fault_server.play(
+        Reply(status=202, body=first),
+        Reply(
+            status=400,
+            body={"error": "Bad Request", "message": "invalid job: x", "index": 2},
+        ),
+    )
+    jobs = [{"command": "x", "container_group_id": CG, "sync": {}}] * 1005
+    with pytest.raises(BadRequestError) as info:
+        make(fault_server).submit_jobs(jobs)
+    assert 1002 == info.value.index
+    assert "400 POST /jobs/batch: job at index 1002: invalid job: x" == str(info.value)

@@ -102,6 +102,20 @@ def test_get_unknown_job_is_not_found(client: Client) -> None:
     assert str(info.value).startswith(f"404 GET /jobs/{job_id}: ")
 
 
+def test_wrong_base_url_is_named(api_server: Any, user_key: str) -> None:
+    """A base URL with an extra path gets a 404 that says to check the URL."""
+    job_id = str(uuid.uuid4())
+    with (
+        Client(api_server.url + "/api", user_key) as wrong,
+        pytest.raises(NotFoundError) as info,
+    ):
+        wrong.get_job(job_id)
+    assert (
+        f"404 GET /jobs/{job_id}: {api_server.url}/api answered 404 for "
+        f"/jobs/{job_id}: is KELPIE_API_URL the server's base URL?"
+    ) == str(info.value)
+
+
 def test_jobs_are_scoped_to_their_owner(
     client: Client, admin_client: Client, container_group_id: str, api_server: Any
 ) -> None:

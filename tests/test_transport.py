@@ -5,8 +5,11 @@ Tests for the HTTP transport over real sockets, against the scripted fault serve
 from __future__ import annotations
 
 import logging
+import socket
 
 import pytest
+import requests
+import urllib3
 
 from kelpie_sdk import _transport
 from kelpie_sdk._transport import Transport, classify, normalize_timeout
@@ -160,10 +163,86 @@ def test_dropped_connection_not_retried_for_post(fault_server: FaultServer) -> N
 def test_connection_refused_is_retried_even_for_post(closed_port_url: str) -> None:
     """Nothing was sent when the connection is refused, so even a POST is retried."""
     sleeps = Sleeps()
-    with pytest.raises(APIConnectionError, match="cannot connect") as info:
+    with pytest.raises(APIConnectionError, match="cannot reach") as info:
         make(closed_port_url, sleeps).request("POST", "/jobs", json_body={})
     assert 2 == len(sleeps)
     assert info.value.__cause__ is not None
+
+
+def test_connection_refused_says_so_in_one_short_line(closed_port_url: str) -> None:
+    """The text names the server and the likely fix, not urllib3's internals."""
+    with pytest.raises(APIConnectionError) as info:
+        make(closed_port_url, max_retries=0).request("GET", "/jobs")
+    assert (
+        f"cannot reach {closed_port_url} (connection refused): is the server "
+        "running? (`kelpie up` starts one)"
+    ) == str(info.value)
+
+
+def _connection_error(reason: BaseException) -> requests.exceptions.RequestException:
+    """What requests raises for a failed connect, built as it builds it."""
+    pool_error = urllib3.exceptions.MaxRetryError(
+        None,  # type: ignore[arg-type]
+        "/jobs",
+        reason,  # type: ignore[arg-type]
+    )
+    if isinstance(reason, urllib3.exceptions.ConnectTimeoutError) and not isinstance(
+        reason, urllib3.exceptions.NewConnectionError
+    ):
+        return requests.exceptions.ConnectTimeout(pool_error)
+    return requests.exceptions.ConnectionError(pool_error)
+
+
+@pytest.mark.parametrize(
+    ("reason", "expected"),
+    [
+        (
+            urllib3.exceptions.NameResolutionError(
+                "kelpie.invalid",
+                urllib3.connection.HTTPConnection("kelpie.invalid", 8787),
+                socket.gaierror(-2, "Name or service not known"),
+            ),
+            "host name not found",
+        ),
+        (
+            urllib3.exceptions.ConnectTimeoutError(
+                None, "Connection to kelpie.invalid timed out. (connect timeout=1.0)"
+            ),
+            "no answer within 1 s",
+        ),
+        (
+            urllib3.exceptions.NewConnectionError(
+                urllib3.connection.HTTPConnection("kelpie.invalid", 8787),
+                "Failed to establish a new connection: [Errno 101] Network is "
+                "unreachable",
+            ),
+            "network is unreachable",
+        ),
+    ],
+    ids=["dns", "connect-timeout", "unreachable"],
+)
+def test_connect_failures_have_short_reasons(
+    reason: BaseException, expected: str
+) -> None:
+    """DNS failures, connect timeouts and other connect errors read plainly."""
+    exc = _connection_error(reason)
+    assert _transport.Failure.CONNECT == classify(exc)
+    text = _transport.connect_failure_text("http://kelpie.invalid:8787", exc, 1.0)
+    assert (
+        f"cannot reach http://kelpie.invalid:8787 ({expected}): is the server "
+        "running? (`kelpie up` starts one)"
+    ) == text
+
+
+def test_dropped_connection_text_has_no_internals(fault_server: FaultServer) -> None:
+    """A connection lost before the answer is described without urllib3 reprs."""
+    fault_server.play(Reply(drop=True))
+    with pytest.raises(APIConnectionError) as info:
+        make(fault_server.url).request("POST", "/jobs", json_body={})
+    assert (
+        f"POST /jobs: the connection to {fault_server.url} was lost before an "
+        "answer came (remote end closed connection without response)"
+    ) == str(info.value)
 
 
 def test_slow_body_is_a_timeout(fault_server: FaultServer) -> None:
@@ -233,10 +312,45 @@ def test_status_maps_to_error_class(
 
 def test_error_falls_back_to_error_field(fault_server: FaultServer) -> None:
     """Without `message`, the `error` field is the text, and no request id is shown."""
-    fault_server.play(Reply(status=404, body={"error": "Route Not Found"}))
-    with pytest.raises(NotFoundError) as info:
+    fault_server.play(Reply(status=409, body={"error": "Job already completed"}))
+    with pytest.raises(ConflictError) as info:
         make(fault_server.url).request("GET", "/nope")
-    assert "404 GET /nope: Route Not Found" == str(info.value)
+    assert "409 GET /nope: Job already completed" == str(info.value)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"error": "Route Not Found", "message": "/api/jobs"},
+        "<html><body>404 Not Found</body></html>",
+        {"detail": "Not Found"},
+        None,
+    ],
+    ids=["unknown-route", "html", "foreign-json", "empty"],
+)
+def test_404_that_is_not_ours_suspects_the_base_url(
+    fault_server: FaultServer, body: object
+) -> None:
+    """An unknown route, or a 404 that is not a Kelpie error, hints at the URL."""
+    fault_server.play(Reply(status=404, body=body))
+    with pytest.raises(NotFoundError) as info:
+        make(fault_server.url).request("GET", "/jobs")
+    assert (
+        f"404 GET /jobs: {fault_server.url} answered 404 for /jobs: is "
+        "KELPIE_API_URL the server's base URL?"
+    ) == str(info.value)
+
+
+def test_404_of_a_missing_job_keeps_the_server_message(
+    fault_server: FaultServer,
+) -> None:
+    """A Kelpie 404 (an unknown job) is not blamed on the URL."""
+    fault_server.play(
+        Reply(status=404, body={"error": "Not Found", "message": "Job not found"})
+    )
+    with pytest.raises(NotFoundError) as info:
+        make(fault_server.url).request("GET", "/jobs/x")
+    assert "404 GET /jobs/x: Job not found" == str(info.value)
 
 
 def test_error_with_text_body(fault_server: FaultServer) -> None:
@@ -268,6 +382,27 @@ def test_error_lists_validation_details(fault_server: FaultServer) -> None:
         "400 POST /jobs: Validation failed: max_failures: must be >= 1; x is required"
     )
     assert expected == str(info.value)
+
+
+def test_error_names_the_batch_index(fault_server: FaultServer) -> None:
+    """An `index` in the error body is kept on the error and named in its text."""
+    body = {"error": "Bad Request", "message": "invalid job: no command", "index": 7}
+    fault_server.play(Reply(status=400, body=body))
+    with pytest.raises(BadRequestError) as info:
+        make(fault_server.url).request("POST", "/jobs/batch", json_body=[])
+    assert 7 == info.value.index
+    assert "400 POST /jobs/batch: job at index 7: invalid job: no command" == str(
+        info.value
+    )
+
+
+def test_error_without_index_has_none(fault_server: FaultServer) -> None:
+    """Errors that name no item have `index` None (and a bool is no index)."""
+    fault_server.play(Reply(status=400, body={"message": "bad", "index": True}))
+    with pytest.raises(BadRequestError) as info:
+        make(fault_server.url).request("POST", "/jobs", json_body={})
+    assert info.value.index is None
+    assert "400 POST /jobs: bad" == str(info.value)
 
 
 def test_error_without_any_body_uses_reason(fault_server: FaultServer) -> None:

@@ -105,10 +105,25 @@ def main(argv: Sequence[str] | None = None, *, console: Console | None = None) -
         The exit code.
     """
     parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first `--` is a job's command line (`kelpie submit
+    # ... -- python script.py`); argparse would take its first word for FILE.
+    after: list[str] | None = None
+    if "--" in words:
+        cut = words.index("--")
+        words, after = words[:cut], words[cut + 1 :]
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(words)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if after is not None and not getattr(args, "takes_command", False):
+        parser.print_usage(sys.stderr)
+        print(
+            f"Error: kelpie {_command_name(args)} takes no arguments after --",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    args.command_line = after
     ctx = Context(console=console or Console(), args=args)
     _setup_logging(args.verbose)
     try:
@@ -135,6 +150,11 @@ def main(argv: Sequence[str] | None = None, *, console: Console | None = None) -
         return EXIT_ERROR
     finally:
         ctx.close()
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    sub = getattr(args, "jobs_command", None)
+    return f"{args.command} {sub}" if sub else str(args.command)
 
 
 def run() -> NoReturn:

@@ -179,29 +179,86 @@ _STATUS_STYLES = {
 }
 
 
-def jobs_table(jobs: Iterable[Job], *, title: str | None = None) -> Table:
+#: A column's cost beyond its text: padding on both sides and a separator.
+_COLUMN_GAP = 3
+#: The narrowest progress column worth showing (it is cut with an ellipsis).
+_MIN_PROGRESS = 12
+
+
+def jobs_table(
+    jobs: Iterable[Job], *, title: str | None = None, width: int | None = None
+) -> Table:
     """
     A table of jobs: id, status, group, created, failures, heartbeats, progress.
+
+    The id and the status are always shown whole. When ``width`` (the
+    console's) is too small for everything, the other columns are left out,
+    least useful first: heartbeats, container group, created, failures; the
+    progress column takes what is left, cut with an ellipsis.
     """
+    rows = [
+        {
+            "ID": Text(job.id),
+            "Status": Text(job.status.value, style=_STATUS_STYLES[job.status.value]),
+            "Container group": Text(job.container_group_id),
+            "Created": Text(format_time(job.created, seconds=False)),
+            "Failures": Text(f"{job.num_failures}/{job.max_failures}"),
+            "Heartbeats": Text(str(job.num_heartbeats)),
+            "Progress": Text(format_progress(job.progress)),
+        }
+        for job in jobs
+    ]
+
+    def natural(name: str) -> int:
+        return max([len(name), *(r[name].cell_len for r in rows)])
+
+    shown = ["ID", "Status"]
+    progress_width: int | None = None
+    if width is not None:
+        used = sum(natural(n) + _COLUMN_GAP for n in shown)
+        progress = (
+            min(natural("Progress"), 24) if any(r["Progress"] for r in rows) else 0
+        )
+        reserve = progress + _COLUMN_GAP if progress else 0
+        for name in ("Failures", "Created", "Container group", "Heartbeats"):
+            cost = natural(name) + _COLUMN_GAP
+            if used + cost + reserve <= width:
+                shown.append(name)
+                used += cost
+        room = width - used - _COLUMN_GAP
+        if progress and room >= _MIN_PROGRESS:
+            shown.append("Progress")
+            progress_width = room
+    else:
+        shown += ["Container group", "Created", "Failures", "Heartbeats", "Progress"]
+    order = [
+        "ID",
+        "Status",
+        "Container group",
+        "Created",
+        "Failures",
+        "Heartbeats",
+        "Progress",
+    ]
     table = Table(
         title=title, box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True
     )
-    table.add_column("ID", no_wrap=True)
-    table.add_column("Status")
-    table.add_column("Container group", overflow="fold")
-    table.add_column("Created", no_wrap=True)
-    table.add_column("Failures", justify="right")
-    table.add_column("Heartbeats", justify="right")
-    table.add_column("Progress", no_wrap=True, overflow="ellipsis")
-    for job in jobs:
-        status = job.status.value
-        table.add_row(
-            Text(job.id),
-            Text(status, style=_STATUS_STYLES[status]),
-            Text(job.container_group_id),
-            format_time(job.created, seconds=False),
-            f"{job.num_failures}/{job.max_failures}",
-            str(job.num_heartbeats),
-            Text(format_progress(job.progress)),
-        )
+    for name in order:
+        if name not in shown:
+            continue
+        if name == "Progress":
+            table.add_column(
+                name, no_wrap=True, overflow="ellipsis", max_width=progress_width
+            )
+        elif name == "Container group" and width is None:
+            table.add_column(name, overflow="fold")
+        else:
+            table.add_column(
+                name,
+                no_wrap=True,
+                min_width=natural(name),
+                justify="right" if name in ("Failures", "Heartbeats") else "left",
+            )
+    for row in rows:
+        table.add_row(*(row[name] for name in order if name in shown))
     return table

@@ -151,13 +151,15 @@ def _register_submit(
         description=(
             "Queue jobs. Either give FILE (a JSON job object, or an array of them "
             "for one batch submission; '-' reads stdin), or describe one job with "
-            "flags. Without --sync-json or bucket/prefix flags, a job gets "
-            '"sync": {} (no managed storage).'
+            "flags and its command line after '--' (e.g. 'kelpie submit "
+            "--container-group-id g -- python script.py --epochs 3'; or use "
+            "--command and --arg). Without --sync-json or bucket/prefix flags, a "
+            'job gets "sync": {} (no managed storage).'
         ),
     )
     add_api_options(submit, suppress_defaults=True)
     submit.add_argument("file", nargs="?", metavar="FILE", help="a JSON file, or -")
-    submit.add_argument("--command", help="the program to run")
+    submit.add_argument("--command", help="the program to run (or give it after --)")
     submit.add_argument(
         "--arg",
         dest="args",
@@ -207,7 +209,7 @@ def _register_submit(
     submit.add_argument(
         "--json", action="store_true", help="print JSON on stdout and nothing else"
     )
-    submit.set_defaults(handler=_submit)
+    submit.set_defaults(handler=_submit, takes_command=True)
 
 
 def _read_file(name: str) -> Any:
@@ -230,8 +232,23 @@ def _with_group(job: Any, group: str | None, index: int | None) -> dict[str, Any
 
 
 def _submission_from_flags(args: argparse.Namespace) -> JobSubmission:
-    if not args.command:
-        raise UsageError("give a FILE, or at least --command and --container-group-id")
+    command, arguments = args.command, args.args
+    line = getattr(args, "command_line", None)
+    if line is not None:
+        if command or arguments:
+            raise UsageError(
+                "give the command either after -- or with --command/--arg, not both"
+            )
+        if not line:
+            raise UsageError(
+                "nothing after --: give the command to run, e.g. -- python script.py"
+            )
+        command, arguments = line[0], line[1:]
+    if not command:
+        raise UsageError(
+            "give a FILE, or a command: -- CMD ARG... (or --command and --arg), "
+            "and --container-group-id"
+        )
     if not args.container_group_id:
         raise UsageError("--container-group-id is required")
     legacy = {f: getattr(args, f) for f in LEGACY_STORAGE_FIELDS}
@@ -261,9 +278,9 @@ def _submission_from_flags(args: argparse.Namespace) -> JobSubmission:
         if v is not None
     }
     return JobSubmission(
-        command=args.command,
+        command=command,
         container_group_id=args.container_group_id,
-        arguments=args.args,
+        arguments=arguments,
         environment=dict(args.env),
         sync=sync,
         **legacy,
@@ -280,6 +297,8 @@ def _submit(args: argparse.Namespace, ctx: Context) -> int:
         ]
         if used:
             raise UsageError(f"give either FILE or job flags, not both ({used[0]})")
+        if getattr(args, "command_line", None) is not None:
+            raise UsageError("give either FILE or a command after --, not both")
         data = _read_file(args.file)
         if isinstance(data, list):
             if not data:
@@ -307,7 +326,13 @@ def _show_submitted(ctx: Context, jobs: list[Job], *, as_list: bool) -> int:
             [j.to_json() for j in jobs] if as_list else jobs[0].to_json(),
         )
     else:
-        ctx.console.print(jobs_table(jobs, title=f"Submitted {len(jobs)} job(s)"))
+        ctx.console.print(
+            jobs_table(
+                jobs,
+                title=f"Submitted {len(jobs)} job(s)",
+                width=ctx.console.width,
+            )
+        )
     return EXIT_OK
 
 
@@ -326,7 +351,7 @@ def _list(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         print_json(ctx.console, [j.to_json() for j in jobs])
     elif jobs:
-        ctx.console.print(jobs_table(jobs))
+        ctx.console.print(jobs_table(jobs, width=ctx.console.width))
     else:
         ctx.console.print("No jobs.")
     return EXIT_OK
@@ -405,7 +430,7 @@ def _wait(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         print_json(ctx.console, [j.to_json() for j in jobs])
     else:
-        ctx.console.print(jobs_table(jobs))
+        ctx.console.print(jobs_table(jobs, width=ctx.console.width))
     unsuccessful = [j for j in jobs if j.status is not JobStatus.COMPLETED]
     if unsuccessful:
         detail = ", ".join(f"{j.id} ({j.status.value})" for j in unsuccessful[:5])

@@ -11,14 +11,19 @@ Everything lives under one directory (``--storage``, default ``./kelpie-local``)
     workers/<i>/         each worker's directories, state file and worker.log
 
 The children run in their own sessions, so Ctrl-C reaches only ``kelpie up``,
-which then stops them in order: workers first (they release their jobs), the
-server last.
+which then stops them in order (Ctrl-C, SIGTERM and SIGHUP alike): first every
+worker stops claiming (SIGUSR1, confirmed by a file each creates), then they
+release their jobs (SIGTERM), so that no stopping worker takes a job another
+one released; the server stops last. On Linux the children also get SIGTERM
+when ``kelpie up`` dies without cleaning up (even by SIGKILL).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import errno
 import os
 import secrets
 import signal
@@ -26,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -40,6 +46,14 @@ __all__ = ["DEFAULT_BUCKET", "register"]
 #: The bucket ``kelpie up`` creates in its storage root.
 DEFAULT_BUCKET = "local"
 _WORKER_CONFIG_EXIT = 2
+#: The workers' long poll: a claim in flight ends within this many seconds,
+#: which bounds how long a stop waits for the workers to stop claiming.
+_WORKER_LONG_POLL_S = 5
+#: How long a stop waits for every worker to confirm it stopped claiming.
+_STOP_CLAIMING_TIMEOUT_S = _WORKER_LONG_POLL_S + 25
+#: What each worker creates once it has stopped claiming (in its directory).
+_CLAIMS_STOPPED = "claims-stopped"
+_PR_SET_PDEATHSIG = 1
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -88,6 +102,47 @@ def _free_port(host: str) -> int:
         return port
 
 
+def _port_in_use(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As the server binds: a port in TIME_WAIT is free, a listener is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """
+    A ``preexec_fn`` that has the kernel send the child SIGTERM when this
+    process dies, however it dies (Linux only; ``None`` elsewhere).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        # Loaded here, not after the fork.
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def _say(out: IO[str], text: str) -> None:
+    """Write while stopping: the terminal may be gone (SIGHUP)."""
+    with contextlib.suppress(OSError, ValueError):
+        out.write(text)
+        out.flush()
+
+
 def _admin_key(root: Path) -> str:
     path = root / "admin-key"
     if path.exists():
@@ -121,10 +176,14 @@ class _Child:
     env: dict[str, str]
     cwd: Path
     log_path: Path
+    #: A worker's "stopped claiming" file (``None`` for the server).
+    claims_stopped: Path | None = None
     popen: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
 
     def start(self) -> None:
+        if self.claims_stopped is not None:
+            self.claims_stopped.unlink(missing_ok=True)
         self._log = self.log_path.open("ab")
         self.popen = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             self.argv,
@@ -134,6 +193,14 @@ class _Child:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # Safe: kelpie up starts no threads of its own.
+            preexec_fn=_die_with_parent(),
+        )
+
+    def stopped_claiming(self) -> bool:
+        """Whether the worker confirmed it claims no more, or has exited."""
+        return self.poll() is not None or (
+            self.claims_stopped is not None and self.claims_stopped.exists()
         )
 
     def poll(self) -> int | None:
@@ -230,6 +297,8 @@ class _Cluster:
             OUTPUT_DIR=str(home / "output"),
             CHECKPOINT_DIR=str(home / "checkpoint"),
             KELPIE_SLOTS=str(self.slots),
+            KELPIE_LONG_POLL_S=str(_WORKER_LONG_POLL_S),
+            KELPIE_CLAIMS_STOPPED_FILE=str(home / _CLAIMS_STOPPED),
         )
         return _Child(
             f"worker {index}",
@@ -237,6 +306,7 @@ class _Cluster:
             env,
             home,
             home / "worker.log",
+            claims_stopped=home / _CLAIMS_STOPPED,
         )
 
     def start_workers(self) -> None:
@@ -246,13 +316,27 @@ class _Cluster:
             self.worker_children.append(child)
 
     def stop(self, out: IO[str]) -> None:
-        """Workers first (they release their jobs), then the server."""
+        """
+        Workers first: all stop claiming, then they release their jobs (so no
+        stopping worker takes a released job); then the server.
+        """
+        for child in self.worker_children:
+            child.signal(signal.SIGUSR1)
+        deadline = time.monotonic() + _STOP_CLAIMING_TIMEOUT_S
+        waiting = list(self.worker_children)
+        while waiting and time.monotonic() < deadline:
+            waiting = [c for c in waiting if not c.stopped_claiming()]
+            if waiting:
+                time.sleep(0.05)
+        if waiting:
+            names = ", ".join(c.name for c in waiting)
+            _say(out, f"{names} did not stop claiming in time; stopping anyway\n")
         for child in self.worker_children:
             child.signal(signal.SIGTERM)
         deadline = time.monotonic() + 60
         for child in self.worker_children:
             if child.wait(max(deadline - time.monotonic(), 0.1)) is None:
-                out.write(f"{child.name} did not stop in time; killing it\n")
+                _say(out, f"{child.name} did not stop in time; killing it\n")
                 child.signal(signal.SIGKILL)
                 child.wait(5)
             child.close()
@@ -281,6 +365,13 @@ def _up(args: argparse.Namespace, ctx: Context) -> int:
         out.write("Error: --workers must be >= 0 and --slots >= 1\n")
         return 2
     root = Path(args.storage).expanduser().absolute()
+    if args.port != 0 and _port_in_use(args.host, args.port):
+        out.write(
+            f"Error: port {args.port} on {args.host} is already in use (another "
+            "`kelpie up` or Kelpie server?); stop that one, or pick another port "
+            "with --port (0 picks a free one)\n"
+        )
+        return 1
     (root / "storage" / DEFAULT_BUCKET).mkdir(parents=True, exist_ok=True)
     port = args.port if args.port != 0 else _free_port(args.host)
     cluster = _Cluster(
@@ -301,8 +392,10 @@ def _up(args: argparse.Namespace, ctx: Context) -> int:
             raise KeyboardInterrupt  # a second Ctrl-C: kill everything now
         stopping = True
 
+    # SIGHUP: the terminal was closed; stop as for Ctrl-C.
     previous = {
-        sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+        sig: signal.signal(sig, on_signal)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     }
     try:
         cluster.start_server()
@@ -327,7 +420,7 @@ def _up(args: argparse.Namespace, ctx: Context) -> int:
             "Try:\n"
             f"  export KELPIE_API_URL={cluster.url} KELPIE_API_KEY={cluster.key}\n"
             f"  kelpie submit --container-group-id {cluster.group} "
-            "--command python --arg=-c --arg 'print(42)'\n"
+            "-- python -c 'print(42)'\n"
             "Press Ctrl-C to stop.\n"
         )
         out.flush()
@@ -361,18 +454,18 @@ def _up(args: argparse.Namespace, ctx: Context) -> int:
                 cluster.worker_children[i] = replacement
     except KeyboardInterrupt:
         pass
-    out.write(
+    _say(
+        out,
         "Stopping: workers first (their jobs go back to the queue), "
-        "then the server...\n"
+        "then the server...\n",
     )
-    out.flush()
     try:
         cluster.stop(out)
     except KeyboardInterrupt:
-        out.write("Killing everything.\n")
+        _say(out, "Killing everything.\n")
         cluster.kill()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    out.write("Stopped.\n")
+    _say(out, "Stopped.\n")
     return 0

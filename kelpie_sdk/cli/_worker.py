@@ -23,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=(
             "Run the Kelpie worker agent in the foreground. Settings come from "
             "the environment (the original worker's names); flags override them. "
-            "Exit codes: 0 stopped by SIGTERM/SIGINT, 2 bad settings, "
+            "SIGUSR1 makes it stop claiming, finish its running jobs and exit. "
+            "Exit codes: 0 stopped by SIGTERM/SIGINT (or drained), 2 bad settings, "
             "3 MAX_JOB_FAILURES reached, 4 MAX_TIME_WITH_NO_WORK_S reached. "
             "See docs/worker.md."
         ),

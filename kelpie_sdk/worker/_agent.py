@@ -179,6 +179,7 @@ class Worker:
         self.stdout = stdout
         self.stderr = stderr
         self._stop = threading.Event()
+        self._draining = threading.Event()
         self._exit_code = EXIT_OK
         self._stop_reason = ""
         self._lock = threading.Lock()
@@ -247,6 +248,41 @@ class Worker:
             self._stop.set()
         for slot in list(self._slots):
             slot.wake()
+
+    @property
+    def draining(self) -> bool:
+        """
+        Whether the worker has stopped claiming (``stop_claiming``).
+        """
+        return self._draining.is_set()
+
+    def stop_claiming(self, on_stopped: Callable[[], object] | None = None) -> None:
+        """
+        Claim no more jobs; running jobs go on, and the worker exits once they
+        are done. A claim in flight is let finish (a job it brings is released
+        unstarted).
+
+        Safe to call from a signal handler and from any thread.
+
+        Args:
+            on_stopped: Called (in a new thread) once no slot is claiming: from
+                then on this worker will not take a job that another releases.
+        """
+        with self._lock:
+            if not self._draining.is_set():
+                logger.info(
+                    "stopped claiming: running jobs go on, then the worker exits"
+                )
+                self._stop_reason = self._stop_reason or "drained"
+            self._draining.set()
+        if on_stopped is not None:
+
+            def notify() -> None:
+                while any(slot.claiming for slot in list(self._slots)):
+                    time.sleep(0.05)
+                on_stopped()
+
+            threading.Thread(target=notify, name="drained", daemon=True).start()
 
     def wait_stop(self, timeout: float) -> bool:
         """
@@ -342,17 +378,27 @@ class Worker:
         )
         return self._exit_code
 
-    def install_signal_handlers(self) -> None:
+    def install_signal_handlers(
+        self, on_claims_stopped: Callable[[], object] | None = None
+    ) -> None:
         """
-        SIGTERM and SIGINT stop the worker gracefully (main thread only).
+        SIGTERM and SIGINT stop the worker gracefully; SIGUSR1 makes it stop
+        claiming (``stop_claiming``). Main thread only.
+
+        Args:
+            on_claims_stopped: Passed to ``stop_claiming`` on SIGUSR1.
         """
 
         def handle(signum: int, frame: object) -> None:
             logger.info("received %s: shutting down", signal.Signals(signum).name)
             self.stop(f"received {signal.Signals(signum).name}", EXIT_OK)
 
+        def drain(signum: int, frame: object) -> None:
+            self.stop_claiming(on_claims_stopped)
+
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
+        signal.signal(signal.SIGUSR1, drain)
 
 
 class _Slot:
@@ -365,6 +411,8 @@ class _Slot:
             cfg.state_file, machine_id=worker.config.machine_id, slot=cfg.index
         )
         self.busy = False
+        #: True from just before the drain check to the end of a claim call.
+        self.claiming = False
         self.idle_since: float | None = time.monotonic()
         self._run: _JobRun | None = None
         self._client: Client | None = None
@@ -445,6 +493,12 @@ class _Slot:
         while not w.stopping:
             wait = c.long_poll_s if c.long_poll_s > 0 else None
             started = time.monotonic()
+            # Raised before the check, so that stop_claiming() either sees this
+            # claim or this check sees the drain.
+            self.claiming = True
+            if w.draining:
+                self.claiming = False
+                break
             try:
                 job = self.client.claim_work(
                     machine_id=c.machine_id,
@@ -452,6 +506,7 @@ class _Slot:
                     wait=wait,
                 )
             except (APIError, KelpieError) as exc:
+                self.claiming = False
                 logger.warning(
                     "slot %d: claiming work failed: %s (retrying in %.0f s)",
                     self.cfg.index,
@@ -461,6 +516,8 @@ class _Slot:
                 w.wait_stop(error_delay)
                 error_delay = min(error_delay * 2, max(c.poll_interval_s, 1.0))
                 continue
+            finally:
+                self.claiming = False
             error_delay = 1.0
             if job is None:
                 elapsed = time.monotonic() - started
@@ -474,7 +531,7 @@ class _Slot:
             self.busy = True
             self.idle_since = None
             try:
-                if w.wait_stop(0):
+                if w.wait_stop(0) or w.draining:
                     self._release_unstarted(job)
                     break
                 self._run = _JobRun(self, job)

@@ -8,7 +8,8 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from kelpie_sdk.errors import ConfigError
@@ -16,6 +17,7 @@ from kelpie_sdk.worker._agent import EXIT_CONFIG, Worker
 from kelpie_sdk.worker._config import WorkerConfig
 
 __all__ = [
+    "CLAIMS_STOPPED_FILE_ENV",
     "add_arguments",
     "build_parser",
     "config_from_args",
@@ -181,8 +183,30 @@ def run_worker(
     except ConfigError as exc:
         logging.getLogger("kelpie_sdk.worker").error("configuration error: %s", exc)
         return EXIT_CONFIG
-    worker.install_signal_handlers()
+    worker.install_signal_handlers(_claims_stopped_marker(env))
     return worker.run()
+
+
+#: A file the worker creates once it has stopped claiming after SIGUSR1; set by
+#: ``kelpie up``, which releases no job before every worker has stopped claiming.
+CLAIMS_STOPPED_FILE_ENV = "KELPIE_CLAIMS_STOPPED_FILE"
+
+
+def _claims_stopped_marker(env: Mapping[str, str]) -> Callable[[], None] | None:
+    name = env.get(CLAIMS_STOPPED_FILE_ENV)
+    if not name:
+        return None
+    path = Path(name)
+
+    def mark() -> None:
+        try:
+            path.touch()
+        except OSError as exc:
+            logging.getLogger("kelpie_sdk.worker").warning(
+                "cannot create %s (%s): %s", path, CLAIMS_STOPPED_FILE_ENV, exc
+            )
+
+    return mark
 
 
 def main(argv: Sequence[str] | None = None) -> int:

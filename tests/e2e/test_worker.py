@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -674,3 +675,33 @@ def test_cancel_stops_the_job_within_seconds_with_30s_heartbeats(
     # About 2 s on a quiet machine; the margin is for loaded CI machines.
     assert time.monotonic() - canceled_at < 2 + 3.0
     assert JobStatus.CANCELED == client.get_job(job.id).status
+
+
+def test_sigusr1_stops_claiming_and_lets_the_job_finish(
+    client: Client, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    """SIGUSR1: the running job finishes, no other job is claimed, the worker exits 0."""
+    marker = tmp_path / "claims-stopped"
+    worker = start_worker(KELPIE_CLAIMS_STOPPED_FILE=str(marker), KELPIE_SLOTS="2")
+    go = tmp_path / "go"
+    script = (
+        "import os, time\n"
+        f"while not os.path.exists({str(go)!r}):\n"
+        "    time.sleep(0.05)\n"
+    )
+    first = client.submit_job(
+        command=PY, arguments=["-c", script], container_group_id=GROUP, sync={}
+    )
+    wait_for(lambda: client.get_job(first.id).status is JobStatus.RUNNING)
+    time.sleep(0.5)  # the idle slot is back in its long poll
+    worker.popen.send_signal(signal.SIGUSR1)
+    wait_for(marker.exists, timeout=30)
+    second = client.submit_job(
+        command=PY, arguments=["-c", "pass"], container_group_id=GROUP, sync={}
+    )
+    go.write_text("x")
+    assert 0 == worker.wait(timeout=60)
+    assert JobStatus.COMPLETED == client.get_job(first.id).status
+    after = client.get_job(second.id)
+    assert (JobStatus.PENDING, 0) == (after.status, after.attempt)
+    assert "stopped claiming" in worker.log()
