@@ -205,10 +205,6 @@ def test_outputs_are_in_storage_before_completed_is_visible(
         output_prefix="out-test/out/",
         heartbeat_interval=1,
     )
-    # Legacy jobs need a non-empty input prefix.
-    storage.storage.upload_files(
-        [(EXAMPLES / "count.py", "count.py")], storage.bucket, "out-test/in/"
-    )
     seen: list[JobStatus] = []
 
     def completed_and_checked() -> bool:
