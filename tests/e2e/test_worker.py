@@ -443,7 +443,11 @@ def test_checkpoints_that_will_not_survive_the_node_are_announced(
     assert JobStatus.RUNNING == running.status
     assert "will not survive the loss of the node" in (running.last_error or "")
     assert "will not survive the loss of the node" in worker.log()
+    private = worker.home / "kelpie-checkpoints" / job.id
+    assert private.is_dir()
     client.cancel(job.id)
+    # The job cannot come back to this node: its directory goes.
+    wait_for(lambda: not private.exists(), timeout=30)
 
 
 def test_wrong_api_key_exits_2_at_start(start_worker: StartWorker) -> None:
