@@ -71,7 +71,9 @@ def _worker_pid_of(root: Path, index: int) -> int:
     """The pid of `kelpie up`'s worker <index>: the parent of its running job."""
     state = json.loads((root / "workers" / str(index) / "state.json").read_text())
     status = Path(f"/proc/{state['job']['pid']}/status").read_text()
-    return int(re.search(r"^PPid:\s+(\d+)", status, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    ppid = re.search(r"^PPid:\s+(\d+)", status, re.MULTILINE)
+    assert ppid is not None
+    return int(ppid.group(1))
 
 
 def test_readme_submit_example_under_up(tmp_path: Path) -> None:
