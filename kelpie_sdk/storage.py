@@ -63,12 +63,18 @@ __all__ = [
     "STORAGE_URL_ENV",
     "Storage",
     "TransferResult",
+    "check_storage_url",
+    "storage_url_is_durable",
 ]
 
 #: The environment variable that names the storage root.
 STORAGE_URL_ENV = "KELPIE_STORAGE_URL"
 #: The storage root when neither the argument nor the variable gives one.
 DEFAULT_STORAGE_URL = "s3://"
+#: Protocols that live in the memory of one process: nothing outside it sees them.
+_PROCESS_LOCAL = frozenset({"memory"})
+
+
 #: Files at least this large are uploaded in parts and downloaded in ranges.
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
 #: The size of one part or range.
@@ -125,6 +131,54 @@ _TRANSIENT_CODES = frozenset(
         "504",
     }
 )
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    """``(protocol, path)`` of a storage root; a bare absolute path is ``file``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return ("file", url) if url.startswith("/") else ("", url)
+    return scheme.lower(), rest
+
+
+def check_storage_url(url: str) -> None:
+    """
+    Check that a storage root names a protocol fsspec knows, without connecting.
+
+    Args:
+        url: The root, e.g. ``s3://``, ``file:///srv/kelpie`` or ``/srv/kelpie``.
+
+    Raises:
+        ConfigError: The URL has no protocol, or one that fsspec does not know.
+    """
+    from fsspec.registry import known_implementations, registry
+
+    scheme, _ = _split_url(url)
+    known = {"s3", "s3a", "file", "local"}
+    known.update(known_implementations)
+    known.update(registry)
+    if not scheme:
+        msg = f"storage URL {url!r} must look like s3://, file:///some/dir or memory://"
+        raise ConfigError(msg)
+    if scheme not in known:
+        msg = (
+            f"storage URL {url!r}: unknown protocol {scheme + '://'!r}; use s3://, "
+            "file:///some/dir or another protocol that fsspec knows (gs://, az://...)"
+        )
+        raise ConfigError(msg)
+
+
+def storage_url_is_durable(url: str) -> bool:
+    """
+    Whether a storage root can hold data that outlives one process and node.
+
+    It must name a place (a directory, or a bucket: ``s3://`` alone names none)
+    and not live in one process's memory (``memory://``). A ``file://`` root
+    counts: a local cluster shares it, and elsewhere it is up to the operator
+    to put it on a shared mount.
+    """
+    scheme, rest = _split_url(url)
+    return bool(scheme) and scheme not in _PROCESS_LOCAL and bool(rest.strip("/"))
 
 
 @attrs.frozen

@@ -4,9 +4,10 @@ interruptions: it saves a checkpoint after every step with
 ``kelpie_sdk.checkpoint`` (to ``KELPIE_CHECKPOINT_URL``, which the worker sets)
 and reports its progress, which ``kelpie jobs list`` shows.
 
-When done it writes ``result.json`` into ``RESULT_DIR`` (default: ``OUTPUT_DIR``)
-with the count and the step each attempt started from, e.g.
-``{"count": 30, "starts": [0, 12]}`` after one interruption at step 12.
+When done it prints its state, the count and the step each attempt started
+from, e.g. ``{"count": 30, "starts": [0, 12]}`` after one interruption at step
+12, and writes it as ``result.json`` into ``RESULT_DIR`` (else ``OUTPUT_DIR``,
+which legacy-mode jobs get) when one of them is set.
 
 Submit it with, for example::
 
@@ -26,7 +27,7 @@ from kelpie_sdk import checkpoint
 def main() -> None:
     total = int(os.environ.get("COUNT_TO", "20"))
     pause = float(os.environ.get("STEP_SECONDS", "0.2"))
-    out_dir = Path(os.environ.get("RESULT_DIR") or os.environ["OUTPUT_DIR"])
+    out = os.environ.get("RESULT_DIR") or os.environ.get("OUTPUT_DIR")
 
     ckpt = checkpoint.Checkpointer(every_steps=1, keep_last=2)
     start = ckpt.latest_step()
@@ -46,9 +47,10 @@ def main() -> None:
         checkpoint.report_progress(step + 1, total, count=state["count"])
     ckpt.close()
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "result.json").write_text(json.dumps(state))
-    print(f"done: {state}")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "result.json").write_text(json.dumps(state))
+    print(f"done: {json.dumps(state)}")
 
 
 if __name__ == "__main__":

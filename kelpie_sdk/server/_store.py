@@ -156,7 +156,8 @@ _HEARTBEAT_SQL = f"""
     UPDATE jobs SET heartbeat = :now,
         lease_expires = :now + heartbeat_interval * 2000,
         num_heartbeats = num_heartbeats + 1,
-        progress = COALESCE(:progress, progress)
+        progress = COALESCE(:progress, progress),
+        last_error = COALESCE(:error, last_error)
     WHERE {_HOLDER}
 """  # noqa: S608 - built from constants only
 _COMPLETE_SQL = f"""
@@ -686,6 +687,9 @@ class Store:
         params["progress"] = (
             None if report.progress is None else json.dumps(report.progress)
         )
+        # A worker's warning about the running job (e.g. checkpoints that will
+        # not survive the node) is shown as its last_error.
+        params["error"] = report.error
         with self._hot.transaction() as cur:
             if self._hot.execute(cur, _HEARTBEAT_SQL, params):
                 return JobStatus.RUNNING

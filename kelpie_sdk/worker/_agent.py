@@ -20,6 +20,7 @@ import enum
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import threading
@@ -34,12 +35,15 @@ from kelpie_sdk.client import Client
 from kelpie_sdk.errors import (
     APIError,
     APIStatusError,
+    AuthenticationError,
     ConflictError,
     KelpieError,
     NotFoundError,
+    PermissionDeniedError,
     StorageError,
 )
 from kelpie_sdk.models import Job, JobStatus, SyncConfig, WorkerReport
+from kelpie_sdk.storage import storage_url_is_durable
 from kelpie_sdk.worker._config import SlotConfig, WorkerConfig
 from kelpie_sdk.worker._runner import JobProcess, SpawnError, describe_exit
 from kelpie_sdk.worker._snapshot import DirSnapshot
@@ -78,6 +82,14 @@ _RELEASE_ATTEMPTS = 3
 #: because the worker is stopping during an API outage).
 _NOT_HELD = "the job is no longer held by this worker"
 _REPORT_ATTEMPTS = 5
+#: Where a job's checkpoints go when it names no place of its own: under the
+#: storage root as this "bucket", or on the node under this directory.
+DEFAULT_CHECKPOINT_BUCKET = "kelpie-checkpoints"
+#: The variable that tells kelpie_sdk.checkpoint where to write.
+DEFAULT_URL_VAR = "KELPIE_CHECKPOINT_URL"
+#: The variables that name legacy-mode directories; sync-mode jobs do not get
+#: them, since nothing moves those directories for a sync-mode job.
+_LEGACY_DIR_VARS = ("INPUT_DIR", "OUTPUT_DIR", "CHECKPOINT_DIR")
 
 
 class Outcome(enum.StrEnum):
@@ -92,6 +104,10 @@ class Outcome(enum.StrEnum):
     CANCELED = "canceled"
     #: The report could not be delivered; the lease will expire on the server.
     UNREPORTED = "unreported"
+
+
+#: Outcomes after which the job does not come back to this node.
+_FINAL_HERE = frozenset({Outcome.COMPLETED, Outcome.FAILED, Outcome.CANCELED})
 
 
 def _utcnow() -> str:
@@ -139,12 +155,17 @@ class _Plan:
     """What to move for one job, resolved against the slot and storage."""
 
     downloads: list[tuple[str, str, Path, str | None]] = attrs.Factory(list)
-    require_input: tuple[str, str] | None = None
+    #: The legacy input prefix, whose emptiness is worth a warning.
+    inputs: tuple[str, str] | None = None
     snapshots: list[DirSnapshot] = attrs.Factory(list)
     outputs: list[tuple[Path, str, str, str | None]] = attrs.Factory(list)
     wipe: list[Path] = attrs.Factory(list)
     checkpoint_url: str | None = None
     output_url: str | None = None
+    #: A per-job checkpoint directory on this node (no durable storage).
+    private_checkpoints: Path | None = None
+    #: Why the job's checkpoints will not survive the node, if they will not.
+    checkpoint_warning: str | None = None
 
 
 class Worker:
@@ -186,6 +207,8 @@ class Worker:
         self._failures = 0
         self._slots: list[_Slot] = []
         self.long_poll_supported: bool | None = None
+        #: Whether the API server has accepted one of our calls yet.
+        self.api_reached = False
 
     # -- plumbing ----------------------------------------------------------------
 
@@ -332,6 +355,25 @@ class Worker:
                 EXIT_IDLE,
             )
             self.stop("max time with no work reached", EXIT_IDLE)
+
+    def idle_budget(self) -> float | None:
+        """
+        Seconds left until every slot has been idle for
+        ``max_time_with_no_work_s``.
+
+        Returns:
+            ``None`` without an idle limit or while a slot runs a job.
+        """
+        limit = self.config.max_time_with_no_work_s
+        since = [s.idle_since for s in self._slots]
+        if limit <= 0 or not since:
+            return None
+        latest = 0.0
+        for t in since:
+            if t is None:
+                return None
+            latest = max(latest, t)
+        return latest + limit - time.monotonic()
 
     # -- running -----------------------------------------------------------------
 
@@ -492,6 +534,8 @@ class _Slot:
         error_delay = 1.0
         while not w.stopping:
             wait = c.long_poll_s if c.long_poll_s > 0 else None
+            if wait is not None:
+                wait = _within_idle_budget(wait, w.idle_budget())
             started = time.monotonic()
             # Raised before the check, so that stop_claiming() either sees this
             # claim or this check sees the drain.
@@ -505,6 +549,27 @@ class _Slot:
                     container_group_id=c.container_group_id,
                     wait=wait,
                 )
+            except (AuthenticationError, PermissionDeniedError) as exc:
+                if w.api_reached:
+                    logger.warning(
+                        "slot %d: claiming work failed: %s (retrying in %.0f s)",
+                        self.cfg.index,
+                        exc,
+                        error_delay,
+                    )
+                    w.wait_stop(error_delay)
+                    error_delay = min(error_delay * 2, max(c.poll_interval_s, 1.0))
+                    continue
+                # Refused before anything was accepted: the key is wrong, and
+                # retrying will not fix it.
+                logger.error(
+                    "configuration error: the API server refused this worker's "
+                    "credentials (%s); check KELPIE_API_KEY (--api-key) or "
+                    "SALAD_API_KEY",
+                    exc,
+                )
+                w.stop("the API server refused the credentials", EXIT_CONFIG)
+                return
             except (APIError, KelpieError) as exc:
                 self.claiming = False
                 logger.warning(
@@ -519,6 +584,7 @@ class _Slot:
             finally:
                 self.claiming = False
             error_delay = 1.0
+            w.api_reached = True
             if job is None:
                 elapsed = time.monotonic() - started
                 if wait is not None and elapsed >= wait / 2:
@@ -526,7 +592,7 @@ class _Slot:
                 w.check_idle()
                 if wait is None or not w.long_poll_supported:
                     # The original behaviour (or a server without long-poll).
-                    w.wait_stop(c.poll_interval_s)
+                    w.wait_stop(_within_idle_budget(c.poll_interval_s, w.idle_budget()))
                 continue
             self.busy = True
             self.idle_since = None
@@ -549,6 +615,23 @@ class _Slot:
             what=f"release of job {job.id}",
             attempts=_RELEASE_ATTEMPTS,
         )
+
+
+def _within_idle_budget(wait: float, budget: float | None) -> float:
+    """
+    Shorten a wait so that the idle limit is checked when it is reached.
+
+    A little is added to the budget so that the check after the wait sees the
+    limit passed.
+    """
+    if budget is None:
+        return wait
+    return min(wait, max(budget, 0.0) + 0.1)
+
+
+def _safe_name(job_id: str) -> str:
+    """A job id as one safe path component."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", job_id) or "job"
 
 
 def _deliver(
@@ -667,7 +750,9 @@ class _JobRun:
         """
         sent_at = time.monotonic()
         try:
-            status = client.heartbeat(self.job.id, self.report())
+            status = client.heartbeat(
+                self.job.id, self.report(error=self.plan.checkpoint_warning)
+            )
         except NotFoundError:
             self._mark_lost("the job no longer exists on the server")
             return False
@@ -836,7 +921,7 @@ class _JobRun:
                 plan.downloads.append(
                     (job.input_bucket, job.input_prefix, cfg.input_dir, None)
                 )
-                plan.require_input = (job.input_bucket, job.input_prefix)
+                plan.inputs = (job.input_bucket, job.input_prefix)
             if job.checkpoint_bucket and job.checkpoint_prefix is not None:
                 plan.downloads.append(
                     (
@@ -864,7 +949,31 @@ class _JobRun:
                 plan.output_url = self.worker.storage.url(
                     job.output_bucket, job.output_prefix
                 )
+        if plan.checkpoint_url is None and DEFAULT_URL_VAR not in job.environment:
+            self._default_checkpoints(plan)
         return plan
+
+    def _default_checkpoints(self, plan: _Plan) -> None:
+        """
+        Give a job that names no checkpoint location one of its own: under
+        the storage root when that is durable, else a directory on this node.
+        """
+        name = _safe_name(self.job.id)
+        storage_url = self.config.storage_url
+        if storage_url_is_durable(storage_url):
+            plan.checkpoint_url = self.worker.storage.url(
+                DEFAULT_CHECKPOINT_BUCKET, f"{name}/"
+            )
+            return
+        local = self.slot.cfg.state_file.parent / DEFAULT_CHECKPOINT_BUCKET / name
+        plan.private_checkpoints = local
+        plan.checkpoint_url = local.as_uri()
+        plan.checkpoint_warning = (
+            f"its checkpoints go to {local} on this node and will not survive the "
+            f"loss of the node: the worker's storage URL {storage_url!r} names no "
+            "durable place (set KELPIE_STORAGE_URL to a bucket or shared directory, "
+            "or give the job sync.during or a checkpoint prefix)"
+        )
 
     def _snapshot_for(self, entry: SyncConfig, compress: bool) -> DirSnapshot:
         return DirSnapshot(
@@ -879,18 +988,24 @@ class _JobRun:
         """The child's environment: worker's, overlaid by job's, then ours."""
         cfg = self.slot.cfg
         env = dict(os.environ)
+        if self.job.sync is not None:
+            # Nothing downloads or uploads these directories for a sync-mode
+            # job: a job writing there would lose its files.
+            for name in _LEGACY_DIR_VARS:
+                env.pop(name, None)
         env.update(self.job.environment)
         injected = {
             "KELPIE_JOB_ID": self.job.id,
             "KELPIE_ATTEMPT": str(self.attempt if self.attempt is not None else 0),
-            "INPUT_DIR": str(cfg.input_dir),
-            "OUTPUT_DIR": str(cfg.output_dir),
-            "CHECKPOINT_DIR": str(cfg.checkpoint_dir),
             "KELPIE_STATE_FILE": str(cfg.state_file),
             "KELPIE_PROGRESS_FILE": str(cfg.progress_file),
         }
+        if self.job.sync is None:
+            injected["INPUT_DIR"] = str(cfg.input_dir)
+            injected["OUTPUT_DIR"] = str(cfg.output_dir)
+            injected["CHECKPOINT_DIR"] = str(cfg.checkpoint_dir)
         if self.plan.checkpoint_url is not None:
-            injected["KELPIE_CHECKPOINT_URL"] = self.plan.checkpoint_url
+            injected[DEFAULT_URL_VAR] = self.plan.checkpoint_url
         if self.plan.output_url is not None:
             injected["KELPIE_OUTPUT_URL"] = self.plan.output_url
         if cfg.cuda_visible_devices is not None:
@@ -954,6 +1069,10 @@ class _JobRun:
                 for path in self.plan.wipe:
                     with contextlib.suppress(OSError):
                         _wipe(path)
+            private = self.plan.private_checkpoints
+            if private is not None and outcome in _FINAL_HERE:
+                # The job will not run on this node again; a released one may.
+                shutil.rmtree(private, ignore_errors=True)
             self._info("finished: %s", outcome.value)
         return outcome
 
@@ -1057,6 +1176,17 @@ class _JobRun:
             self.plan = self.make_plan()
         except (KelpieError, ValueError) as exc:
             return self._fail(f"invalid storage settings: {exc}")
+        if self.plan.checkpoint_warning is not None:
+            self._warn("%s", self.plan.checkpoint_warning)
+            # Into the job's last_error now, not one heartbeat interval later.
+            self._heartbeat_once(self.slot.client)
+        if self.plan.private_checkpoints is not None:
+            try:
+                self.plan.private_checkpoints.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                return self._fail(
+                    f"cannot create {self.plan.private_checkpoints}: {exc}"
+                )
         for path in self.plan.wipe:
             try:
                 _wipe(path)
@@ -1176,9 +1306,10 @@ class _JobRun:
                 result.bytes,
                 storage.url(bucket, prefix),
             )
-            if self.plan.require_input == (bucket, prefix) and result.files == 0:
-                raise StorageError(
-                    f"the input prefix {storage.url(bucket, prefix)} is empty"
+            if self.plan.inputs == (bucket, prefix) and result.files == 0:
+                self._warn(
+                    "the input prefix %s is empty; running the command without inputs",
+                    storage.url(bucket, prefix),
                 )
 
     def _upload_outputs(self) -> str | None:

@@ -45,6 +45,7 @@ import attrs
 from kelpie_sdk.config import Settings
 from kelpie_sdk.errors import ConfigError
 from kelpie_sdk.models import MAX_LONG_POLL
+from kelpie_sdk.storage import check_storage_url
 
 __all__ = [
     "DEFAULT_STATE_FILE",
@@ -200,6 +201,10 @@ class WorkerConfig:
             )
         if self.slots < 1:
             raise ConfigError(f"--slots must be at least 1, got {self.slots}")
+        try:
+            check_storage_url(self.storage_url)
+        except ConfigError as exc:
+            raise ConfigError(f"--storage-url / KELPIE_STORAGE_URL: {exc}") from None
         if self.slot_gpus is not None and len(self.slot_gpus) < self.slots:
             raise ConfigError(
                 f"--slot-gpus names {len(self.slot_gpus)} GPU set(s) for "

@@ -206,10 +206,6 @@ def test_outputs_are_in_storage_before_completed_is_visible(
         output_prefix="out-test/out/",
         heartbeat_interval=1,
     )
-    # Legacy jobs need a non-empty input prefix.
-    storage.storage.upload_files(
-        [(EXAMPLES / "count.py", "count.py")], storage.bucket, "out-test/in/"
-    )
     seen: list[JobStatus] = []
 
     def completed_and_checked() -> bool:
@@ -353,10 +349,9 @@ def test_sigterm_to_worker_releases_the_job(
     ("kwargs", "message"),
     [
         ({"command": "/no/such/program"}, "command not found"),
-        ({"input_prefix": "nothing-here/"}, "is empty"),
         ({"input_bucket": "no-such-bucket"}, "could not be downloaded"),
     ],
-    ids=["missing-command", "empty-input", "missing-bucket"],
+    ids=["missing-command", "missing-bucket"],
 )
 def test_bad_jobs_fail_clearly_and_the_worker_goes_on(
     client: Client,
@@ -399,6 +394,77 @@ def test_bad_jobs_fail_clearly_and_the_worker_goes_on(
     assert JobStatus.FAILED == failed.status
     assert message in (failed.last_error or "")
     assert JobStatus.COMPLETED == wait_for(lambda: _finished(client, good.id)).status
+
+
+def test_empty_input_prefix_runs_the_command_with_a_warning(
+    client: Client, start_worker: StartWorker, file_storage: StorageSetup
+) -> None:
+    """A legacy job with no input objects runs (Monte Carlo jobs have none)."""
+    setup = file_storage
+    worker = start_worker(storage_url=setup.url)
+    script = (
+        "import os; open(os.path.join(os.environ['OUTPUT_DIR'], 'n.txt'), 'w')"
+        ".write(str(len(os.listdir(os.environ['INPUT_DIR']))))"
+    )
+    job = client.submit_job(
+        command=PY,
+        arguments=["-c", script],
+        container_group_id=GROUP,
+        input_bucket=setup.bucket,
+        input_prefix="nothing-here/",
+        checkpoint_bucket=setup.bucket,
+        checkpoint_prefix="mc/ckpt/",
+        output_bucket=setup.bucket,
+        output_prefix="mc/out/",
+        heartbeat_interval=1,
+    )
+    done = wait_for(lambda: _finished(client, job.id))
+    assert (JobStatus.COMPLETED, None) == (done.status, done.last_error)
+    assert b"0" == _read(setup, "mc/out/n.txt")
+    assert "nothing-here/ is empty; running the command without inputs" in (
+        worker.log()
+    )
+
+
+def test_checkpoints_that_will_not_survive_the_node_are_announced(
+    client: Client, start_worker: StartWorker
+) -> None:
+    """Without durable storage the job's last_error and the log say so while it runs."""
+    worker = start_worker(storage_url="memory://nowhere")
+    job = client.submit_job(
+        command=PY,
+        arguments=["-c", "import time; time.sleep(60)"],
+        container_group_id=GROUP,
+        sync={},
+        heartbeat_interval=1,
+    )
+    running = wait_for(
+        lambda: (j := client.get_job(job.id)).last_error and j, timeout=30
+    )
+    assert JobStatus.RUNNING == running.status
+    assert "will not survive the loss of the node" in (running.last_error or "")
+    assert "will not survive the loss of the node" in worker.log()
+    private = worker.home / "kelpie-checkpoints" / job.id
+    assert private.is_dir()
+    client.cancel(job.id)
+    # The job cannot come back to this node: its directory goes.
+    wait_for(lambda: not private.exists(), timeout=30)
+
+
+def test_wrong_api_key_exits_2_at_start(start_worker: StartWorker) -> None:
+    """A key the server refuses stops the worker with one clear line."""
+    worker = start_worker(KELPIE_API_KEY="not-the-key")
+    assert 2 == worker.wait(timeout=30)
+    errors = [line for line in worker.log().splitlines() if " ERROR " in line]
+    assert 1 == len(errors), errors
+    assert "refused this worker's credentials" in errors[0]
+
+
+def test_misspelled_storage_url_exits_2_at_start(start_worker: StartWorker) -> None:
+    """An unknown storage protocol stops the worker before it claims anything."""
+    worker = start_worker(storage_url="fiel:///tmp/x")
+    assert 2 == worker.wait(timeout=30)
+    assert "unknown protocol 'fiel://'" in worker.log()
 
 
 def test_progress_reaches_the_server(
@@ -452,6 +518,15 @@ def test_idle_limit_exits_with_its_code(start_worker: StartWorker) -> None:
     assert time.monotonic() - started < 15
 
 
+def test_idle_limit_shortens_the_long_poll(start_worker: StartWorker) -> None:
+    """The idle limit is kept even when it is shorter than the long poll."""
+    worker = start_worker(MAX_TIME_WITH_NO_WORK_S="2", KELPIE_LONG_POLL_S="30")
+    started = time.monotonic()
+    assert EXIT_IDLE == worker.wait(timeout=60)
+    # Python start-up and the first claim included; the long poll alone is 30 s.
+    assert time.monotonic() - started < 15
+
+
 def test_slots_run_jobs_side_by_side_with_their_own_gpus(
     client: Client, start_worker: StartWorker, tmp_path: Path
 ) -> None:
@@ -464,7 +539,8 @@ def test_slots_run_jobs_side_by_side_with_their_own_gpus(
         "start = time.time(); time.sleep(1.5)\n"
         f"path = os.path.join({str(seen)!r}, os.environ['KELPIE_JOB_ID'])\n"
         "json.dump({'gpu': os.environ['CUDA_VISIBLE_DEVICES'], "
-        "'input': os.environ['INPUT_DIR'], 'state': os.environ['KELPIE_STATE_FILE'], "
+        "'ckpt': os.environ['KELPIE_CHECKPOINT_URL'], "
+        "'state': os.environ['KELPIE_STATE_FILE'], "
         "'start': start, 'end': time.time()}, open(path, 'w'))\n"
     )
     jobs = [
@@ -484,7 +560,7 @@ def test_slots_run_jobs_side_by_side_with_their_own_gpus(
         )
     runs = [json.loads((seen / j.id).read_text()) for j in jobs]
     assert {"3", "5"} == {r["gpu"] for r in runs}
-    assert 2 == len({r["input"] for r in runs})
+    assert 2 == len({r["ckpt"] for r in runs})
     assert 2 == len({r["state"] for r in runs})
     first, second = sorted(runs, key=lambda r: r["start"])
     assert second["start"] < first["end"]

@@ -121,6 +121,23 @@ def test_heartbeat_stores_progress(api: Any, container_group_id: str) -> None:
     assert progress == api.get(f"/jobs/{job['id']}").json()["progress"]
 
 
+def test_heartbeat_error_is_the_running_jobs_last_error(
+    api: Any, container_group_id: str
+) -> None:
+    """A warning sent with a heartbeat shows as last_error; later ones keep it."""
+    job = api.post("/jobs", json=sync_job(container_group_id)).json()
+    claim(api, container_group_id)
+    url = f"/jobs/{job['id']}/heartbeat"
+    note = "checkpoints will not survive the node"
+    api.post(url, json=report("m1", container_group_id, error=note))
+    api.post(url, json=report("m1", container_group_id))
+    after = api.get(f"/jobs/{job['id']}").json()
+    assert ("running", note) == (after["status"], after["last_error"])
+    other = api.post(url, json=report("m2", container_group_id, error="not mine"))
+    assert "canceled" == other.json()["status"]
+    assert note == api.get(f"/jobs/{job['id']}").json()["last_error"]
+
+
 @pytest.mark.parametrize(
     "body",
     [

@@ -22,7 +22,12 @@ from kelpie_sdk.errors import (
     StorageNotFoundError,
     StoragePermissionError,
 )
-from kelpie_sdk.storage import Storage, TransferResult, _safe_join
+from kelpie_sdk.storage import (
+    Storage,
+    TransferResult,
+    _safe_join,
+    storage_url_is_durable,
+)
 from tests.storage.conftest import NO_BOTOCORE_RETRIES
 from tests.storage.proxy import (
     LOSE,
@@ -722,3 +727,20 @@ def test_downloads_never_leave_the_target_directory(rel: str) -> None:
         return
     assert target in dest.parents
     assert ".." not in dest.parts
+
+
+@pytest.mark.parametrize(
+    ("url", "durable"),
+    [
+        ("s3://", False),
+        ("s3://shared/kelpie", True),
+        ("file:///srv/kelpie", True),
+        ("/srv/kelpie", True),
+        ("file:///", False),
+        ("memory://root", False),
+        ("gs://bucket", True),
+    ],
+)
+def test_durable_storage_roots(url: str, durable: bool) -> None:
+    """A root is durable when it names a place outside one process's memory."""
+    assert durable is storage_url_is_durable(url)

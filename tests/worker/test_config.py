@@ -142,6 +142,23 @@ def test_bad_numbers_are_rejected(name: str, value: str) -> None:
         WorkerConfig.from_env({**BASE, name: value})
 
 
+@pytest.mark.parametrize("url", ["fiel:///tmp/x", "s4://bucket", "tmp/relative"])
+def test_misspelled_storage_urls_are_rejected(url: str) -> None:
+    """A storage URL whose protocol fsspec does not know stops the worker at start."""
+    with pytest.raises(ConfigError, match="KELPIE_STORAGE_URL") as info:
+        WorkerConfig.from_env({**BASE, "KELPIE_STORAGE_URL": url})
+    assert url in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["s3://", "file:///srv/k", "/srv/k", "memory://r", "gs://b"]
+)
+def test_known_storage_protocols_are_accepted(url: str) -> None:
+    """Every protocol that fsspec knows passes, whether or not it is installed."""
+    assert url == WorkerConfig.from_env({**BASE, "KELPIE_STORAGE_URL": url}).storage_url
+
+
 def test_machine_id_is_generated_and_stable() -> None:
     """An empty SALAD_MACHINE_ID gives a host-derived id that does not change."""
     c1 = WorkerConfig.from_env({"SALAD_CONTAINER_GROUP_ID": "cg"})
