@@ -389,9 +389,17 @@ def api_reference(document: dict[str, Any] | None = None) -> str:
 INJECTED = {
     "KELPIE_JOB_ID": "The job's id.",
     "KELPIE_ATTEMPT": "The attempt number the server gave this run of the job.",
-    "INPUT_DIR": "The slot's input directory (legacy inputs are downloaded here).",
-    "OUTPUT_DIR": "The slot's output directory (uploaded when the job succeeds).",
-    "CHECKPOINT_DIR": "The slot's checkpoint directory (legacy checkpoint sync).",
+    "INPUT_DIR": (
+        "Legacy mode only: the slot's input directory (inputs are downloaded here)."
+    ),
+    "OUTPUT_DIR": (
+        "Legacy mode only: the slot's output directory (uploaded when the job "
+        "succeeds)."
+    ),
+    "CHECKPOINT_DIR": (
+        "Legacy mode only: the slot's checkpoint directory (snapshotted to the "
+        "checkpoint prefix)."
+    ),
     "KELPIE_STATE_FILE": "The slot's state file, which the worker owns.",
     "KELPIE_PROGRESS_FILE": (
         "Where the job may write its progress record; `kelpie_sdk.checkpoint` "
@@ -399,8 +407,10 @@ INJECTED = {
     ),
     "KELPIE_CHECKPOINT_URL": (
         "The storage URL of the job's checkpoints; `kelpie_sdk.checkpoint."
-        "Checkpointer()` saves there by default. Set when the job has a "
-        "checkpoint location."
+        "Checkpointer()` saves there by default. Every job gets one: its own "
+        "checkpoint prefix or `sync.during` location, else a per-job prefix under "
+        "the worker's storage, else (with a warning) a private directory on the "
+        "node."
     ),
     "KELPIE_OUTPUT_URL": (
         "The storage URL of the job's outputs. Set when the job has an output location."
@@ -446,14 +456,22 @@ def settings_table(doc: str) -> list[tuple[str, list[str], str]]:
 
 
 def _env_names_read(func: Any) -> set[str]:
-    """The upper-case string constants a function's source mentions."""
+    """
+    The upper-case string constants a function's source mentions, literally or
+    through a module-level constant (``DEFAULT_URL_VAR``).
+    """
     tree = ast.parse(textwrap.dedent(inspect.getsource(func)))
+    module_globals = getattr(func, "__globals__", {})
+    values = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant):
+            values.add(node.value)
+        elif isinstance(node, ast.Name) and node.id.isupper():
+            values.add(module_globals.get(node.id))
     return {
-        node.value
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Constant)
-        and isinstance(node.value, str)
-        and re.fullmatch(r"[A-Z][A-Z0-9_]+", node.value)
+        value
+        for value in values
+        if isinstance(value, str) and re.fullmatch(r"[A-Z][A-Z0-9_]+", value)
     }
 
 

@@ -1176,10 +1176,6 @@ class _JobRun:
             self.plan = self.make_plan()
         except (KelpieError, ValueError) as exc:
             return self._fail(f"invalid storage settings: {exc}")
-        if self.plan.checkpoint_warning is not None:
-            self._warn("%s", self.plan.checkpoint_warning)
-            # Into the job's last_error now, not one heartbeat interval later.
-            self._heartbeat_once(self.slot.client)
         if self.plan.private_checkpoints is not None:
             try:
                 self.plan.private_checkpoints.mkdir(parents=True, exist_ok=True)
@@ -1187,6 +1183,10 @@ class _JobRun:
                 return self._fail(
                     f"cannot create {self.plan.private_checkpoints}: {exc}"
                 )
+        if self.plan.checkpoint_warning is not None:
+            self._warn("%s", self.plan.checkpoint_warning)
+            # Into the job's last_error now, not one heartbeat interval later.
+            self._heartbeat_once(self.slot.client)
         for path in self.plan.wipe:
             try:
                 _wipe(path)

@@ -40,7 +40,7 @@ def _read_banner(proc: subprocess.Popen[str]) -> str:
     raise AssertionError("no banner from kelpie up:\n" + "".join(lines))
 
 
-def _start_up(root: Path, workers: int) -> tuple[subprocess.Popen[str], str, str]:
+def _up_and_banner(root: Path, workers: int) -> tuple[subprocess.Popen[str], str, str]:
     """`kelpie up` on a free port; returns the process, the API URL and key."""
     proc = subprocess.Popen(
         [
@@ -84,7 +84,7 @@ def test_readme_submit_example_under_up(tmp_path: Path) -> None:
     a job whose worker is SIGKILLed resumes from its own checkpoint elsewhere.
     """
     root = tmp_path / "cluster"
-    proc, url, key = _start_up(root, workers=1)
+    proc, url, key = _up_and_banner(root, workers=1)
     extra: subprocess.Popen[bytes] | None = None
     try:
         with Client(url, key) as client:
