@@ -141,7 +141,8 @@ def start_worker(
     home: Path, *, api_url: str, api_key: str, group: str, storage_url: str, slots: int
 ) -> subprocess.Popen[bytes]:
     """
-    Start ``python -m kelpie_sdk.worker`` with its own directories under ``home``.
+    Start ``kelpie worker`` (as ``python -m kelpie_sdk worker``) with its own
+    directories under ``home``.
     """
     home.mkdir(parents=True, exist_ok=True)
     env = clean_env(
@@ -161,7 +162,7 @@ def start_worker(
     )
     with (home / "worker.log").open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "kelpie_sdk.worker"],
+            [sys.executable, "-m", "kelpie_sdk", "worker"],
             env=env,
             cwd=home,
             stdout=log,
