@@ -170,12 +170,15 @@ def start_worker(
         )
 
 
-def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+def stop_workers(procs: Sequence[subprocess.Popen[bytes]]) -> None:
     """
-    SIGTERM (running jobs are released), then SIGKILL if it lingers.
+    SIGTERM to every worker at once (running jobs are released), then SIGKILL to
+    any that lingers.
     """
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:

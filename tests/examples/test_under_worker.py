@@ -19,7 +19,7 @@ import torch
 from kelpie_sdk import Client
 from kelpie_sdk.models import Job, JobStatus
 from kelpie_sdk.testing import run_server
-from tests.examples.helpers import EXAMPLES, load_example, start_worker, stop_worker
+from tests.examples.helpers import EXAMPLES, load_example, start_worker, stop_workers
 
 GROUP = "examples"
 BUCKET = "bkt"
@@ -132,8 +132,7 @@ def test_examples_survive_the_loss_of_their_worker(tmp_path: Path) -> None:
                 for job in (mc_job, train_job)
             ]
         finally:
-            for proc in workers:
-                stop_worker(proc)
+            stop_workers(workers)
     logs = "\n".join(
         p.read_text(errors="replace") for p in sorted(tmp_path.glob("*/worker.log"))
     )
