@@ -45,7 +45,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from kelpie_sdk import Client, Job, JobStatus
+from kelpie_sdk import APIConnectionError, Client, Job, JobStatus
 
 EXAMPLE = Path(__file__).resolve().parent / "monte_carlo" / "monte_carlo.py"
 stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
@@ -147,8 +147,9 @@ with progress_bar() as progress:
 #
 # One request lists the container group's jobs (up to 1,000 a page) and counts ours
 # that are finished (``completed``, ``failed`` or ``canceled``: these never change
-# again). ``client.wait(jobs)`` would also wait, with one request per unfinished job
-# and no progress on the way.
+# again). The jobs live in the server's database, so the loop simply waits while the
+# server is unreachable. ``client.wait(jobs)`` would also wait, with one request per
+# unfinished job and no progress on the way.
 
 
 # %%
@@ -171,8 +172,12 @@ with progress_bar() as progress:
                 f"{len(ids) - len(done)} jobs unfinished after {TIMEOUT} s"
             )
         time.sleep(0.5)
-        done = finished_jobs(ids)
-        progress.update(task, completed=len(done))
+        try:
+            done = finished_jobs(ids)
+        except APIConnectionError:  # the server is restarting: keep waiting
+            progress.update(task, description="no server")
+            continue
+        progress.update(task, completed=len(done), description="running")
 elapsed = time.monotonic() - began
 client.close()
 
