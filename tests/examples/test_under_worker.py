@@ -67,7 +67,7 @@ def test_examples_survive_the_loss_of_their_worker(tmp_path: Path) -> None:
     """Both examples, killed with their worker, finish elsewhere with exact results."""
     mc = load_example("monte_carlo/monte_carlo.py")
     train = load_example("pytorch_training/train.py")
-    mc_params = mc.Params(batches=60, paths_per_batch=20_000, seed=4)
+    mc_params = mc.Params(batches=40, paths_per_batch=20_000, seed=4)
     config = train.Config(epochs=3, samples=512, batch_size=32, seed=4)
     mc_expected = mc.dumps(mc.expected_result(mc_params))
     train_expected, weights = train.expected_result(config)
@@ -110,11 +110,11 @@ def test_examples_survive_the_loss_of_their_worker(tmp_path: Path) -> None:
             mc_job = client.submit_job(
                 arguments=[
                     str(EXAMPLES / "monte_carlo" / "monte_carlo.py"),
-                    "--batches=60",
+                    "--batches=40",
                     "--paths=20000",
                     "--seed=4",
                     "--every=4",
-                    "--pause=0.1",
+                    "--pause=0.08",
                     f"--output={tmp_path / 'mc-out'}",
                 ],
                 sync=_sync("mc", tmp_path),
