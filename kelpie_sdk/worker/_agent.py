@@ -215,6 +215,8 @@ class Worker:
             salad_organization=c.salad_organization,
             salad_project=c.salad_project,
             max_retries=max(c.max_retries - 1, 0),
+            # On SaladCloud without a key: the workload token from IMDS.
+            workload_token=None if self.imds is None else self.imds.token,
         )
 
     def make_client(self) -> Client:

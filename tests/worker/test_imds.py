@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from kelpie_sdk.errors import APIConnectionError, ConfigError, ResponseValidationError
+from kelpie_sdk.client import Client
+from kelpie_sdk.errors import (
+    APIConnectionError,
+    BadRequestError,
+    ConfigError,
+    ResponseValidationError,
+)
 from kelpie_sdk.worker._agent import EXIT_IDLE, EXIT_MAX_FAILURES, EXIT_OK, Worker
 from kelpie_sdk.worker._config import WorkerConfig
 from kelpie_sdk.worker._imds import (
@@ -29,7 +35,7 @@ from kelpie_sdk.worker._imds import (
     imds_enabled,
     jwt_expiry,
 )
-from tests.fake_imds import FakeImds, closed_port_url, fake_imds
+from tests.fake_imds import Call, FakeImds, closed_port_url, fake_imds
 
 SALAD_ENV = {
     "SALAD_MACHINE_ID": "m-1",
@@ -318,3 +324,67 @@ def test_idle_limit_without_imds_exits_4(imds_url: str | None, tmp_path: Path) -
     worker.check_idle()
     assert worker.stopping
     assert EXIT_IDLE == worker._exit_code
+
+
+# -- the workload token as credentials ---------------------------------------------
+
+
+def _api_calls(imds: FakeImds) -> list[Call]:
+    return [c for c in imds.snapshot() if not c.path.startswith("/v1/")]
+
+
+def test_worker_without_a_key_sends_the_cached_workload_token(
+    imds: FakeImds, tmp_path: Path
+) -> None:
+    """No API key on SaladCloud: each API call carries the IMDS token as a
+    bearer token with Salad-Project, and the token is fetched once."""
+    imds.jwt = _jwt({"exp": 4_000_000_000})
+    config = WorkerConfig.from_env(
+        {**SALAD_ENV, "KELPIE_IMDS": "on"},
+        api_url=imds.url,  # the fake records the API calls too
+        state_file=tmp_path / "state.json",
+    )
+    worker = Worker(config, imds=Imds(imds.url))
+    with worker.make_client() as client:
+        for _ in range(3):
+            with pytest.raises(BadRequestError):
+                client.get_job("job-1")
+    calls = _api_calls(imds)
+    assert 3 == len(calls)
+    for call in calls:
+        assert f"Bearer {imds.jwt}" == call.headers["Authorization"]
+        assert "proj" == call.headers["Salad-Project"]
+        assert "X-Kelpie-Key" not in call.headers
+    assert 1 == sum(1 for c in imds.snapshot() if c.path == "/v1/token")
+
+
+def test_a_key_wins_over_the_workload_token(imds: FakeImds, tmp_path: Path) -> None:
+    """With KELPIE_API_KEY the token is never fetched."""
+    config = WorkerConfig.from_env(
+        {**SALAD_ENV, "KELPIE_API_KEY": "k"},
+        api_url=imds.url,
+        state_file=tmp_path / "state.json",
+    )
+    worker = Worker(config, imds=Imds(imds.url))
+    with worker.make_client() as client, pytest.raises(BadRequestError):
+        client.get_job("job-1")
+    [call] = imds.snapshot()
+    assert "k" == call.headers["X-Kelpie-Key"]
+    assert "Authorization" not in call.headers
+
+
+def test_workload_token_needs_a_project(imds: FakeImds) -> None:
+    """A token without a project is refused up front, with what to set."""
+    with pytest.raises(ConfigError, match="SALAD_PROJECT / SALAD_PROJECT_NAME"):
+        Client(imds.url, environ={}, workload_token=Imds(imds.url).token)
+    assert [] == imds.snapshot()
+
+
+def test_off_imds_means_no_token_and_a_clear_error(tmp_path: Path) -> None:
+    """Outside SaladCloud a worker without a key stops at the configuration."""
+    config = WorkerConfig.from_env(
+        {"SALAD_CONTAINER_GROUP_ID": "g", "SALAD_PROJECT_NAME": "proj"},
+        state_file=tmp_path / "state.json",
+    )
+    with pytest.raises(ConfigError, match="no API credentials"):
+        Worker(config).make_client()
