@@ -279,9 +279,9 @@ class Worker:
 
     def note_failure(self) -> None:
         """
-        Count a failure reported by this worker; at ``max_job_failures`` stop
-        with ``EXIT_MAX_FAILURES`` (the original asked IMDS to reallocate the
-        node and kept claiming, W-22).
+        Count a failure reported by this worker; at ``max_job_failures`` ask
+        IMDS to reallocate the node and stop claiming, or, without IMDS, stop
+        with ``EXIT_MAX_FAILURES`` (the original kept claiming, W-22).
         """
         with self._lock:
             self._failures += 1
@@ -300,9 +300,9 @@ class Worker:
 
     def check_idle(self) -> None:
         """
-        Stop with ``EXIT_IDLE`` once every slot has had no job for
-        ``max_time_with_no_work_s`` (measured from the end of its last job,
-        not the start, W-21).
+        Once every slot has had no job for ``max_time_with_no_work_s``
+        (measured from the end of its last job, not the start, W-21), ask IMDS
+        to reallocate the node, or, without IMDS, stop with ``EXIT_IDLE``.
         """
         limit = self.config.max_time_with_no_work_s
         if limit <= 0 or not self._slots:
