@@ -189,6 +189,7 @@ class Worker:
         self.imds = imds
         self._deletion_cost = None if imds is None else DeletionCost(imds, config.slots)
         self._signalled = threading.Event()
+        self._reallocation_asked = False
         self._reallocating = False
         self._client_factory = client_factory or self._default_client
         self._storage_factory = storage_factory
@@ -345,8 +346,12 @@ class Worker:
             Whether IMDS accepted (without IMDS, or if it does not answer, the
             caller stops with its exit code instead).
         """
-        if self.imds is None or self.stopping:
-            return False
+        with self._lock:
+            if self.imds is None or self._stop.is_set():
+                return False
+            if self._reallocation_asked:
+                return True  # another slot is asking; it stops the worker
+            self._reallocation_asked = True
         if not self.imds.reallocate(reason):
             return False
         with self._lock:
@@ -400,6 +405,8 @@ class Worker:
                 self.config.reallocate_wait_s,
             )
             self._signalled.wait(self.config.reallocate_wait_s)
+        if self._deletion_cost is not None:
+            self._deletion_cost.close()
         if self.imds is not None:
             self.imds.close()
         logger.info(

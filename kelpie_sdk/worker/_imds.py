@@ -266,7 +266,10 @@ class Imds:
 class DeletionCost:
     """
     The node's deletion cost: the highest of its slots' values, sent to IMDS
-    when it changes (or when the last send failed).
+    when it changes (or again after a failed send).
+
+    A background thread sends, so a slow or absent IMDS never holds up a
+    heartbeat; when values change faster than they are sent, the latest wins.
 
     Args:
         imds: Where to send it.
@@ -276,16 +279,68 @@ class DeletionCost:
     def __init__(self, imds: Imds, slots: int) -> None:
         self.imds = imds
         self._values = [DELETION_COST_IDLE] * slots
-        self._sent: int | None = None
-        self._lock = threading.Lock()
+        #: The value last handed to the sender, unless its send failed.
+        self._target: int | None = None
+        self._pending = False
+        self._busy = False
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
 
     def set(self, slot: int, value: int) -> None:
         """
-        Record one slot's value and send the node's if it changed.
+        Record one slot's value; the node's goes out if it changed.
         """
-        with self._lock:
+        with self._cond:
             self._values[slot] = value
             node = max(self._values)
-            if node == self._sent:
+            if node == self._target or self._closed:
                 return
-            self._sent = node if self.imds.set_deletion_cost(node) else None
+            self._target = node
+            self._pending = True
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._send_loop, name="imds-deletion-cost", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        """
+        Wait until the latest value was sent (or failed).
+
+        Returns:
+            Whether nothing is left to send.
+        """
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: not self._pending and not self._busy, timeout
+            )
+
+    def close(self, timeout: float = 5.0) -> None:
+        """
+        Send what is pending (waiting up to ``timeout``), then stop the sender.
+        """
+        self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending or self._closed)
+                if not self._pending:
+                    return
+                value = self._target
+                self._pending = False
+                self._busy = True
+            ok = value is None or self.imds.set_deletion_cost(value)
+            with self._cond:
+                self._busy = False
+                if not ok and self._target == value and not self._pending:
+                    self._target = None
+                self._cond.notify_all()

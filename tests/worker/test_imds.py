@@ -230,14 +230,48 @@ def test_ladder_values() -> None:
 def test_node_cost_is_the_highest_slot_and_sent_on_change(imds: FakeImds) -> None:
     """Two slots: the node's cost is their maximum, sent only when it changes."""
     cost = DeletionCost(Imds(imds.url), slots=2)
-    cost.set(0, 0)
-    cost.set(1, 0)  # unchanged: not sent again
-    cost.set(0, 1)
-    cost.set(1, 3)
-    cost.set(0, DELETION_COST_FINAL_UPLOAD)
-    cost.set(1, 0)  # the other slot idles while slot 0 uploads: unchanged
-    cost.set(0, 0)
+    for slot, value in [
+        (0, 0),
+        (1, 0),  # unchanged: not sent again
+        (0, 1),
+        (1, 3),
+        (0, DELETION_COST_FINAL_UPLOAD),
+        (1, 0),  # the other slot idles while slot 0 uploads: unchanged
+        (0, 0),
+    ]:
+        cost.set(slot, value)
+        assert cost.flush(10)
+    cost.close()
     assert [0, 1, 3, DELETION_COST_FINAL_UPLOAD, 0] == imds.deletion_costs()
+
+
+def test_fast_changes_end_at_the_latest_value(imds: FakeImds) -> None:
+    """Values set faster than they are sent: the last one is what IMDS has."""
+    cost = DeletionCost(Imds(imds.url), slots=1)
+    for n in range(50):
+        cost.set(0, n + 2)
+    cost.set(0, 0)
+    cost.close()
+    sent = imds.deletion_costs()
+    assert 0 == sent[-1]
+    assert len(sent) <= 51
+
+
+def test_a_slow_imds_does_not_block_the_caller() -> None:
+    """set() returns at once even when IMDS never answers."""
+    import socket
+    import time
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)  # accepts connections, never answers
+        host, port = listener.getsockname()
+        cost = DeletionCost(Imds(f"http://{host}:{port}", timeout=(1.0, 3.0)), 1)
+        started = time.monotonic()
+        cost.set(0, 1)
+        cost.set(0, 3)
+        assert time.monotonic() - started < 0.5
+        cost.close(timeout=10)
 
 
 def test_a_failed_cost_is_sent_again(imds: FakeImds) -> None:
@@ -245,9 +279,12 @@ def test_a_failed_cost_is_sent_again(imds: FakeImds) -> None:
     cost = DeletionCost(Imds(imds.url), slots=1)
     imds.status = 503
     cost.set(0, 0)
+    assert cost.flush(10)
     imds.status = 200
     cost.set(0, 0)
+    assert cost.flush(10)
     cost.set(0, 0)
+    cost.close()
     assert [0, 0] == imds.deletion_costs()
 
 
