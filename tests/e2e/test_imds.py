@@ -78,7 +78,10 @@ def test_deletion_cost_follows_the_job(
     final = costs.index(DELETION_COST_FINAL_UPLOAD)
     running = costs[claim + 1 : final]
     assert 2 <= len(running), costs
-    assert list(range(3, 3 + len(running))) == running
+    # One value per heartbeat: 3, 4, 5, ... (a value may be skipped when the
+    # next heartbeat comes before it was sent).
+    assert 3 == running[0], costs
+    assert sorted(set(running)) == running, costs
     assert [0] == costs[final + 1 :]
     assert all(c.headers["Metadata"] == "true" for c in imds.snapshot())
     assert [] == imds.reallocations()
