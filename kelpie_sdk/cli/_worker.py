@@ -23,8 +23,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=(
             "Run the Kelpie worker agent in the foreground. Settings come from "
             "the environment (the original worker's names); flags override them. "
-            "Exit codes: 0 stopped by SIGTERM/SIGINT, 2 bad settings, "
-            "3 MAX_JOB_FAILURES reached, 4 MAX_TIME_WITH_NO_WORK_S reached. "
+            "Exit codes: 0 stopped by SIGTERM/SIGINT or moved to another node "
+            "through SaladCloud's IMDS, 2 bad settings, 3 MAX_JOB_FAILURES "
+            "reached, 4 MAX_TIME_WITH_NO_WORK_S reached (3 and 4 without IMDS). "
             "See docs/worker.md."
         ),
     )
