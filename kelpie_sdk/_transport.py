@@ -239,6 +239,8 @@ class Transport:
         max_retries: The default number of retries.
         sleep: Called with the seconds to wait between attempts.
         session: A session to share; a new one is made when ``None``.
+        dynamic_headers: Called before each attempt for headers that change
+            over time (a short-lived token); its errors propagate.
     """
 
     def __init__(
@@ -250,8 +252,10 @@ class Transport:
         max_retries: int = DEFAULT_MAX_RETRIES,
         sleep: Callable[[float], None] = time.sleep,
         session: requests.Session | None = None,
+        dynamic_headers: Callable[[], Mapping[str, str]] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.dynamic_headers = dynamic_headers
         self.timeout = normalize_timeout(timeout)
         self.max_retries = _check_retries(max_retries)
         self.sleep = sleep
@@ -287,6 +291,7 @@ class Transport:
             max_retries=self.max_retries if max_retries is None else max_retries,
             sleep=self.sleep,
             session=self.session,
+            dynamic_headers=self.dynamic_headers,
         )
 
     def request(
@@ -335,6 +340,8 @@ class Transport:
             headers["Content-Type"] = "application/json"
         attempt = 0
         while True:
+            if self.dynamic_headers is not None:
+                headers.update(self.dynamic_headers())
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug(
                     "request %s %s params=%s headers=%s",

@@ -23,7 +23,7 @@ from kelpie_sdk._transport import (
     Transport,
     normalize_timeout,
 )
-from kelpie_sdk.config import Settings
+from kelpie_sdk.config import SALAD_PROJECT_ENVS, Settings
 from kelpie_sdk.errors import (
     APIStatusError,
     ConfigError,
@@ -87,6 +87,15 @@ def _submission_json(job: JobSubmission | Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
+def _bearer(token: Callable[[], str]) -> Callable[[], dict[str, str]]:
+    """The ``Authorization`` header for each request, from a token source."""
+
+    def headers() -> dict[str, str]:
+        return {"Authorization": f"Bearer {token()}"}
+
+    return headers
+
+
 class Client:
     """
     A client for one Kelpie API server.
@@ -109,6 +118,10 @@ class Client:
         max_retries: Retries of a failed request, where repeating is safe.
         environ: The environment to read instead of ``os.environ``.
         sleep: Waits between retries and polls (injectable for tests).
+        workload_token: Where neither key is set, a function that returns a
+            SaladCloud workload token (the worker passes IMDS's, cached); it is
+            sent as ``Authorization: Bearer`` with ``Salad-Project``, which is
+            then required. A self-hosted server does not accept these tokens.
 
     Raises:
         ConfigError: No credentials, a URL that is not http(s), or an invalid
@@ -127,6 +140,7 @@ class Client:
         max_retries: int = DEFAULT_MAX_RETRIES,
         environ: Mapping[str, str] | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        workload_token: Callable[[], str] | None = None,
     ) -> None:
         settings = Settings.from_env(environ).override(
             api_url=base_url,
@@ -140,7 +154,20 @@ class Client:
                 f"the API URL must start with http:// or https://, got "
                 f"{settings.api_url!r} (from base_url= or KELPIE_API_URL)"
             )
-        headers = settings.auth_headers()
+        dynamic: Callable[[], dict[str, str]] | None = None
+        if workload_token is not None and not (
+            settings.api_key or settings.salad_api_key
+        ):
+            if not settings.salad_project:
+                raise ConfigError(
+                    "a workload token also needs salad_project= (or "
+                    + " / ".join(SALAD_PROJECT_ENVS)
+                    + ")"
+                )
+            headers = {"Salad-Project": settings.salad_project}
+            dynamic = _bearer(workload_token)
+        else:
+            headers = settings.auth_headers()
         self.settings = settings
         self._sleep = sleep
         self._transport = Transport(
@@ -149,6 +176,7 @@ class Client:
             timeout=timeout,
             max_retries=max_retries,
             sleep=sleep,
+            dynamic_headers=dynamic,
         )
 
     @property

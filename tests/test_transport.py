@@ -446,6 +446,24 @@ def test_with_options_shares_the_session(fault_server: FaultServer) -> None:
     assert (base.timeout, base.max_retries) == (same.timeout, same.max_retries)
 
 
+def test_dynamic_headers_are_asked_for_each_attempt(
+    fault_server: FaultServer,
+) -> None:
+    """A short-lived token is fetched again for every attempt, and copies made
+    with with_options keep the source."""
+    tokens = iter(["t1", "t2", "t3"])
+    fault_server.play(Reply(status=503), Reply(body={}), Reply(body={}))
+    base = make(
+        fault_server.url,
+        dynamic_headers=lambda: {"Authorization": f"Bearer {next(tokens)}"},
+    )
+    base.request("GET", "/x")
+    base.with_options(max_retries=0).request("GET", "/y")
+    assert ["Bearer t1", "Bearer t2", "Bearer t3"] == [
+        r.headers["authorization"] for r in fault_server.requests
+    ]
+
+
 @pytest.mark.parametrize(
     ("timeout", "expected"),
     [(3, (3.0, 3.0)), (2.5, (2.5, 2.5)), ((1, 4.5), (1.0, 4.5))],

@@ -24,8 +24,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "Run the Kelpie worker agent in the foreground. Settings come from "
             "the environment (the original worker's names); flags override them. "
             "SIGUSR1 makes it stop claiming, finish its running jobs and exit. "
-            "Exit codes: 0 stopped by SIGTERM/SIGINT (or drained), 2 bad settings, "
-            "3 MAX_JOB_FAILURES reached, 4 MAX_TIME_WITH_NO_WORK_S reached. "
+            "Exit codes: 0 stopped by SIGTERM/SIGINT, drained, or moved to another "
+            "node through SaladCloud's IMDS, 2 bad settings, 3 MAX_JOB_FAILURES "
+            "reached, 4 MAX_TIME_WITH_NO_WORK_S reached (3 and 4 without IMDS). "
             "See docs/worker.md."
         ),
     )

@@ -45,6 +45,16 @@ from kelpie_sdk.errors import (
 from kelpie_sdk.models import Job, JobStatus, SyncConfig, WorkerReport
 from kelpie_sdk.storage import storage_url_is_durable
 from kelpie_sdk.worker._config import SlotConfig, WorkerConfig
+from kelpie_sdk.worker._imds import (
+    DELETION_COST_CLAIMED,
+    DELETION_COST_FINAL_UPLOAD,
+    DELETION_COST_IDLE,
+    REALLOCATE_IDLE,
+    REALLOCATE_MAX_FAILURES,
+    DeletionCost,
+    Imds,
+    deletion_cost_after_heartbeats,
+)
 from kelpie_sdk.worker._runner import JobProcess, SpawnError, describe_exit
 from kelpie_sdk.worker._snapshot import DirSnapshot
 from kelpie_sdk.worker._state import HeldJob, StateFile
@@ -181,6 +191,8 @@ class Worker:
             ``Storage(config.storage_url, max_retries=config.max_retries)``.
         stdout: Where jobs' stdout is streamed (default ``sys.stdout``).
         stderr: Where jobs' stderr is streamed (default ``sys.stderr``).
+        imds: SaladCloud's metadata service; by default one at
+            ``config.imds_url`` when ``config.imds_enabled``, else none.
     """
 
     def __init__(
@@ -191,8 +203,16 @@ class Worker:
         storage_factory: Callable[[], Storage] | None = None,
         stdout: IO[str] | None = None,
         stderr: IO[str] | None = None,
+        imds: Imds | None = None,
     ) -> None:
         self.config = config
+        if imds is None and config.imds_enabled:
+            imds = Imds(config.imds_url)
+        self.imds = imds
+        self._deletion_cost = None if imds is None else DeletionCost(imds, config.slots)
+        self._signalled = threading.Event()
+        self._reallocation_asked = False
+        self._reallocating = False
         self._client_factory = client_factory or self._default_client
         self._storage_factory = storage_factory
         self._storage: Storage | None = None
@@ -221,6 +241,8 @@ class Worker:
             salad_organization=c.salad_organization,
             salad_project=c.salad_project,
             max_retries=max(c.max_retries - 1, 0),
+            # On SaladCloud without a key: the workload token from IMDS.
+            workload_token=None if self.imds is None else self.imds.token,
         )
 
     def make_client(self) -> Client:
@@ -318,14 +340,16 @@ class Worker:
 
     def note_failure(self) -> None:
         """
-        Count a failure reported by this worker; at ``max_job_failures`` stop
-        with ``EXIT_MAX_FAILURES`` (the original asked IMDS to reallocate the
-        node and kept claiming, W-22).
+        Count a failure reported by this worker; at ``max_job_failures`` ask
+        IMDS to reallocate the node and stop claiming, or, without IMDS, stop
+        with ``EXIT_MAX_FAILURES`` (the original kept claiming, W-22).
         """
         with self._lock:
             self._failures += 1
             count = self._failures
         if count >= self.config.max_job_failures:
+            if self._reallocate(REALLOCATE_MAX_FAILURES, "max job failures reached"):
+                return
             logger.error(
                 "%d job failures on this worker (MAX_JOB_FAILURES=%d): stopping "
                 "with exit code %d so that the node is replaced",
@@ -337,9 +361,9 @@ class Worker:
 
     def check_idle(self) -> None:
         """
-        Stop with ``EXIT_IDLE`` once every slot has had no job for
-        ``max_time_with_no_work_s`` (measured from the end of its last job,
-        not the start, W-21).
+        Once every slot has had no job for ``max_time_with_no_work_s``
+        (measured from the end of its last job, not the start, W-21), ask IMDS
+        to reallocate the node, or, without IMDS, stop with ``EXIT_IDLE``.
         """
         limit = self.config.max_time_with_no_work_s
         if limit <= 0 or not self._slots:
@@ -348,6 +372,16 @@ class Worker:
         if all(
             s.idle_since is not None and now - s.idle_since > limit for s in self._slots
         ):
+            idle_ms = round(
+                1000
+                * min(
+                    now - s.idle_since for s in self._slots if s.idle_since is not None
+                )
+            )
+            if self._reallocate(
+                f"{REALLOCATE_IDLE}{idle_ms}", "max time with no work reached"
+            ):
+                return
             logger.warning(
                 "no work for %.0f s (MAX_TIME_WITH_NO_WORK_S): stopping with "
                 "exit code %d",
@@ -374,6 +408,35 @@ class Worker:
                 return None
             latest = max(latest, t)
         return latest + limit - time.monotonic()
+
+    def set_deletion_cost(self, slot: int, value: int) -> None:
+        """
+        Record one slot's deletion cost; the node's (the highest) goes to IMDS
+        when it changes. Does nothing without IMDS.
+        """
+        if self._deletion_cost is not None:
+            self._deletion_cost.set(slot, value)
+
+    def _reallocate(self, reason: str, why: str) -> bool:
+        """
+        Ask IMDS for another node, and stop claiming if it agreed.
+
+        Returns:
+            Whether IMDS accepted (without IMDS, or if it does not answer, the
+            caller stops with its exit code instead).
+        """
+        with self._lock:
+            if self.imds is None or self._stop.is_set():
+                return False
+            if self._reallocation_asked:
+                return True  # another slot is asking; it stops the worker
+            self._reallocation_asked = True
+        if not self.imds.reallocate(reason):
+            return False
+        with self._lock:
+            self._reallocating = True
+        self.stop(f"{why}; reallocation requested", EXIT_OK)
+        return True
 
     # -- running -----------------------------------------------------------------
 
@@ -413,6 +476,18 @@ class Worker:
         with self._storage_lock:
             if self._storage is not None:
                 self._storage.close()
+        if self._reallocating and not self._signalled.is_set():
+            # Exiting now would let the container restart on this node and
+            # claim again; SaladCloud stops it once the move begins.
+            logger.info(
+                "waiting up to %.0f s for SaladCloud to stop this container",
+                self.config.reallocate_wait_s,
+            )
+            self._signalled.wait(self.config.reallocate_wait_s)
+        if self._deletion_cost is not None:
+            self._deletion_cost.close()
+        if self.imds is not None:
+            self.imds.close()
         logger.info(
             "kelpie worker exiting (%s) with code %d",
             self._stop_reason or "done",
@@ -433,6 +508,7 @@ class Worker:
 
         def handle(signum: int, frame: object) -> None:
             logger.info("received %s: shutting down", signal.Signals(signum).name)
+            self._signalled.set()
             self.stop(f"received {signal.Signals(signum).name}", EXIT_OK)
 
         def drain(signum: int, frame: object) -> None:
@@ -586,6 +662,7 @@ class _Slot:
             error_delay = 1.0
             w.api_reached = True
             if job is None:
+                w.set_deletion_cost(self.cfg.index, DELETION_COST_IDLE)
                 elapsed = time.monotonic() - started
                 if wait is not None and elapsed >= wait / 2:
                     w.long_poll_supported = True
@@ -596,6 +673,7 @@ class _Slot:
                 continue
             self.busy = True
             self.idle_since = None
+            w.set_deletion_cost(self.cfg.index, DELETION_COST_CLAIMED)
             try:
                 if w.wait_stop(0) or w.draining:
                     self._release_unstarted(job)
@@ -606,6 +684,7 @@ class _Slot:
                 self._run = None
                 self.busy = False
                 self.idle_since = time.monotonic()
+                w.set_deletion_cost(self.cfg.index, DELETION_COST_IDLE)
 
     def _release_unstarted(self, job: Job) -> None:
         logger.info("job %s: claimed while shutting down; releasing it", job.id)
@@ -698,6 +777,9 @@ class _JobRun:
         self.plan = _Plan()
         self._snapshots_ready = False
         self._abandoned: list[threading.Thread] = []
+        self._heartbeats = 0
+        self._final_upload = False
+        self._cost_lock = threading.Lock()
 
     # -- small helpers ------------------------------------------------------------
 
@@ -738,6 +820,15 @@ class _JobRun:
             self.lost.set()
             self._warn("%s; stopping it", reason)
         self.wake.set()
+
+    def _set_cost(self, value: int, *, final: bool = False) -> None:
+        """The slot's deletion cost; once the final upload began, only that."""
+        with self._cost_lock:
+            if final:
+                self._final_upload = True
+            elif self._final_upload:
+                return
+            self.worker.set_deletion_cost(self.slot.cfg.index, value)
 
     # -- heartbeat and snapshots ----------------------------------------------------
 
@@ -780,6 +871,8 @@ class _JobRun:
                     error_delay = min(error_delay * 2, 30.0)
                     continue
                 error_delay = 1.0
+                self._heartbeats += 1
+                self._set_cost(deletion_cost_after_heartbeats(self._heartbeats))
                 self._tick.set()
                 self._hb_stop.wait(self.interval)
         finally:
@@ -1266,7 +1359,9 @@ class _JobRun:
                 message += f"; last lines of stderr:\n{tail}"
             return self._fail(message, exit_code=exit_code)
 
-        # Exit 0: everything reaches storage, verified, before "completed".
+        # Exit 0: everything reaches storage, verified, before "completed";
+        # meanwhile the node is the last one SaladCloud should remove.
+        self._set_cost(DELETION_COST_FINAL_UPLOAD, final=True)
         problem = self._final_sync(required=True)
         if problem is None:
             problem = self._upload_outputs()

@@ -28,7 +28,13 @@ Setting                        Environment variable             Default
 ``slots``                      ``KELPIE_SLOTS``                 1
 ``slot_gpus``                  ``KELPIE_SLOT_GPUS``             none
 ``log_level``                  ``KELPIE_LOG_LEVEL``             ``info``
+``imds_mode``                  ``KELPIE_IMDS``                  ``auto``
+``imds_url``                   ``KELPIE_IMDS_URL``              ``http://169.254.169.254``
+``reallocate_wait_s``          ``KELPIE_REALLOCATE_WAIT_S``     60
 =============================  ===============================  ==================
+
+``imds_enabled`` is derived: ``on`` and ``off`` say it; ``auto`` is on only where
+SaladCloud's own variables are all set (see ``kelpie_sdk.worker._imds``).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from kelpie_sdk.config import Settings
 from kelpie_sdk.errors import ConfigError
 from kelpie_sdk.models import MAX_LONG_POLL
 from kelpie_sdk.storage import check_storage_url
+from kelpie_sdk.worker._imds import DEFAULT_IMDS_URL, IMDS_MODES, imds_enabled
 
 __all__ = [
     "DEFAULT_STATE_FILE",
@@ -186,6 +193,10 @@ class WorkerConfig:
     slot_gpus: tuple[str, ...] | None = None
     log_level: str = "info"
     work_root: Path | None = None
+    imds_mode: str = "auto"
+    imds_enabled: bool = False
+    imds_url: str = DEFAULT_IMDS_URL
+    reallocate_wait_s: float = 60.0
 
     def __attrs_post_init__(self) -> None:
         if not self.container_group_id:
@@ -198,6 +209,16 @@ class WorkerConfig:
             raise ConfigError(
                 f"--long-poll / KELPIE_LONG_POLL_S must be at most "
                 f"{MAX_LONG_POLL_S:g} s, got {self.long_poll_s:g}"
+            )
+        if self.imds_mode not in IMDS_MODES:
+            raise ConfigError(
+                f"--imds / KELPIE_IMDS must be one of {', '.join(IMDS_MODES)}, "
+                f"got {self.imds_mode!r}"
+            )
+        if not self.imds_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"--imds-url / KELPIE_IMDS_URL must start with http:// or "
+                f"https://, got {self.imds_url!r}"
             )
         if self.slots < 1:
             raise ConfigError(f"--slots must be at least 1, got {self.slots}")
@@ -253,12 +274,18 @@ class WorkerConfig:
             "slots": _int_env(env, "KELPIE_SLOTS", 1, 1),
             "slot_gpus": parse_slot_gpus(env.get("KELPIE_SLOT_GPUS")),
             "log_level": env.get("KELPIE_LOG_LEVEL") or "info",
+            "imds_mode": (env.get("KELPIE_IMDS") or "auto").strip().lower(),
+            "imds_url": (env.get("KELPIE_IMDS_URL") or DEFAULT_IMDS_URL).rstrip("/"),
+            "reallocate_wait_s": _float_env(env, "KELPIE_REALLOCATE_WAIT_S", 60.0),
         }
         for key, value in overrides.items():
             if key not in attrs.fields_dict(cls):
                 raise TypeError(f"unknown worker setting {key!r}")
             if value is not None:
                 values[key] = value
+        values["imds_mode"] = str(values["imds_mode"]).strip().lower()
+        if "imds_enabled" not in overrides or overrides["imds_enabled"] is None:
+            values["imds_enabled"] = imds_enabled(values["imds_mode"], env)
         if not values["machine_id"]:
             values["machine_id"] = default_machine_id()
             values["machine_id_generated"] = True

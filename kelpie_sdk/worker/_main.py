@@ -46,6 +46,9 @@ _FIELDS = {
     "slots": "slots",
     "slot_gpus": "slot_gpus",
     "log_level": "log_level",
+    "imds": "imds_mode",
+    "imds_url": "imds_url",
+    "reallocate_wait": "reallocate_wait_s",
 }
 
 
@@ -74,14 +77,15 @@ def add_arguments(parser: argparse.ArgumentParser, *, api_options: bool = True) 
     a(
         "--max-job-failures",
         type=int,
-        help="failures before the worker exits with code 3 (MAX_JOB_FAILURES, 5)",
+        help="failures before the worker asks IMDS to reallocate the node, or "
+        "exits with code 3 without IMDS (MAX_JOB_FAILURES, 5)",
     )
     a(
         "--max-time-with-no-work",
         type=float,
         metavar="SECONDS",
-        help="idle time before the worker exits with code 4; 0 = never "
-        "(MAX_TIME_WITH_NO_WORK_S, 0)",
+        help="idle time before the worker asks IMDS to reallocate the node, or "
+        "exits with code 4 without IMDS; 0 = never (MAX_TIME_WITH_NO_WORK_S, 0)",
     )
     a(
         "--poll-interval",
@@ -116,6 +120,23 @@ def add_arguments(parser: argparse.ArgumentParser, *, api_options: bool = True) 
         metavar="LIST",
         help="CUDA_VISIBLE_DEVICES per slot, e.g. '0,1' or '0+1,2+3' "
         "(KELPIE_SLOT_GPUS)",
+    )
+    a(
+        "--imds",
+        choices=("auto", "on", "off"),
+        help="use SaladCloud's instance metadata service; auto = only on "
+        "SaladCloud (KELPIE_IMDS, auto)",
+    )
+    a(
+        "--imds-url",
+        help="the instance metadata service (KELPIE_IMDS_URL, http://169.254.169.254)",
+    )
+    a(
+        "--reallocate-wait",
+        type=float,
+        metavar="SECONDS",
+        help="after a reallocation request, how long to wait for SaladCloud to "
+        "stop the container before exiting 0 (KELPIE_REALLOCATE_WAIT_S, 60)",
     )
     a("--log-level", help="debug, info, warning, error (KELPIE_LOG_LEVEL, info)")
 
