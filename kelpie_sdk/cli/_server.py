@@ -16,6 +16,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     Add ``server``.
     """
     from kelpie_sdk.server import DEFAULT_PORT
+    from kelpie_sdk.server._autoscale import add_autoscale_arguments
 
     parser = subparsers.add_parser(
         "server",
@@ -49,12 +50,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         choices=["critical", "error", "warning", "info", "debug"],
         help="uvicorn's log level (default: info)",
     )
+    add_autoscale_arguments(parser)
     parser.set_defaults(handler=_serve)
 
 
 def _serve(args: argparse.Namespace, ctx: Context) -> int:
     from kelpie_sdk.server import default_database_url, serve
+    from kelpie_sdk.server._autoscale import autoscale_settings
 
+    autoscale = autoscale_settings(args)
     database = args.database or default_database_url()
     ctx.console.print(
         f"Kelpie API on http://{args.host}:{args.port}  "
@@ -66,5 +70,6 @@ def _serve(args: argparse.Namespace, ctx: Context) -> int:
         port=args.port,
         database_url=database,
         log_level=args.log_level,
+        autoscale=autoscale,
     )
     return EXIT_OK

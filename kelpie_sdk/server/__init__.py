@@ -7,6 +7,7 @@ database (SQLite by default) and migrates it; ``serve`` runs it under uvicorn.
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import sys
@@ -17,12 +18,14 @@ import sqlalchemy as sa
 
 from kelpie_sdk.errors import ConfigError
 from kelpie_sdk.server._app import HTTPProblem, create_app, validate_submission
+from kelpie_sdk.server._autoscale import AutoscaleSettings
 from kelpie_sdk.server._db import ADMIN_ID, make_engine, upgrade
 from kelpie_sdk.server._store import Principal, Store
 
 __all__ = [
     "ADMIN_ID",
     "DEFAULT_PORT",
+    "AutoscaleSettings",
     "HTTPProblem",
     "Principal",
     "Store",
@@ -77,6 +80,7 @@ def serve(
     database_url: str | None = None,
     admin_key: str | None = None,
     log_level: str = "info",
+    autoscale: AutoscaleSettings | None = None,
 ) -> None:
     """
     Run the server in the foreground until interrupted.
@@ -88,6 +92,8 @@ def serve(
             data directory.
         admin_key: The admin's API key; default ``KELPIE_ADMIN_KEY``, else one
             is generated at first start and printed once.
+        autoscale: Run the autoscaler in this process (when it wins the
+            leadership among the servers sharing the database); ``None``: off.
     """
     import uvicorn
 
@@ -99,4 +105,33 @@ def serve(
             file=sys.stderr,
         )
     app = create_app(store)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    scaler = None
+    if autoscale is not None:
+        from kelpie_sdk.server._autoscale import Autoscaler
+
+        _log_to_stderr("kelpie_sdk.server", log_level)
+        scaler = Autoscaler(
+            store,
+            autoscale.make_provider(),
+            interval=autoscale.interval,
+            window=autoscale.window,
+        )
+        scaler.start()
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    finally:
+        if scaler is not None:
+            scaler.stop()
+
+
+def _log_to_stderr(name: str, level: str) -> None:
+    """Show a logger's records on stderr unless logging is set up already."""
+    logger = logging.getLogger(name)
+    if logging.getLogger().handlers or logger.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())

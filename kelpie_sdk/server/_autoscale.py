@@ -15,6 +15,7 @@ Three parts:
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import os
@@ -22,13 +23,18 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import attrs
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from kelpie_sdk.config import (
+    SALAD_API_KEY_ENV,
+    SALAD_ORGANIZATION_ENVS,
+    SALAD_PROJECT_ENVS,
+)
 from kelpie_sdk.errors import ConfigError, KelpieError
 from kelpie_sdk.models import ScalingRule
 from kelpie_sdk.server._db import JOBS, LEADER_LEASES, SCALING_RULES
@@ -50,6 +56,8 @@ __all__ = [
     "Demand",
     "Election",
     "LeaseElection",
+    "add_autoscale_arguments",
+    "autoscale_settings",
     "decide",
     "desired_replicas",
     "make_election",
@@ -542,10 +550,8 @@ class AutoscaleSettings:
     salad_organization: str | None = None
     salad_project: str | None = None
 
-    def make_provider(self) -> Provider:
+    def check(self) -> None:
         """
-        Build the provider.
-
         Raises:
             ConfigError: An unknown provider, or no SaladCloud API key.
         """
@@ -559,9 +565,108 @@ class AutoscaleSettings:
                 "the salad autoscale provider needs a SaladCloud API key; "
                 "set SALAD_API_KEY"
             )
+
+    def make_provider(self) -> Provider:
+        """
+        Build the provider.
+
+        Raises:
+            ConfigError: An unknown provider, or no SaladCloud API key.
+        """
+        self.check()
+        assert self.salad_api_key is not None  # noqa: S101 - checked above
         return SaladProvider(
             self.salad_api_key,
             base_url=self.salad_api_url,
             organization=self.salad_organization,
             project=self.salad_project,
         )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text!r}")
+    return value
+
+
+def add_autoscale_arguments(
+    parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = None
+) -> None:
+    """
+    Add the autoscaler's options (defaults from the environment).
+    """
+    env = os.environ if environ is None else environ
+    group = parser.add_argument_group(
+        "autoscaler",
+        "Size container groups that have a scaling rule. The SaladCloud API "
+        f"key comes from {SALAD_API_KEY_ENV}.",
+    )
+    group.add_argument(
+        "--autoscale",
+        choices=["off", "salad"],
+        default=env.get("KELPIE_AUTOSCALE", "off"),
+        help="the provider to drive, or off (default: $KELPIE_AUTOSCALE or off)",
+    )
+    group.add_argument(
+        "--autoscale-interval",
+        type=_seconds,
+        metavar="SECONDS",
+        default=env.get("KELPIE_AUTOSCALE_INTERVAL", str(DEFAULT_INTERVAL)),
+        help="seconds between passes (default: $KELPIE_AUTOSCALE_INTERVAL or 60)",
+    )
+    group.add_argument(
+        "--autoscale-window",
+        type=_seconds,
+        metavar="SECONDS",
+        default=env.get("KELPIE_AUTOSCALE_WINDOW", str(DEFAULT_WINDOW)),
+        help="how long the desired count must stay lower before a group "
+        "shrinks (default: $KELPIE_AUTOSCALE_WINDOW or 300)",
+    )
+    group.add_argument(
+        "--salad-api-url",
+        metavar="URL",
+        default=env.get("KELPIE_SALAD_API_URL", DEFAULT_SALAD_API_URL),
+        help=f"SaladCloud's public API (default: $KELPIE_SALAD_API_URL or "
+        f"{DEFAULT_SALAD_API_URL})",
+    )
+    group.add_argument(
+        "--salad-organization",
+        metavar="NAME",
+        default=next((env[n] for n in SALAD_ORGANIZATION_ENVS if env.get(n)), None),
+        help="organization of rules that name none (default: $SALAD_ORGANIZATION)",
+    )
+    group.add_argument(
+        "--salad-project",
+        metavar="NAME",
+        default=next((env[n] for n in SALAD_PROJECT_ENVS if env.get(n)), None),
+        help="project of rules that name none (default: $SALAD_PROJECT)",
+    )
+
+
+def autoscale_settings(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> AutoscaleSettings | None:
+    """
+    The settings from ``add_autoscale_arguments``' options; ``None`` when off.
+
+    Raises:
+        ConfigError: The autoscaler is on but cannot work (no API key).
+    """
+    if args.autoscale == "off":
+        return None
+    env = os.environ if environ is None else environ
+    settings = AutoscaleSettings(
+        provider=args.autoscale,
+        interval=float(args.autoscale_interval),
+        window=float(args.autoscale_window),
+        salad_api_url=args.salad_api_url,
+        salad_api_key=env.get(SALAD_API_KEY_ENV),
+        salad_organization=args.salad_organization,
+        salad_project=args.salad_project,
+    )
+    settings.check()  # fail at start-up, not at the first pass
+    return settings
