@@ -459,6 +459,8 @@ def _up(args: argparse.Namespace, ctx: Context) -> int:
         cluster.stop(out)
     except KeyboardInterrupt:
         out.write("Killing everything.\n")
+        if scaling is not None:
+            scaling.kill()
         cluster.kill()
     finally:
         for sig, handler in previous.items():
@@ -482,6 +484,12 @@ class _Scaling:
         logging.getLogger("kelpie_sdk.server").removeHandler(self.handler)
         self.handler.close()
         self.store.close()
+
+    def kill(self) -> None:
+        for worker in list(self.provider.workers.values()):
+            worker.signal(signal.SIGKILL)
+            worker.wait(5)
+            worker.close()
 
 
 def _start_autoscaler(cluster: _Cluster, args: argparse.Namespace) -> _Scaling:
