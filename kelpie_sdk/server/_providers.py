@@ -30,6 +30,7 @@ from kelpie_sdk.errors import (
     KelpieError,
     NotFoundError,
     PermissionDeniedError,
+    ProviderError,
 )
 from kelpie_sdk.models import ScalingRule
 
@@ -49,12 +50,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_SALAD_API_URL = "https://api.salad.com/api/public"
 
 _MERGE_PATCH = "application/merge-patch+json"
-
-
-class ProviderError(KelpieError):
-    """
-    A provider could not read or change a container group.
-    """
 
 
 @attrs.frozen(kw_only=True)

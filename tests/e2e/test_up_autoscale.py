@@ -22,29 +22,26 @@ pytestmark = pytest.mark.slow
 
 
 def _processes(root: Path) -> int:
-    """Live processes whose command line is one of this cluster's workers."""
-    out = subprocess.run(
-        ["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True
-    ).stdout
-    pids = [
-        int(line.split()[0])
-        for line in out.splitlines()[1:]
-        if "kelpie_sdk.worker" in line
-    ]
+    """Live worker processes of this cluster (their environment names its root)."""
     alive = 0
-    for pid in pids:
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes()
-        except OSError:
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
             continue
-        if str(root).encode() in environ:
-            alive += 1
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes()
+            state = (proc / "stat").read_text().split(") ", 1)[1][:1]
+        except (OSError, IndexError):
+            continue
+        if b"kelpie_sdk.worker" in cmdline and str(root).encode() in environ:
+            alive += state != "Z"
     return alive
 
 
 def test_up_autoscale_starts_workers_with_work_and_stops_them_idle(
     tmp_path: Path,
 ) -> None:
+    """No worker runs while idle; jobs start workers (up to --workers), idle stops them."""
     root = tmp_path / "cluster"
     proc = subprocess.Popen(
         [

@@ -61,6 +61,7 @@ STOPPED = GroupState(status="stopped", replicas=0)
 def test_desired_is_demand_clamped(
     demand: int, low: int, high: int, expected: int
 ) -> None:
+    """The demand is clamped to [min_replicas, max_replicas]."""
     assert expected == desired_replicas(demand, low, high)
 
 
@@ -90,12 +91,14 @@ def test_one_replica_per_job_within_the_limits(
 
 
 def test_work_on_a_stopped_group_starts_it() -> None:
+    """Jobs for a stopped group start it and set its replicas."""
     d = decide(rule(), Demand(pending=3), STOPPED, now=0.0)
     assert ("start", "set_replicas") == d.actions
     assert 3 == d.target
 
 
 def test_no_work_stops_a_running_group_when_min_is_zero() -> None:
+    """A running group with nothing to do and min_replicas 0 is stopped."""
     d = decide(rule(low=0), Demand(), RUNNING, now=0.0)
     assert ("stop",) == d.actions
     assert 0 == d.target
@@ -103,34 +106,40 @@ def test_no_work_stops_a_running_group_when_min_is_zero() -> None:
 
 @pytest.mark.parametrize("status", ["deploying", "pending"])
 def test_no_work_stops_a_group_on_its_way_up(status: str) -> None:
+    """A group still deploying is stopped too when the work is gone."""
     d = decide(rule(), Demand(), GroupState(status=status, replicas=1), now=0.0)
     assert ("stop",) == d.actions
 
 
 @pytest.mark.parametrize("status", ["stopped", "failed", "succeeded"])
 def test_no_work_leaves_other_states_alone(status: str) -> None:
+    """Stopped, failed or finished groups without work get no call."""
     d = decide(rule(), Demand(), GroupState(status=status, replicas=0), now=0.0)
     assert () == d.actions
 
 
 def test_min_replicas_keeps_the_group_up() -> None:
+    """min_replicas is the floor: no stop, replicas set to it."""
     d = decide(rule(low=1), Demand(), GroupState(status="running", replicas=3), now=0.0)
     assert ("set_replicas",) == d.actions
     assert 1 == d.target
 
 
 def test_min_replicas_starts_a_stopped_group_without_work() -> None:
+    """A stopped group with min_replicas > 0 is started even without work."""
     d = decide(rule(low=2), Demand(), STOPPED, now=0.0)
     assert ("start", "set_replicas") == d.actions
     assert 2 == d.target
 
 
 def test_unchanged_count_makes_no_call() -> None:
+    """The replica count is sent only when it changes."""
     d = decide(rule(), Demand(running=2), RUNNING, now=0.0)
     assert () == d.actions
 
 
 def test_missing_group_is_left_alone() -> None:
+    """A group the provider does not know gets no call."""
     d = decide(rule(), Demand(pending=4), None, now=0.0)
     assert () == d.actions
 
@@ -139,6 +148,7 @@ def test_missing_group_is_left_alone() -> None:
 
 
 def test_scale_up_is_immediate_despite_history() -> None:
+    """Growth does not wait for the window."""
     d = decide(
         rule(), Demand(pending=6), RUNNING, now=100.0, history=[(90.0, 1)], window=300
     )
@@ -166,6 +176,7 @@ def test_scale_down_waits_for_the_window() -> None:
 
 
 def test_stop_at_zero_also_waits_for_the_window() -> None:
+    """Stopping at zero waits for the window like any scale-in."""
     history = [(0.0, 1)]
     held = decide(rule(), Demand(), RUNNING, now=100.0, history=history, window=300)
     assert 1 == held.target
@@ -183,6 +194,7 @@ def test_history_is_clamped_to_the_current_limits() -> None:
 
 
 def test_zero_window_scales_down_at_once() -> None:
+    """Without a window the group follows the demand down at once."""
     d = decide(rule(), Demand(), RUNNING, now=10.0, history=[(9.0, 5)], window=0)
     assert ("stop",) == d.actions
 
@@ -348,8 +360,10 @@ def test_advisory_lock_election_on_postgres(pg_database: str) -> None:
         with engine_a.connect() as conn:
             conn.execute(
                 sa.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_locks "
-                    "WHERE locktype = 'advisory' AND pid <> pg_backend_pid()"
+                    "SELECT pg_terminate_backend(l.pid) FROM pg_locks l "
+                    "JOIN pg_database d ON d.oid = l.database "
+                    "WHERE l.locktype = 'advisory' AND d.datname = current_database() "
+                    "AND l.pid <> pg_backend_pid()"
                 )
             )
         assert a.acquire()
@@ -383,6 +397,7 @@ def test_lease_election_works_on_postgres(pg_database: str) -> None:
 
 
 def test_settings_need_a_key_and_a_known_provider() -> None:
+    """The server's settings need a SaladCloud key and a known provider."""
     with pytest.raises(ConfigError, match="SALAD_API_KEY"):
         AutoscaleSettings().make_provider()
     with pytest.raises(ConfigError, match="unknown autoscale provider"):
@@ -392,6 +407,7 @@ def test_settings_need_a_key_and_a_known_provider() -> None:
 
 
 def test_bad_interval_is_refused(tmp_path: Path) -> None:
+    """An interval of 0 is a configuration error."""
     store = open_store(f"sqlite:///{tmp_path}/k.db")
     with pytest.raises(ConfigError, match="interval > 0"):
         Autoscaler(store, SaladProvider("k"), interval=0)
@@ -415,16 +431,28 @@ def _wait(predicate: object, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.slow
-def test_end_to_end_start_scale_and_stop(fake: FakeSalad) -> None:
-    """Jobs start the group and set replicas; idle past the threshold stops it."""
-    records: list[logging.LogRecord] = []
+@pytest.fixture
+def records() -> Iterator[list[logging.LogRecord]]:
+    """What the autoscaler logs (the server's logging setup may not propagate)."""
+    out: list[logging.LogRecord] = []
     handler = logging.Handler(logging.INFO)
-    handler.emit = records.append  # type: ignore[method-assign]
+    handler.emit = out.append  # type: ignore[method-assign]
     log = logging.getLogger("kelpie_sdk.server._autoscale")
-    log.addHandler(handler)
     previous_level = log.level
+    log.addHandler(handler)
     log.setLevel(logging.INFO)
+    try:
+        yield out
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(previous_level)
+
+
+@pytest.mark.slow
+def test_end_to_end_start_scale_and_stop(
+    fake: FakeSalad, records: list[logging.LogRecord]
+) -> None:
+    """Jobs start the group and set replicas; idle past the threshold stops it."""
     with run_server() as handle:
         provider = SaladProvider(
             "salad-test-key",
@@ -462,8 +490,6 @@ def test_end_to_end_start_scale_and_stop(fake: FakeSalad) -> None:
         assert ("PATCH", "workers", {"replicas": 3}) == writes[1]
         assert ("POST", "stop", None) == writes[-1]
         assert all(w[0] != "PATCH" or w[2]["replicas"] <= 3 for w in writes)
-    log.removeHandler(handler)
-    log.setLevel(previous_level)
     lines = [
         r.getMessage() for r in records if f"autoscale group={G1}" in r.getMessage()
     ]

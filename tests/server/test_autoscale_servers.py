@@ -130,7 +130,7 @@ def test_one_server_leads_and_the_other_takes_over(tmp_path: pathlib.Path) -> No
                     for _ in range(2)
                 ]
                 _wait(lambda: fake.group("acme", "proj", "workers")["replicas"] == 2)
-                time.sleep(1.5)  # several passes of both
+                _wait(lambda: first.decisions() >= 4)  # several passes of both
                 leaders = [s for s in servers if s.decisions()]
                 assert [first] == leaders, [s.log() for s in servers]
                 assert "this process leads" in first.log()

@@ -198,6 +198,7 @@ def test_default_org_and_project(fake: FakeSalad) -> None:
 
 
 def test_no_key_is_refused() -> None:
+    """A provider without a key says which variable to set."""
     with pytest.raises(ProviderError, match="SALAD_API_KEY"):
         SaladProvider("")
 
