@@ -438,7 +438,13 @@ class Autoscaler:
             for rule, _ in groups
         }
         decisions = []
-        for rule, demand in groups:
+        for i, (rule, demand) in enumerate(groups):
+            # Renew between groups: slow provider calls (Retry-After, backoff)
+            # must not let the lease run out under a pass still acting.
+            if i and not self.election.acquire():
+                logger.warning("autoscaler: lost the leadership during a pass")
+                self.leading = False
+                break
             decision = self._one(rule, demand, now)
             if decision is not None:
                 decisions.append((rule, decision))

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from kelpie_sdk.client import Client
 from kelpie_sdk.errors import ConfigError
+from kelpie_sdk.models import ScalingRule
 from kelpie_sdk.server import open_store
 from kelpie_sdk.server._autoscale import (
     AdvisoryLockElection,
@@ -317,6 +318,47 @@ def test_two_autoscalers_one_leads(tmp_path: Path) -> None:
     one.stop()
     two.tick()
     assert ["one", "one", "two"] == calls
+
+
+def test_a_pass_stops_when_the_leadership_is_lost(tmp_path: Path) -> None:
+    """The lease is renewed between groups; a lost lease ends the pass."""
+    seen: list[str] = []
+
+    class Recorder:
+        def get_group(self, r: ScalingRule) -> GroupState:
+            seen.append(r.container_group_id)
+            return STOPPED
+
+        def start(self, r: object) -> None: ...
+
+        def stop(self, r: object) -> None: ...
+
+        def set_replicas(self, r: object, n: int) -> None: ...
+
+        def reallocate(self, r: object, i: str, reason: str) -> None: ...
+
+    class Flaky:
+        def __init__(self) -> None:
+            self.answers = [True, True, False]
+
+        def acquire(self) -> bool:
+            return self.answers.pop(0)
+
+        def release(self) -> None: ...
+
+    store = open_store(f"sqlite:///{tmp_path}/k.db")
+    with store.engine.begin() as conn:
+        for group in ("a", "b", "c"):
+            conn.execute(
+                sa.text(
+                    "INSERT INTO scaling_rules VALUES (:g,'u',NULL,NULL,'n',0,5,60,0,0)"
+                ),
+                {"g": group},
+            )
+    scaler = Autoscaler(store, Recorder(), interval=1, election=Flaky())
+    assert 2 == len(scaler.tick())
+    assert ["a", "b"] == seen
+    assert not scaler.leading
 
 
 def _pg_engine(database: str) -> sa.Engine:
