@@ -109,3 +109,29 @@ def test_up_autoscale_starts_workers_with_work_and_stops_them_idle(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_up_autoscale_rejects_inconsistent_limits(tmp_path: Path) -> None:
+    """--min-workers above --workers is a usage error, before anything starts."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kelpie_sdk",
+            "up",
+            "--autoscale",
+            "--workers",
+            "1",
+            "--min-workers",
+            "2",
+            "--storage",
+            str(tmp_path / "c"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert 2 == result.returncode
+    assert "--min-workers <= --workers" in result.stdout
+    assert not (tmp_path / "c" / "kelpie.db").exists()
