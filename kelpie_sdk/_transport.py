@@ -304,6 +304,7 @@ class Transport:
         idempotent: bool | None = None,
         timeout: Timeout | None = None,
         max_retries: int | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Any:
         """
         Send a request, retrying where it is safe, and decode the answer.
@@ -317,6 +318,8 @@ class Transport:
                 GET, HEAD, OPTIONS, PUT and DELETE.
             timeout: Overrides the default timeout for this call.
             max_retries: Overrides the default retries for this call.
+            headers: Extra headers for this call; they win over the defaults
+                (e.g. a ``Content-Type`` other than JSON).
 
         Returns:
             The decoded JSON body, or ``None`` for an empty body (e.g. 204).
@@ -333,22 +336,23 @@ class Transport:
         )
         safe = method in IDEMPOTENT_METHODS if idempotent is None else idempotent
         url = self.base_url + path
-        headers = dict(self.headers)
+        send = dict(self.headers)
         data: bytes | None = None
         if json_body is not None:
             data = json.dumps(json_body).encode()
-            headers["Content-Type"] = "application/json"
+            send["Content-Type"] = "application/json"
+        send.update(headers or {})
         attempt = 0
         while True:
             if self.dynamic_headers is not None:
-                headers.update(self.dynamic_headers())
+                send.update(self.dynamic_headers())
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug(
                     "request %s %s params=%s headers=%s",
                     method,
                     url,
                     dict(params or {}),
-                    _mask(headers),
+                    _mask(send),
                 )
             started = time.monotonic()
             try:
@@ -357,7 +361,7 @@ class Transport:
                     url,
                     params=params,
                     data=data,
-                    headers=headers,
+                    headers=send,
                     timeout=limits,
                     allow_redirects=False,
                 )

@@ -18,6 +18,7 @@ The tree::
     │       ├── RateLimitError         429
     │       └── ServerError            5xx
     ├── WaitTimeoutError(KelpieError, TimeoutError)   a caller-given deadline passed
+    ├── ProviderError(KelpieError)                    the autoscaler's provider failed
     ├── StorageError(KelpieError, OSError)            a worker transfer failed
     │   ├── StorageNotFoundError(StorageError, FileNotFoundError)
     │   └── StoragePermissionError(StorageError, PermissionError)
@@ -60,6 +61,7 @@ __all__ = [
     "KelpieError",
     "NotFoundError",
     "PermissionDeniedError",
+    "ProviderError",
     "RateLimitError",
     "ResponseValidationError",
     "ServerError",
@@ -240,6 +242,13 @@ def status_error_class(status_code: int) -> type[APIStatusError]:
 class WaitTimeoutError(KelpieError, TimeoutError):
     """
     A deadline that the caller gave (e.g. to ``Client.wait``) passed.
+    """
+
+
+class ProviderError(KelpieError):
+    """
+    A fleet provider (SaladCloud's API, local workers) could not read or
+    change a container group.
     """
 
 

@@ -93,6 +93,7 @@ def test_strict_build_has_every_page(site: Path) -> None:
         "concepts",
         "checkpointing",
         "salad",
+        "autoscaling",
         "self-hosting",
         "migrating",
         "benchmarks",

@@ -77,6 +77,21 @@ def test_sends_json_body_and_query(fault_server: FaultServer) -> None:
     assert "application/json" == seen.headers["content-type"]
 
 
+def test_per_call_headers_win_over_the_defaults(fault_server: FaultServer) -> None:
+    """A call's own headers replace the JSON content type and add to the rest."""
+    fault_server.play(Reply(body={}))
+    make(fault_server.url).request(
+        "PATCH",
+        "/x",
+        json_body={"replicas": 2},
+        headers={"Content-Type": "application/merge-patch+json", "Accept": "*/*"},
+    )
+    sent = fault_server.requests[0].headers
+    assert "application/merge-patch+json" == sent["content-type"]
+    assert "*/*" == sent["accept"]
+    assert "secret-key" == sent["x-kelpie-key"]
+
+
 def test_retries_503_honouring_retry_after(fault_server: FaultServer) -> None:
     """A GET answered 503 with Retry-After waits that long and tries again."""
     sleeps = Sleeps()

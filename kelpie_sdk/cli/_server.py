@@ -16,6 +16,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     Add ``server``.
     """
     from kelpie_sdk.server import DEFAULT_PORT
+    from kelpie_sdk.server._autoscale import add_autoscale_arguments
 
     parser = subparsers.add_parser(
         "server",
@@ -54,12 +55,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="log each request with its status and duration (default: off)",
     )
+    add_autoscale_arguments(parser)
     parser.set_defaults(handler=_serve)
 
 
 def _serve(args: argparse.Namespace, ctx: Context) -> int:
     from kelpie_sdk.server import default_database_url, serve
+    from kelpie_sdk.server._autoscale import autoscale_settings
 
+    autoscale = autoscale_settings(args)
     database = args.database or default_database_url()
     ctx.console.print(
         f"Kelpie API on http://{args.host}:{args.port}  "
@@ -72,5 +76,6 @@ def _serve(args: argparse.Namespace, ctx: Context) -> int:
         database_url=database,
         log_level=args.log_level,
         access_log=args.access_log,
+        autoscale=autoscale,
     )
     return EXIT_OK

@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import ctypes
 import errno
+import logging
 import os
 import secrets
 import signal
@@ -33,13 +34,18 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import attrs
 
 from kelpie_sdk.cli._common import Context
 from kelpie_sdk.client import Client
 from kelpie_sdk.errors import KelpieError
+
+if TYPE_CHECKING:
+    from kelpie_sdk.server import Store
+    from kelpie_sdk.server._autoscale import Autoscaler
+    from kelpie_sdk.server._providers import LocalProvider
 
 __all__ = ["DEFAULT_BUCKET", "register"]
 
@@ -91,6 +97,44 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument(
         "--slots", type=int, default=1, help="jobs per worker at once (default: 1)"
+    )
+    scaling = parser.add_argument_group(
+        "autoscaling",
+        "With --autoscale, workers start as jobs arrive and stop when the queue "
+        "has been idle; --workers is then the most that run at once.",
+    )
+    scaling.add_argument(
+        "--autoscale",
+        action="store_true",
+        help="start and stop workers with the queue (a scaling rule for the group)",
+    )
+    scaling.add_argument(
+        "--min-workers",
+        type=int,
+        default=0,
+        help="workers kept even when idle (default: 0)",
+    )
+    scaling.add_argument(
+        "--idle-threshold",
+        type=int,
+        default=60,
+        metavar="SECONDS",
+        help="a finished job keeps its worker this long (default: 60)",
+    )
+    scaling.add_argument(
+        "--autoscale-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds between autoscaler passes (default: 5)",
+    )
+    scaling.add_argument(
+        "--autoscale-window",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long the desired count must stay lower before workers stop "
+        "(default: 30)",
     )
     parser.set_defaults(handler=_up)
 
@@ -364,6 +408,18 @@ def _up(args: argparse.Namespace, ctx: Context) -> int:
     if args.workers < 0 or args.slots < 1:
         out.write("Error: --workers must be >= 0 and --slots >= 1\n")
         return 2
+    if args.autoscale and not (
+        0 <= args.min_workers <= args.workers <= 500
+        and 0 <= args.idle_threshold <= 3600
+        and args.autoscale_interval > 0
+        and args.autoscale_window >= 0
+    ):
+        out.write(
+            "Error: --autoscale needs 0 <= --min-workers <= --workers <= 500, "
+            "--idle-threshold in 0..3600, --autoscale-interval > 0 and "
+            "--autoscale-window >= 0\n"
+        )
+        return 2
     root = Path(args.storage).expanduser().absolute()
     if args.port != 0 and _port_in_use(args.host, args.port):
         out.write(
@@ -384,6 +440,7 @@ def _up(args: argparse.Namespace, ctx: Context) -> int:
         key=_admin_key(root),
     )
     stopping = False
+    scaling: _Scaling | None = None
 
     def on_signal(signum: int, frame: object) -> None:
         # Explicit for SIGINT too: a shell may start us with SIGINT ignored.
@@ -407,7 +464,16 @@ def _up(args: argparse.Namespace, ctx: Context) -> int:
             )
             cluster.kill()
             return 1
-        cluster.start_workers()
+        if args.autoscale:
+            scaling = _start_autoscaler(cluster, args)
+        else:
+            cluster.start_workers()
+        workers_line = (
+            f"autoscaled, {args.min_workers} to {cluster.workers} x "
+            f"{cluster.slots} slot(s) (log in {root / 'autoscaler.log'})"
+            if args.autoscale
+            else f"{cluster.workers} x {cluster.slots} slot(s)"
+        )
         out.write(
             "Kelpie is up.\n"
             f"  API URL:          {cluster.url}\n"
@@ -415,7 +481,7 @@ def _up(args: argparse.Namespace, ctx: Context) -> int:
             f"  Container group:  {cluster.group}\n"
             f"  Storage root:     {cluster.storage_url}"
             f"  (bucket {DEFAULT_BUCKET!r} is ready)\n"
-            f"  Workers:          {cluster.workers} x {cluster.slots} slot(s); "
+            f"  Workers:          {workers_line}; "
             f"logs in {root / 'workers'}/<i>/worker.log\n"
             "Try:\n"
             f"  export KELPIE_API_URL={cluster.url} KELPIE_API_KEY={cluster.key}\n"
@@ -460,12 +526,85 @@ def _up(args: argparse.Namespace, ctx: Context) -> int:
         "then the server...\n",
     )
     try:
+        if scaling is not None:
+            scaling.stop()
         cluster.stop(out)
     except KeyboardInterrupt:
         _say(out, "Killing everything.\n")
+        if scaling is not None:
+            scaling.kill()
         cluster.kill()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     _say(out, "Stopped.\n")
     return 0
+
+
+@attrs.define
+class _Scaling:
+    """The autoscaler of ``kelpie up --autoscale`` and the workers it runs."""
+
+    scaler: Autoscaler
+    provider: LocalProvider
+    store: Store
+    handler: logging.Handler
+
+    def stop(self) -> None:
+        self.scaler.stop()
+        self.provider.shutdown()
+        logging.getLogger("kelpie_sdk.server").removeHandler(self.handler)
+        self.handler.close()
+        self.store.close()
+
+    def kill(self) -> None:
+        for worker in list(self.provider.workers.values()):
+            worker.signal(signal.SIGKILL)
+            worker.wait(5)
+            worker.close()
+
+
+def _start_autoscaler(cluster: _Cluster, args: argparse.Namespace) -> _Scaling:
+    """
+    Store the group's scaling rule and run the autoscaler in this process, with
+    local worker processes as the group's instances.
+    """
+    from kelpie_sdk.models import ScalingRuleSubmission, ScalingRuleUpdate
+    from kelpie_sdk.server import ADMIN_ID, Principal, open_store
+    from kelpie_sdk.server._autoscale import Autoscaler
+    from kelpie_sdk.server._providers import LocalProvider
+
+    handler = logging.FileHandler(cluster.root / "autoscaler.log")
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    log = logging.getLogger("kelpie_sdk.server")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    store = open_store(f"sqlite:///{cluster.root / 'kelpie.db'}")
+    admin = Principal(ADMIN_ID, "", "")
+    limits = {
+        "min_replicas": args.min_workers,
+        "max_replicas": cluster.workers,
+        "idle_threshold_seconds": args.idle_threshold,
+    }
+    if store.get_rule(admin, cluster.group) is None:
+        store.create_rule(
+            admin,
+            ScalingRuleSubmission(
+                container_group_id=cluster.group,
+                container_group_name=cluster.group,
+                **limits,
+            ),
+        )
+    else:
+        store.update_rule(admin, cluster.group, ScalingRuleUpdate(**limits))
+    provider = LocalProvider(cluster.worker)
+    scaler = Autoscaler(
+        store,
+        provider,
+        interval=args.autoscale_interval,
+        window=args.autoscale_window,
+    )
+    scaler.start()
+    return _Scaling(scaler, provider, store, handler)

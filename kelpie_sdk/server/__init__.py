@@ -19,12 +19,14 @@ import sqlalchemy as sa
 from kelpie_sdk.errors import ConfigError
 from kelpie_sdk.server._access import AccessLog
 from kelpie_sdk.server._app import HTTPProblem, create_app, validate_submission
+from kelpie_sdk.server._autoscale import AutoscaleSettings
 from kelpie_sdk.server._db import ADMIN_ID, make_engine, upgrade
 from kelpie_sdk.server._store import Principal, Store
 
 __all__ = [
     "ADMIN_ID",
     "DEFAULT_PORT",
+    "AutoscaleSettings",
     "HTTPProblem",
     "Principal",
     "Store",
@@ -80,6 +82,7 @@ def serve(
     admin_key: str | None = None,
     log_level: str = "info",
     access_log: bool = False,
+    autoscale: AutoscaleSettings | None = None,
 ) -> None:
     """
     Run the server in the foreground until interrupted.
@@ -93,6 +96,8 @@ def serve(
             is generated at first start and printed once.
         log_level: The level of uvicorn's and the server's log messages.
         access_log: Log each request with its status and duration.
+        autoscale: Run the autoscaler in this process (when it wins the
+            leadership among the servers sharing the database); ``None``: off.
     """
     import uvicorn
 
@@ -106,20 +111,40 @@ def serve(
     app: Any = create_app(store)
     if access_log:
         app = AccessLog(app)
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        log_config=_log_config(log_level),
-        access_log=False,
-    )
+    log_config = _log_config(log_level)
+    scaler = None
+    if autoscale is not None:
+        import logging.config
+
+        from kelpie_sdk.server._autoscale import Autoscaler
+
+        # The autoscaler logs before uvicorn configures logging.
+        logging.config.dictConfig(log_config)
+        scaler = Autoscaler(
+            store,
+            autoscale.make_provider(),
+            interval=autoscale.interval,
+            window=autoscale.window,
+        )
+        scaler.start()
+    try:
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            log_config=log_config,
+            access_log=False,
+        )
+    finally:
+        if scaler is not None:
+            scaler.stop()
 
 
 def _log_config(level: str) -> dict[str, Any]:
     """
     uvicorn's logging configuration, plus the server's own loggers (access
-    lines, ignored stale reports) on the same handler.
+    lines, ignored stale reports, autoscaler decisions) on the same handler.
     """
     import copy
 

@@ -24,6 +24,7 @@ __all__ = [
     "API_KEYS",
     "JOBS",
     "JOB_BANS",
+    "LEADER_LEASES",
     "METADATA",
     "SCALING_RULES",
     "USERS",
@@ -143,6 +144,17 @@ SCALING_RULES = sa.Table(
     sa.Column("idle_threshold_seconds", sa.Integer, nullable=False),
     sa.Column("created", sa.BigInteger, nullable=False),
     sa.Column("updated", sa.BigInteger, nullable=False),
+)
+
+#: Who runs the singletons (the autoscaler) when several servers share a
+#: database without advisory locks (SQLite): one row per role, taken with a
+#: conditional UPDATE and renewed before it expires.
+LEADER_LEASES = sa.Table(
+    "leader_leases",
+    METADATA,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("holder", sa.Text, nullable=False),
+    sa.Column("expires", sa.BigInteger, nullable=False),
 )
 
 
