@@ -305,6 +305,9 @@ class _ChaosCluster:
             CHECKPOINT_DIR=str(home / "checkpoint"),
             HEARTBEAT_INTERVAL_S=str(cfg.heartbeat),
             KELPIE_LONG_POLL_S="2",
+            # Local workers share one node: never set its SaladCloud deletion
+            # cost or ask to reallocate it, even when run on a SaladCloud node.
+            KELPIE_IMDS="off",
             KELPIE_KILL_GRACE_S="2",
             MAX_RETRIES="10",
             KELPIE_CHAOS_DIR=str(self.control),

@@ -343,6 +343,9 @@ class _Cluster:
             KELPIE_SLOTS=str(self.slots),
             KELPIE_LONG_POLL_S=str(_WORKER_LONG_POLL_S),
             KELPIE_CLAIMS_STOPPED_FILE=str(home / _CLAIMS_STOPPED),
+            # Local workers share one node: never set its SaladCloud deletion
+            # cost or ask to reallocate it, even when run on a SaladCloud node.
+            KELPIE_IMDS="off",
         )
         return _Child(
             f"worker {index}",
