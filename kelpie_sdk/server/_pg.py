@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import select
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -275,8 +276,12 @@ class PgListener:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self.ready.set()
                     while not self._stop.is_set():
-                        for note in conn.notifies(timeout=0.5):
-                            self._dispatch(note.payload)
+                        # Sleep in select() (no GIL held, no periodic wake-ups
+                        # of psycopg's own wait loop), then read what came.
+                        readable, _, _ = select.select([conn.fileno()], [], [], 1.0)
+                        if readable:
+                            for note in conn.notifies(timeout=0, stop_after=0):
+                                self._dispatch(note.payload)
             except psycopg.Error as exc:
                 self.ready.clear()
                 logger.warning("wake-up listener lost the database: %s", exc)
