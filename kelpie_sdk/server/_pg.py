@@ -32,7 +32,7 @@ import psycopg
 import psycopg.errors
 import sqlalchemy as sa
 
-__all__ = ["CHANNEL", "PgHotPath", "PgListener", "conninfo", "is_transient"]
+__all__ = ["CHANNEL", "PgHotPath", "PgListener", "classify", "conninfo"]
 
 logger = logging.getLogger("kelpie_sdk.server")
 
@@ -64,15 +64,20 @@ def connect_args() -> dict[str, Any]:
     }
 
 
-def is_transient(exc: BaseException) -> bool:
+def classify(exc: BaseException) -> str | None:
     """
-    Whether a database error may go away by itself: a lost or refused
-    connection, a serialization failure or deadlock, a statement timeout.
+    How a psycopg error may go away: ``"retry"`` (serialization failure or
+    deadlock: repeat at once), ``"connection"`` (lost or refused: repeat on a
+    new connection), ``"busy"`` (a statement timeout: do not repeat), or
+    ``None`` (not transient).
     """
-    orig = getattr(exc, "orig", None) or exc
-    if isinstance(orig, psycopg.errors.TransactionRollback | psycopg.OperationalError):
-        return True
-    return bool(getattr(exc, "connection_invalidated", False))
+    if isinstance(exc, psycopg.errors.TransactionRollback):
+        return "retry"
+    if isinstance(exc, psycopg.errors.QueryCanceled):
+        return "busy"
+    if isinstance(exc, psycopg.OperationalError):
+        return "connection"
+    return None
 
 
 _HOLDER = (
@@ -101,11 +106,17 @@ class PgHotPath:
             ORDER BY j.lease_expires LIMIT 1
             FOR UPDATE SKIP LOCKED
         ), queued AS (
+            -- The group as a range, ordered by (group, seq): only the partial
+            -- index (or a sort) yields that order, so the planner cannot
+            -- walk the primary key through the finished jobs ahead of the
+            -- first pending one (PostgreSQL has no INDEXED BY).
             SELECT j.seq FROM jobs j
-            WHERE j.user_id = %(user_id)s AND j.container_group_id = %(group)s
+            WHERE j.user_id = %(user_id)s
+              AND j.container_group_id >= %(group)s
+              AND j.container_group_id <= %(group)s
               AND j.status = 'pending'
               AND {_NOT_BANNED}
-            ORDER BY j.seq LIMIT 1
+            ORDER BY j.container_group_id, j.seq LIMIT 1
             FOR UPDATE SKIP LOCKED
         ), pick AS (
             SELECT seq FROM expired UNION ALL SELECT seq FROM queued LIMIT 1

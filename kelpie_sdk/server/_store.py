@@ -83,35 +83,42 @@ class DatabaseUnavailable(Exception):
     """
 
 
-#: Pauses before each retry of a transient database error, in seconds: one at
-#: once (a fresh connection), one shortly after. Kept short, since the caller
-#: (the SDK, the worker) retries a 503 with its own backoff.
+#: Pauses before each retry of a lost connection, a serialization failure or a
+#: deadlock, in seconds: one at once (a fresh connection), one shortly after.
+#: Kept short, since the caller (the SDK, the worker) retries a 503 with its
+#: own backoff.
 RETRY_DELAYS = (0.0, 0.05)
+
+#: After the database was found unreachable, calls fail fast (503) for this
+#: long instead of each waiting for a connection timeout of its own.
+UNREACHABLE_HOLD_SECONDS = 1.0
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
-def _transient(exc: BaseException) -> bool:
+def _classify(exc: BaseException) -> str | None:
     """
-    Whether a database error may go away by itself (connection lost or
-    refused, serialization failure, deadlock, timeout, SQLite busy).
+    How a database error may go away: ``"retry"`` (serialization failure,
+    deadlock), ``"connection"`` (lost or refused), ``"busy"`` (a timeout or a
+    lock held too long: not worth repeating at once), or ``None``.
     """
     if isinstance(exc, sa.exc.TimeoutError):  # no pooled connection free
-        return True
+        return "busy"
     if isinstance(exc, sa.exc.DBAPIError):
         if exc.connection_invalidated:
-            return True
+            return "connection"
         if exc.orig is None:
-            return False
+            return None
         exc = exc.orig
     if isinstance(exc, sqlite3.OperationalError):
-        return "locked" in str(exc) or "busy" in str(exc)
+        # SQLite already waited out its 10 s busy timeout.
+        return "busy" if "locked" in str(exc) or "busy" in str(exc) else None
     if type(exc).__module__.startswith("psycopg"):
-        from kelpie_sdk.server._pg import is_transient
+        from kelpie_sdk.server._pg import classify
 
-        return is_transient(exc)
-    return False
+        return classify(exc)
+    return None
 
 
 def _resilient(
@@ -127,18 +134,26 @@ def _resilient(
 
     @functools.wraps(method)
     def run(self: Store, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if self._unreachable_until > time.monotonic():
+            raise DatabaseUnavailable(self._unreachable_reason)
         for delay in (*RETRY_DELAYS, None):
             try:
                 return method(self, *args, **kwargs)
             except Exception as exc:
-                if not _transient(exc):
+                kind = _classify(exc)
+                if kind is None:
                     raise
-                if delay is None:
-                    raise DatabaseUnavailable(
-                        f"the database is unavailable: {type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}"
-                    ) from exc
-                time.sleep(delay)
+                if kind != "busy" and delay is not None:
+                    time.sleep(delay)
+                    continue
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                reason = f"the database is unavailable ({type(exc).__name__}: {first})"
+                if kind == "connection":
+                    self._unreachable_reason = reason
+                    self._unreachable_until = (
+                        time.monotonic() + UNREACHABLE_HOLD_SECONDS
+                    )
+                raise DatabaseUnavailable(reason) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     return run
@@ -356,6 +371,8 @@ class Store:
     def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time):
         self.engine = engine
         self._clock = clock
+        self._unreachable_until = 0.0
+        self._unreachable_reason = ""
         self._listeners: list[Callable[[str, str], None]] = []
         self._hot: _HotPath | PgHotPath
         self._listen: PgListener | None = None

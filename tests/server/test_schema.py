@@ -112,23 +112,30 @@ def test_postgresql_url_spellings_all_mean_psycopg(pg_url: str, scheme: str) -> 
         store.close()
 
 
+@pytest.mark.parametrize(
+    ("completed", "pending"),
+    [(20_000, 1), (20_000, 20_000)],
+    ids=["few-pending", "many-pending"],
+)
 def test_postgresql_claim_uses_the_partial_indexes_with_many_finished_jobs(
-    pg_url: str,
+    pg_url: str, completed: int, pending: int
 ) -> None:
     """
-    With 20,000 finished jobs ahead of one pending job, the claim's plan reads
-    the partial indexes, never the whole table.
+    With 20,000 finished jobs ahead of the pending ones, the claim reads the
+    partial indexes: never the whole table, and never the primary key (which
+    would walk every finished job before the first pending one).
     """
     import psycopg
 
     open_store(pg_url).close()
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO jobs (id, user_id, status, created, command,"
-            " container_group_id) SELECT gen_random_uuid()::text, 'u',"
-            " CASE WHEN n = 20000 THEN 'pending' ELSE 'completed' END, n, 'x', 'g'"
-            " FROM generate_series(1, 20000) AS n"
-        )
+        for status, count in (("completed", completed), ("pending", pending)):
+            conn.execute(
+                "INSERT INTO jobs (id, user_id, status, created, command,"
+                " container_group_id) SELECT gen_random_uuid()::text, 'u', %s,"
+                " n, 'x', 'g' FROM generate_series(1, %s) AS n",
+                (status, count),
+            )
         conn.execute("ANALYZE jobs")
         plan = "\n".join(
             row[0]
@@ -140,6 +147,7 @@ def test_postgresql_claim_uses_the_partial_indexes_with_many_finished_jobs(
     assert "ix_jobs_running" in plan
     assert "ix_jobs_pending" in plan
     assert "Seq Scan on jobs" not in plan
+    assert "jobs_pkey on jobs j" not in plan
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
