@@ -187,38 +187,49 @@ class PgHotPath:
         self._all: list[psycopg.Connection[Any]] = []
         self._lock = threading.Lock()
 
-    def _connection(self) -> psycopg.Connection[Any]:
-        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+    def _connection(self, durable: bool) -> psycopg.Connection[Any]:
+        name = "conn" if durable else "relaxed"
+        conn: psycopg.Connection[Any] | None = getattr(self._local, name, None)
         if conn is None or conn.closed or conn.broken:
             if conn is not None:
-                self._forget(conn)
-            conn = psycopg.connect(self._conninfo, autocommit=True, **connect_args())
-            self._local.conn = conn
+                self._forget(conn, name)
+            args = connect_args()
+            if not durable:
+                args["options"] += " -c synchronous_commit=off"
+            conn = psycopg.connect(self._conninfo, autocommit=True, **args)
+            setattr(self._local, name, conn)
             with self._lock:
                 self._all.append(conn)
         return conn
 
-    def _forget(self, conn: psycopg.Connection[Any]) -> None:
-        self._local.conn = None
+    def _forget(self, conn: psycopg.Connection[Any], name: str) -> None:
+        setattr(self._local, name, None)
         with self._lock:
             if conn in self._all:
                 self._all.remove(conn)
         conn.close()
 
     @contextmanager
-    def transaction(self, *, write: bool = True) -> Iterator[Any]:
+    def transaction(self, *, write: bool = True, durable: bool = True) -> Iterator[Any]:
         """
         A cursor; each statement commits on its own (autocommit).
+
+        ``durable=False`` runs on a second connection with
+        ``synchronous_commit=off``: the commit does not wait for the WAL to
+        reach the disk, so a crash of PostgreSQL may forget its last fraction
+        of a second. Only heartbeats use it; losing one shortens a lease by an
+        interval at worst.
         """
         del write
-        conn = self._connection()
+        name = "conn" if durable else "relaxed"
+        conn = self._connection(durable)
         try:
             with conn.cursor() as cur:
                 yield cur
         except psycopg.OperationalError:
             # The connection may be unusable (server restarted): open a new
             # one next time.
-            self._forget(conn)
+            self._forget(conn, name)
             raise
 
     @staticmethod
