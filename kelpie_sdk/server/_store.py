@@ -942,6 +942,15 @@ class Store:
         Store a scaling rule; ``None`` if the group already has one.
         """
         now = self.now_ms()
+        try:
+            return self._insert_rule(principal, sub, now)
+        except sa.exc.IntegrityError:
+            # Another replica stored a rule for the group after our check.
+            return None
+
+    def _insert_rule(
+        self, principal: Principal, sub: ScalingRuleSubmission, now: int
+    ) -> ScalingRule | None:
         with self._write() as conn:
             exists = conn.execute(
                 sa.select(SCALING_RULES.c.container_group_id).where(

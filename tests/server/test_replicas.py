@@ -62,3 +62,47 @@ def test_a_long_poll_wakes_when_another_replica_gets_the_job(
     ((answered, claimed),) = got
     assert [job["id"]] == [j["id"] for j in claimed]
     assert answered - submitted < 2.0
+
+
+def test_two_replicas_creating_the_same_rule_at_once_give_one_409() -> None:
+    """
+    Another replica's uncommitted rule for the same group: when it commits,
+    this replica's create_rule answers "exists" (409), not a database error.
+    """
+    import psycopg
+
+    from kelpie_sdk.models import ScalingRuleSubmission
+    from kelpie_sdk.server import ADMIN_ID, Principal, open_store
+
+    group = str(uuid.uuid4())
+    with fresh_database() as url:
+        store = open_store(url)
+        try:
+            with psycopg.connect(url) as other:
+                other.execute(
+                    "INSERT INTO scaling_rules (container_group_id, user_id,"
+                    " min_replicas, max_replicas, idle_threshold_seconds,"
+                    " created, updated) VALUES (%s, %s, 0, 1, 60, 0, 0)",
+                    (group, ADMIN_ID),
+                )
+                result: list[Any] = []
+                racer = threading.Thread(
+                    target=lambda: result.append(
+                        store.create_rule(
+                            Principal(ADMIN_ID, "", ""),
+                            ScalingRuleSubmission(
+                                container_group_id=group,
+                                min_replicas=0,
+                                max_replicas=2,
+                                idle_threshold_seconds=60,
+                            ),
+                        )
+                    )
+                )
+                racer.start()
+                time.sleep(1.0)  # create_rule is now waiting on the row lock
+                other.commit()
+                racer.join(timeout=30)
+            assert [None] == result
+        finally:
+            store.close()
