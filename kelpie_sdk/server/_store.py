@@ -473,6 +473,14 @@ class Store:
         Returns:
             The generated key (to be shown once), or ``None``.
         """
+        try:
+            return self._seed_admin(admin_key)
+        except sa.exc.IntegrityError:
+            # Another replica seeded the same rows after our check (replicas
+            # starting together on a new database): check again.
+            return self._seed_admin(admin_key)
+
+    def _seed_admin(self, admin_key: str | None) -> str | None:
         now = self.now_ms()
         with self._write() as conn:
             if conn.execute(

@@ -106,3 +106,45 @@ def test_two_replicas_creating_the_same_rule_at_once_give_one_409() -> None:
             assert [None] == result
         finally:
             store.close()
+
+
+def test_replicas_starting_together_both_seed_the_admin() -> None:
+    """
+    Another replica's uncommitted admin seed: when it commits, this replica's
+    ensure_admin still succeeds (the start-up of N replicas on a new database).
+    """
+    import psycopg
+
+    from kelpie_sdk.server import ADMIN_ID, open_store
+    from kelpie_sdk.server._store import hash_key
+
+    with fresh_database() as url:
+        store = open_store(url)
+        try:
+            with psycopg.connect(url) as other:
+                other.execute(
+                    "INSERT INTO users (id, username, created) VALUES (%s, 'admin', 0)",
+                    (ADMIN_ID,),
+                )
+                other.execute(
+                    "INSERT INTO api_keys (key_hash, user_id, created)"
+                    " VALUES (%s, %s, 0)",
+                    (hash_key("shared-key"), ADMIN_ID),
+                )
+                outcome: list[Any] = []
+
+                def seed() -> None:
+                    try:
+                        outcome.append(store.ensure_admin("shared-key"))
+                    except Exception as exc:
+                        outcome.append(exc)
+
+                racer = threading.Thread(target=seed)
+                racer.start()
+                time.sleep(1.0)  # ensure_admin is now waiting on the row lock
+                other.commit()
+                racer.join(timeout=30)
+            assert [None] == outcome
+            assert store.principal_for_key("shared-key") is not None
+        finally:
+            store.close()
