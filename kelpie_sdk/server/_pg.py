@@ -315,7 +315,10 @@ class PgListener:
         except (ValueError, TypeError):
             logger.warning("ignored a malformed wake-up: %r", payload)
             return
-        self._deliver(str(user_id), str(group))
+        try:
+            self._deliver(str(user_id), str(group))
+        except Exception:  # e.g. the server's event loop already closed
+            logger.warning("a wake-up could not be delivered", exc_info=True)
 
     def stop(self) -> None:
         self._stop.set()
