@@ -54,7 +54,8 @@ def run_server(
     Run the API server on 127.0.0.1 on a free port until the block ends.
 
     Args:
-        database_url: A SQLAlchemy URL; default: a fresh SQLite file in a
+        database_url: A SQLite or PostgreSQL URL (the database must exist;
+            its schema is migrated); default: a fresh SQLite file in a
             temporary directory, removed afterwards.
         admin_key: The admin key; default: a random one.
         clock: The server's clock (seconds since the epoch); tests pass a fake

@@ -4,6 +4,7 @@ Shared fixtures: loopback servers (moto S3 now, the Kelpie API server as it land
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -107,12 +108,23 @@ def server_clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(scope="session")
-def api_server(server_clock: FakeClock) -> Iterator[Any]:
-    """The real API server (SQLite in a temp dir) on 127.0.0.1, for the session."""
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def api_server(
+    request: pytest.FixtureRequest, server_clock: FakeClock
+) -> Iterator[Any]:
+    """
+    The real API server on 127.0.0.1, for the session, once per database:
+    SQLite in a temp dir, and a fresh database on the local PostgreSQL.
+    """
     from kelpie_sdk.testing import run_server
 
-    with run_server(clock=server_clock) as handle:
+    from .pg import fresh_database
+
+    with contextlib.ExitStack() as stack:
+        url = None
+        if request.param == "postgresql":
+            url = stack.enter_context(fresh_database())
+        handle = stack.enter_context(run_server(database_url=url, clock=server_clock))
         yield handle
 
 

@@ -23,7 +23,7 @@ from typing import NoReturn
 
 from rich.console import Console
 
-from kelpie_sdk.cli import _chaos, _jobs, _server, _up, _worker
+from kelpie_sdk.cli import _chaos, _db, _jobs, _server, _up, _worker
 from kelpie_sdk.cli._common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -43,6 +43,7 @@ _REGISTRARS: list[
 ] = [
     _jobs.register,
     _server.register,
+    _db.register,
     _worker.register,
     _up.register,
     _chaos.register,

@@ -40,8 +40,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="URL",
         default=None,
         help=(
-            "SQLAlchemy database URL (default: a SQLite file under the user's "
-            "data directory)"
+            "database URL: sqlite:///PATH or postgresql://USER@HOST/DB "
+            "(default: a SQLite file under the user's data directory)"
+        ),
+    )
+    parser.add_argument(
+        "--no-upgrade",
+        dest="migrate",
+        action="store_false",
+        help=(
+            "do not migrate the schema at start; refuse to start unless it is "
+            "current (apply migrations with `kelpie db upgrade`)"
         ),
     )
     parser.add_argument(
@@ -67,7 +76,7 @@ def _serve(args: argparse.Namespace, ctx: Context) -> int:
     database = args.database or default_database_url()
     ctx.console.print(
         f"Kelpie API on http://{args.host}:{args.port}  "
-        f"(database: {database}; docs: /docs)",
+        f"(database: {_without_password(database)}; docs: /docs)",
         highlight=False,
     )
     serve(
@@ -77,5 +86,16 @@ def _serve(args: argparse.Namespace, ctx: Context) -> int:
         log_level=args.log_level,
         access_log=args.access_log,
         autoscale=autoscale,
+        migrate=args.migrate,
     )
     return EXIT_OK
+
+
+def _without_password(url: str) -> str:
+    from sqlalchemy import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url

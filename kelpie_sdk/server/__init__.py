@@ -20,7 +20,13 @@ from kelpie_sdk.errors import ConfigError
 from kelpie_sdk.server._access import AccessLog
 from kelpie_sdk.server._app import HTTPProblem, create_app, validate_submission
 from kelpie_sdk.server._autoscale import AutoscaleSettings
-from kelpie_sdk.server._db import ADMIN_ID, make_engine, upgrade
+from kelpie_sdk.server._db import (
+    ADMIN_ID,
+    check_schema,
+    make_engine,
+    normalise_url,
+    upgrade,
+)
 from kelpie_sdk.server._store import Principal, Store
 
 __all__ = [
@@ -52,25 +58,52 @@ def default_database_url() -> str:
 
 
 def open_store(
-    database_url: str | None = None, *, clock: Callable[[], float] = time.time
+    database_url: str | None = None,
+    *,
+    clock: Callable[[], float] = time.time,
+    migrate: bool = True,
 ) -> Store:
     """
     Connect to a database, create or upgrade its schema, and return the store.
 
+    Args:
+        database_url: A SQLite or PostgreSQL URL (``postgresql://`` and
+            ``postgres://`` mean psycopg 3); default: a SQLite file under the
+            user's data directory.
+        clock: The store's clock (seconds since the epoch).
+        migrate: Apply pending migrations; if false, refuse a schema that is
+            not current instead.
+
     Raises:
-        ConfigError: The URL is malformed or names a database not supported yet.
+        ConfigError: The URL is malformed or names an unsupported database, or
+            the schema is newer than this version knows (or not current, with
+            ``migrate=False``).
     """
-    url = database_url or default_database_url()
+    url = normalise_url(database_url or default_database_url())
     try:
         backend = sa.make_url(url).get_backend_name()
     except sa.exc.ArgumentError as exc:
         raise ConfigError(f"not a database URL: {url!r} ({exc})") from exc
-    if backend != "sqlite":
+    if backend not in ("sqlite", "postgresql"):
         raise ConfigError(
-            f"the {backend} database is not supported yet; use a sqlite:/// URL"
+            f"the {backend} database is not supported; use a sqlite:/// or "
+            "postgresql:// URL"
         )
     engine = make_engine(url)
-    upgrade(engine)
+    try:
+        if migrate:
+            upgrade(engine)
+        else:
+            check_schema(engine)
+    except sa.exc.OperationalError as exc:
+        engine.dispose()
+        raise ConfigError(
+            f"cannot reach the database at {sa.make_url(url)!r}: "
+            f"{str(exc.orig).strip().splitlines()[0]}"
+        ) from exc
+    except BaseException:
+        engine.dispose()
+        raise
     return Store(engine, clock=clock)
 
 
@@ -83,6 +116,7 @@ def serve(
     log_level: str = "info",
     access_log: bool = False,
     autoscale: AutoscaleSettings | None = None,
+    migrate: bool = True,
 ) -> None:
     """
     Run the server in the foreground until interrupted.
@@ -98,10 +132,12 @@ def serve(
         access_log: Log each request with its status and duration.
         autoscale: Run the autoscaler in this process (when it wins the
             leadership among the servers sharing the database); ``None``: off.
+        migrate: Apply pending migrations at start; if false, refuse to start
+            unless the schema is current (``kelpie db upgrade`` applies them).
     """
     import uvicorn
 
-    store = open_store(database_url)
+    store = open_store(database_url, migrate=migrate)
     generated = store.ensure_admin(admin_key or os.environ.get("KELPIE_ADMIN_KEY"))
     if generated:
         print(  # noqa: T201 - shown once, by design

@@ -52,7 +52,12 @@ from kelpie_sdk.models import (
     User,
     WorkerReport,
 )
-from kelpie_sdk.server._store import Principal, ReportOutcome, Store
+from kelpie_sdk.server._store import (
+    DatabaseUnavailable,
+    Principal,
+    ReportOutcome,
+    Store,
+)
 
 __all__ = ["MAX_PAGE_SIZE", "HTTPProblem", "create_app"]
 
@@ -133,6 +138,25 @@ def _on_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[An
     return _json(
         {"error": _reason(exc.status_code), "message": exc.detail}, exc.status_code
     )
+
+
+#: The ``Retry-After`` (seconds) of a 503 while the database is unavailable.
+UNAVAILABLE_RETRY_AFTER = 2
+
+
+def _on_unavailable(
+    _: Request[Any, Any, Any], exc: DatabaseUnavailable
+) -> Response[Any]:
+    logger.warning("%s", exc)
+    response = _json(
+        {
+            "error": "Service Unavailable",
+            "message": f"{exc}; retry later",
+        },
+        503,
+    )
+    response.headers["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER)
+    return response
 
 
 def _on_crash(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
@@ -330,13 +354,13 @@ class _Waker:
     Wakes long polls waiting on a key: a queue ``(user_id, group)`` that may
     have gained a job, or a job ``(job_id,)`` that may have changed.
 
-    In-process only: with several server replicas a waiter also re-checks the
-    database every ``RECHECK`` seconds, which also catches expiring leases.
+    The store announces changes from this process and, on PostgreSQL, from
+    every replica (LISTEN/NOTIFY). A waiter also re-checks the database every
+    ``recheck`` seconds, which catches expiring leases.
     """
 
-    RECHECK = 1.0
-
-    def __init__(self) -> None:
+    def __init__(self, recheck: float = 1.0) -> None:
+        self.recheck = recheck
         self._events: dict[tuple[str, ...], asyncio.Event] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -354,12 +378,12 @@ class _Waker:
 
     async def wait(self, key: tuple[str, ...], timeout: float) -> None:
         """
-        Wait until the key is notified, ``timeout`` passes, or ``RECHECK``.
+        Wait until the key is notified, ``timeout`` passes, or ``recheck``.
         """
         self._loop = asyncio.get_running_loop()
         event = self._events.setdefault(key, asyncio.Event())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout=min(timeout, self.RECHECK))
+            await asyncio.wait_for(event.wait(), timeout=min(timeout, self.recheck))
 
 
 def _running_in(loop: asyncio.AbstractEventLoop) -> bool:
@@ -1066,6 +1090,29 @@ def health() -> Response[dict[str, str]]:
     return _json({"status": "ok"})
 
 
+@get("/healthz", sync_to_thread=False, include_in_schema=False)
+def healthz() -> Response[dict[str, str]]:
+    """
+    Liveness for load balancers: the process is up. Needs no key, touches no
+    database.
+    """
+    return _json({"status": "ok"})
+
+
+@get("/readyz", sync_to_thread=False, include_in_schema=False)
+def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, str]]:
+    """
+    Readiness for load balancers: the database is reachable and its schema is
+    current (503 otherwise). Needs no key.
+    """
+    problem = _state(request).store.check_ready()
+    if problem is not None:
+        response = _json({"status": "unavailable", "message": problem}, 503)
+        response.headers["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER)
+        return response
+    return _json({"status": "ready"})
+
+
 @get("/openapi.json", sync_to_thread=False, include_in_schema=False)
 def openapi_json(request: Request[Any, Any, Any]) -> Response[Any]:
     """
@@ -1171,11 +1218,14 @@ def create_app(store: Store, *, debug: bool = False) -> Litestar:
         create_token,
         delete_users,
         health,
+        healthz,
+        readyz,
         openapi_json,
         _docs_assets(),
     ]
     exception_handlers: Mapping[Any, Any] = {
         HTTPProblem: _on_problem,
+        DatabaseUnavailable: _on_unavailable,
         ValidationException: _on_validation,
         HTTPException: _on_http,
         Exception: _on_crash,
@@ -1188,6 +1238,8 @@ def create_app(store: Store, *, debug: bool = False) -> Litestar:
         openapi_config=_openapi_config(),
         debug=debug,
     )
-    app.state.kelpie = state = _State(store=store)
+    app.state.kelpie = state = _State(
+        store=store, waker=_Waker(store.wake_recheck_seconds)
+    )
     store.on_available(state.waker.notify)
     return app

@@ -17,7 +17,9 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
+
+from kelpie_sdk.errors import ConfigError
 
 __all__ = [
     "ADMIN_ID",
@@ -28,7 +30,11 @@ __all__ = [
     "METADATA",
     "SCALING_RULES",
     "USERS",
+    "check_schema",
+    "current_revision",
+    "head_revision",
     "make_engine",
+    "normalise_url",
     "upgrade",
 ]
 
@@ -158,9 +164,22 @@ LEADER_LEASES = sa.Table(
 )
 
 
+def normalise_url(url: str) -> str:
+    """
+    Map ``postgresql://`` and ``postgres://`` to psycopg 3's SQLAlchemy URL.
+    """
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
 def make_engine(url: str) -> Engine:
     """
     Create an engine for a SQLAlchemy URL.
+
+    For PostgreSQL (psycopg 3): a pool of 8 (+8 overflow) connections checked
+    before use, a 5 s connect timeout and a 10 s statement timeout.
 
     For SQLite: WAL journal, ``synchronous=NORMAL`` (durable against a crash of
     the server process; see docs/server.md), a 10 s busy timeout, and every
@@ -169,7 +188,18 @@ def make_engine(url: str) -> Engine:
     with the execution option ``readonly=True`` open a plain deferred ``BEGIN``.
     The parent directory of a database file is created.
     """
-    sa_url = sa.make_url(url)
+    sa_url = sa.make_url(normalise_url(url))
+    if sa_url.get_backend_name() == "postgresql":
+        from kelpie_sdk.server._pg import connect_args
+
+        return sa.create_engine(
+            sa_url,
+            pool_pre_ping=True,
+            pool_size=8,
+            max_overflow=8,
+            pool_timeout=5,
+            connect_args=connect_args(),
+        )
     if sa_url.get_backend_name() != "sqlite":
         return sa.create_engine(sa_url, pool_pre_ping=True)
     database = sa_url.database
@@ -207,9 +237,77 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def _script() -> Any:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory(str(pathlib.Path(__file__).with_name("migrations")))
+
+
+def head_revision() -> str:
+    """
+    The newest schema revision this version of kelpie-sdk knows.
+    """
+    head: str = _script().get_current_head()
+    return head
+
+
+def current_revision(conn: Connection) -> str | None:
+    """
+    The database's schema revision (``None`` for an empty database).
+    """
+    from alembic.migration import MigrationContext
+
+    revision: str | None = MigrationContext.configure(conn).get_current_revision()
+    return revision
+
+
+def _refuse_newer(current: str | None) -> None:
+    if current is None:
+        return
+    from alembic.util import CommandError
+
+    try:
+        known = _script().get_revision(current)
+    except CommandError:
+        known = None
+    if known is None:
+        raise ConfigError(
+            f"the database schema is at revision {current}, newer than this "
+            f"kelpie-sdk knows (up to {head_revision()}); upgrade kelpie-sdk on "
+            "this machine"
+        )
+
+
+def check_schema(engine: Engine) -> None:
+    """
+    Refuse a database whose schema is not exactly the current one.
+
+    Raises:
+        ConfigError: The schema is older (run ``kelpie db upgrade``) or newer
+            (upgrade kelpie-sdk) than this version's.
+    """
+    with engine.connect() as conn:
+        current = current_revision(conn)
+    _refuse_newer(current)
+    if current != head_revision():
+        raise ConfigError(
+            f"the database schema is at revision {current or '(none)'}, not "
+            f"{head_revision()}; run `kelpie db upgrade --database URL` first"
+        )
+
+
+#: The PostgreSQL advisory lock that serialises migrations between replicas.
+_MIGRATION_LOCK = 0x6B656C70
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """
     Create or upgrade the schema with the packaged Alembic migrations.
+
+    Replicas starting together on PostgreSQL take turns (an advisory lock).
+
+    Raises:
+        ConfigError: The database's schema is newer than this version knows.
     """
     from alembic import command
     from alembic.config import Config
@@ -219,5 +317,10 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         "script_location", str(pathlib.Path(__file__).with_name("migrations"))
     )
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(
+                sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK}
+            )
+        _refuse_newer(current_revision(conn))
         config.attributes["connection"] = conn
         command.upgrade(config, revision)

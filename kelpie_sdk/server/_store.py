@@ -21,15 +21,17 @@ The queue's guarantees live here, in single SQL statements:
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import secrets
+import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar
 
 import attrs
 import sqlalchemy as sa
@@ -54,9 +56,15 @@ from kelpie_sdk.server._db import (
     JOBS,
     SCALING_RULES,
     USERS,
+    current_revision,
+    head_revision,
 )
 
+if TYPE_CHECKING:
+    from kelpie_sdk.server._pg import PgHotPath, PgListener
+
 __all__ = [
+    "DatabaseUnavailable",
     "Principal",
     "ReportOutcome",
     "Store",
@@ -66,6 +74,89 @@ __all__ = [
 #: What a fenced worker report found: it took effect, the job is not known,
 #: or the caller does not hold the job (any more).
 ReportOutcome = Literal["ok", "not_found", "not_holder"]
+
+
+class DatabaseUnavailable(Exception):
+    """
+    The database cannot be reached (or stays busy) even after retries; the
+    request may succeed if repeated later (the API answers 503).
+    """
+
+
+#: Pauses before each retry of a lost connection, a serialization failure or a
+#: deadlock, in seconds: one at once (a fresh connection), one shortly after.
+#: Kept short, since the caller (the SDK, the worker) retries a 503 with its
+#: own backoff.
+RETRY_DELAYS = (0.0, 0.05)
+
+#: After the database was found unreachable, calls fail fast (503) for this
+#: long instead of each waiting for a connection timeout of its own.
+UNREACHABLE_HOLD_SECONDS = 1.0
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _classify(exc: BaseException) -> str | None:
+    """
+    How a database error may go away: ``"retry"`` (serialization failure,
+    deadlock), ``"connection"`` (lost or refused), ``"busy"`` (a timeout or a
+    lock held too long: not worth repeating at once), or ``None``.
+    """
+    if isinstance(exc, sa.exc.TimeoutError):  # no pooled connection free
+        return "busy"
+    if isinstance(exc, sa.exc.DBAPIError):
+        if exc.connection_invalidated:
+            return "connection"
+        if exc.orig is None:
+            return None
+        exc = exc.orig
+    if isinstance(exc, sqlite3.OperationalError):
+        # SQLite already waited out its 10 s busy timeout.
+        return "busy" if "locked" in str(exc) or "busy" in str(exc) else None
+    if type(exc).__module__.startswith("psycopg"):
+        from kelpie_sdk.server._pg import classify
+
+        return classify(exc)
+    return None
+
+
+def _resilient(
+    method: Callable[Concatenate[Store, _P], _R],
+) -> Callable[Concatenate[Store, _P], _R]:
+    """
+    Retry a store method on transient database errors; raise
+    ``DatabaseUnavailable`` when they persist.
+
+    Every retried method is one transaction that either committed or did not
+    (a lost connection rolls it back).
+    """
+
+    @functools.wraps(method)
+    def run(self: Store, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if self._unreachable_until > time.monotonic():
+            raise DatabaseUnavailable(self._unreachable_reason)
+        for delay in (*RETRY_DELAYS, None):
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as exc:
+                kind = _classify(exc)
+                if kind is None:
+                    raise
+                if kind != "busy" and delay is not None:
+                    time.sleep(delay)
+                    continue
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                reason = f"the database is unavailable ({type(exc).__name__}: {first})"
+                if kind == "connection":
+                    self._unreachable_reason = reason
+                    self._unreachable_until = (
+                        time.monotonic() + UNREACHABLE_HOLD_SECONDS
+                    )
+                raise DatabaseUnavailable(reason) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return run
 
 
 def hash_key(key: str) -> str:
@@ -209,17 +300,26 @@ def _holder_view(
 
 class _HotPath:
     """
-    Per-thread DBAPI connections for the few statements on the hot path.
+    Per-thread DBAPI connections for the few statements on the hot path
+    (SQLite; ``kelpie_sdk.server._pg.PgHotPath`` is its PostgreSQL twin).
 
     Each thread keeps one connection from the engine's pool for its lifetime.
-    Write transactions start with ``BEGIN IMMEDIATE`` on SQLite.
+    Write transactions start with ``BEGIN IMMEDIATE`` on SQLite. The statement
+    texts are attributes, so that the store runs either backend alike.
     """
 
+    CLAIM = _CLAIM_SQL.text
+    STATE = _STATE_SQL
+    GET = _GET_SQL
+    GET_ANY = _GET_ANY_SQL
+    HEARTBEAT = _HEARTBEAT_SQL
+    COMPLETE = _COMPLETE_SQL
+    FAIL = _FAIL_SQL
+    BAN: str | None = _BAN_SQL
+    RELEASE = _RELEASE_SQL
+    PROGRESS = _PROGRESS_SQL
+
     def __init__(self, engine: Engine) -> None:
-        if engine.dialect.name != "sqlite":
-            raise NotImplementedError(
-                f"the {engine.dialect.name} dialect is not supported yet; use SQLite"
-            )
         self._engine = engine
         self._local = threading.local()
         self._all: list[Any] = []
@@ -234,7 +334,8 @@ class _HotPath:
         return conn
 
     @contextmanager
-    def transaction(self, *, write: bool = True) -> Iterator[Any]:
+    def transaction(self, *, write: bool = True, durable: bool = True) -> Iterator[Any]:
+        del durable  # SQLite commits the same way either way (WAL, NORMAL).
         conn = self._connection()
         cur = conn.cursor()
         cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
@@ -263,6 +364,11 @@ class _HotPath:
             return None
         return dict(zip((d[0] for d in cur.description), row, strict=True))
 
+    def notify(self, user_id: str, group: str) -> None:
+        """
+        One process serves a SQLite file: the in-process listeners suffice.
+        """
+
     def close(self) -> None:
         with self._lock:
             for conn in self._all:
@@ -285,27 +391,71 @@ class Store:
     def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time):
         self.engine = engine
         self._clock = clock
-        self._hot = _HotPath(engine)
+        self._unreachable_until = 0.0
+        self._unreachable_reason = ""
         self._listeners: list[Callable[[str, str], None]] = []
+        self._hot: _HotPath | PgHotPath
+        self._listen: PgListener | None = None
+        if engine.dialect.name == "postgresql":
+            from kelpie_sdk.server._pg import PgHotPath, PgListener
+
+            self._hot = PgHotPath(engine.url)
+            self._listen = PgListener(engine.url, self._wake)
+            self._listen.start()
+            # Wake-ups cross replicas; the periodic re-check only has to
+            # catch leases that expire.
+            self.wake_recheck_seconds = 5.0
+        else:
+            self._hot = _HotPath(engine)
+            self.wake_recheck_seconds = 1.0
 
     def on_available(self, listener: Callable[[str, str], None]) -> None:
         """
         Call ``listener(user_id, container_group_id)`` after a queue may have
         gained a claimable job: jobs inserted, a failure requeued, a release.
 
-        The listener runs in the thread that made the change.
+        The listener runs in the thread that made the change; on PostgreSQL
+        also in a listener thread, when any replica made the change.
         """
         self._listeners.append(listener)
 
+    def _wake(self, user_id: str, group: str) -> None:
+        for listener in self._listeners:
+            listener(user_id, group)
+
     def _available(self, user_id: str, row: Mapping[str, Any]) -> None:
         if row["status"] == "pending":
-            for listener in self._listeners:
-                listener(user_id, row["container_group_id"])
+            self._wake(user_id, row["container_group_id"])
+            self._hot.notify(user_id, row["container_group_id"])
+
+    def wait_listening(self, timeout: float) -> bool:
+        """
+        Wait until cross-replica wake-ups are being received (always true on
+        SQLite, where there are none to receive).
+        """
+        return self._listen is None or self._listen.ready.wait(timeout)
+
+    def check_ready(self) -> str | None:
+        """
+        Why the store cannot serve now (database unreachable, schema not
+        current), or ``None`` when it can.
+        """
+        try:
+            with self.engine.connect() as conn:
+                current = current_revision(conn)
+        except sa.exc.DBAPIError as exc:
+            return f"database unreachable: {type(exc.orig).__name__}"
+        head = head_revision()
+        if current != head:
+            return f"database schema is at revision {current}, expected {head}"
+        return None
 
     def close(self) -> None:
         """
         Close every connection (call once no other thread uses the store).
         """
+        if self._listen is not None:
+            self._listen.stop()
         self._hot.close()
         self.engine.dispose()
 
@@ -330,6 +480,7 @@ class Store:
 
     # -- users and keys ----------------------------------------------------
 
+    @_resilient
     def ensure_admin(self, admin_key: str | None) -> str | None:
         """
         Seed the admin user, and its key on first start.
@@ -341,6 +492,14 @@ class Store:
         Returns:
             The generated key (to be shown once), or ``None``.
         """
+        try:
+            return self._seed_admin(admin_key)
+        except sa.exc.IntegrityError:
+            # Another replica seeded the same rows after our check (replicas
+            # starting together on a new database): check again.
+            return self._seed_admin(admin_key)
+
+    def _seed_admin(self, admin_key: str | None) -> str | None:
         now = self.now_ms()
         with self._write() as conn:
             if conn.execute(
@@ -370,6 +529,7 @@ class Store:
                 )
             return generated
 
+    @_resilient
     def principal_for_key(self, key: str) -> Principal | None:
         """
         Look up the user behind an API key.
@@ -385,6 +545,7 @@ class Store:
             return None
         return Principal(row.user_id, row.org_name, row.project_name)
 
+    @_resilient
     def create_user(self, username: str) -> User | None:
         """
         Create a user; ``None`` if the username is taken.
@@ -402,6 +563,7 @@ class Store:
             )
         return User(id=user_id, username=username, created=_ms_to_dt(now))  # type: ignore[arg-type]
 
+    @_resilient
     def get_user(self, user_id: str) -> User | None:
         """
         A user by id.
@@ -412,6 +574,7 @@ class Store:
             return None
         return User(id=row.id, username=row.username, created=_ms_to_dt(row.created))  # type: ignore[arg-type]
 
+    @_resilient
     def create_key(self, user_id: str, org_name: str, project_name: str) -> str | None:
         """
         Issue a new API key for a user; ``None`` if there is no such user.
@@ -433,6 +596,7 @@ class Store:
             )
         return key
 
+    @_resilient
     def delete_users(self) -> None:
         """
         Delete every user but the admin, and their keys.
@@ -443,6 +607,7 @@ class Store:
 
     # -- jobs: submission and reading ----------------------------------------
 
+    @_resilient
     def insert_jobs(self, user_id: str, subs: Sequence[JobSubmission]) -> list[Job]:
         """
         Insert jobs in one transaction, in order; all or nothing.
@@ -525,17 +690,19 @@ class Store:
             last_error=row["last_error"],
         )
 
+    @_resilient
     def get_job(self, principal: Principal, job_id: str) -> Job | None:
         """
         A job, if it exists and the caller may see it (admins see all).
         """
-        sql = _GET_ANY_SQL if principal.is_admin else _GET_SQL
+        sql = self._hot.GET_ANY if principal.is_admin else self._hot.GET
         with self._hot.transaction(write=False) as cur:
             row = self._hot.fetch_one(
                 cur, sql, {"id": job_id, "user_id": principal.user_id}
             )
         return None if row is None else self._row_to_job(row)
 
+    @_resilient
     def list_jobs(
         self,
         principal: Principal,
@@ -564,6 +731,7 @@ class Store:
 
     # -- jobs: user actions ---------------------------------------------------
 
+    @_resilient
     def cancel(
         self, principal: Principal, job_id: str
     ) -> Literal["canceled", "not_found"] | JobStatus:
@@ -599,6 +767,7 @@ class Store:
             return "canceled"
         return JobStatus(status)
 
+    @_resilient
     def purge_group(self, principal: Principal, group: str) -> int:
         """
         Delete the caller's pending jobs in a group and cancel its running ones.
@@ -620,6 +789,7 @@ class Store:
             ).rowcount
         return int(deleted) + int(canceled)
 
+    @_resilient
     def delete_all_jobs(self) -> None:
         """
         Delete every job (admin).
@@ -634,6 +804,7 @@ class Store:
     # SQLAlchemy's execution machinery and run fixed SQL on a per-thread DBAPI
     # connection: measured 5x less time per transaction (docs/server.md).
 
+    @_resilient
     def claim(self, principal: Principal, *, machine_id: str, group: str) -> Job | None:
         """
         Atomically hand the next job of a queue to one machine.
@@ -649,7 +820,7 @@ class Store:
             "now": self.now_ms(),
         }
         with self._hot.transaction() as cur:
-            row = self._hot.fetch_one(cur, _CLAIM_SQL.text, params)
+            row = self._hot.fetch_one(cur, self._hot.CLAIM, params)
         return None if row is None else self._row_to_job(row)
 
     @staticmethod
@@ -667,9 +838,10 @@ class Store:
         self, cur: Any, principal: Principal, job_id: str
     ) -> dict[str, Any] | None:
         return self._hot.fetch_one(
-            cur, _STATE_SQL, {"id": job_id, "user_id": principal.user_id}
+            cur, self._hot.STATE, {"id": job_id, "user_id": principal.user_id}
         )
 
+    @_resilient
     def heartbeat(
         self, principal: Principal, job_id: str, report: WorkerReport
     ) -> JobStatus | None:
@@ -690,8 +862,8 @@ class Store:
         # A worker's warning about the running job (e.g. checkpoints that will
         # not survive the node) is shown as its last_error.
         params["error"] = report.error
-        with self._hot.transaction() as cur:
-            if self._hot.execute(cur, _HEARTBEAT_SQL, params):
+        with self._hot.transaction(durable=False) as cur:
+            if self._hot.execute(cur, self._hot.HEARTBEAT, params):
                 return JobStatus.RUNNING
             state = self._state(cur, principal, job_id)
         if state is None:
@@ -700,6 +872,7 @@ class Store:
             return JobStatus.CANCELED
         return JobStatus(state["status"])
 
+    @_resilient
     def complete(
         self, principal: Principal, job_id: str, report: WorkerReport
     ) -> ReportOutcome:
@@ -712,7 +885,7 @@ class Store:
             None if report.progress is None else json.dumps(report.progress)
         )
         with self._hot.transaction() as cur:
-            if self._hot.execute(cur, _COMPLETE_SQL, params):
+            if self._hot.execute(cur, self._hot.COMPLETE, params):
                 return "ok"
             state = self._state(cur, principal, job_id)
         if state is None:
@@ -725,6 +898,7 @@ class Store:
             return "ok"
         return "not_holder"
 
+    @_resilient
     def fail(
         self, principal: Principal, job_id: str, report: WorkerReport
     ) -> ReportOutcome:
@@ -741,14 +915,16 @@ class Store:
         params["now"] = self.now_ms()
         params["error"] = error
         with self._hot.transaction() as cur:
-            row = self._hot.fetch_one(cur, _FAIL_SQL, params)
+            row = self._hot.fetch_one(cur, self._hot.FAIL, params)
             if row is None:
                 found = self._state(cur, principal, job_id) is not None
                 return "not_holder" if found else "not_found"
-            self._hot.execute(cur, _BAN_SQL, params)
+            if self._hot.BAN is not None:
+                self._hot.execute(cur, self._hot.BAN, params)
         self._available(principal.user_id, row)
         return "ok"
 
+    @_resilient
     def release(
         self, principal: Principal, job_id: str, report: WorkerReport
     ) -> ReportOutcome:
@@ -758,7 +934,7 @@ class Store:
         params = self._fence(principal, job_id, report)
         params["now"] = self.now_ms()
         with self._hot.transaction() as cur:
-            row = self._hot.fetch_one(cur, _RELEASE_SQL, params)
+            row = self._hot.fetch_one(cur, self._hot.RELEASE, params)
             if row is None:
                 found = self._state(cur, principal, job_id) is not None
                 return "not_holder" if found else "not_found"
@@ -770,6 +946,7 @@ class Store:
     # Optional additions: a light progress report, and the holder's view of
     # its job for the status long poll (GET /jobs/{id}/status).
 
+    @_resilient
     def report_progress(
         self, principal: Principal, job_id: str, report: WorkerReport
     ) -> JobStatus | None:
@@ -783,11 +960,12 @@ class Store:
         params = self._fence(principal, job_id, report)
         params["progress"] = json.dumps(report.progress)
         with self._hot.transaction() as cur:
-            if self._hot.execute(cur, _PROGRESS_SQL, params):
+            if self._hot.execute(cur, self._hot.PROGRESS, params):
                 return JobStatus.RUNNING
             state = self._state(cur, principal, job_id)
         return _holder_view(state, report.machine_id, report.attempt)
 
+    @_resilient
     def holder_status(
         self,
         principal: Principal,
@@ -831,6 +1009,7 @@ class Store:
             cond = cond & (SCALING_RULES.c.user_id == principal.user_id)
         return cond
 
+    @_resilient
     def create_rule(
         self, principal: Principal, sub: ScalingRuleSubmission
     ) -> ScalingRule | None:
@@ -838,6 +1017,15 @@ class Store:
         Store a scaling rule; ``None`` if the group already has one.
         """
         now = self.now_ms()
+        try:
+            return self._insert_rule(principal, sub, now)
+        except sa.exc.IntegrityError:
+            # Another replica stored a rule for the group after our check.
+            return None
+
+    def _insert_rule(
+        self, principal: Principal, sub: ScalingRuleSubmission, now: int
+    ) -> ScalingRule | None:
         with self._write() as conn:
             exists = conn.execute(
                 sa.select(SCALING_RULES.c.container_group_id).where(
@@ -867,6 +1055,7 @@ class Store:
             ).first()
         return self._row_to_rule(row)
 
+    @_resilient
     def list_rules(self, principal: Principal) -> list[ScalingRule]:
         """
         The caller's rules (all rules for the admin).
@@ -877,6 +1066,7 @@ class Store:
         with self._read() as conn:
             return [self._row_to_rule(r) for r in conn.execute(query)]
 
+    @_resilient
     def get_rule(self, principal: Principal, group: str) -> ScalingRule | None:
         """
         One rule, if the caller may see it.
@@ -887,6 +1077,7 @@ class Store:
             ).first()
         return None if row is None else self._row_to_rule(row)
 
+    @_resilient
     def update_rule(
         self, principal: Principal, group: str, update: ScalingRuleUpdate
     ) -> ScalingRule | Literal["invalid"] | None:
@@ -920,6 +1111,7 @@ class Store:
             ).first()
         return self._row_to_rule(row)
 
+    @_resilient
     def delete_rule(self, principal: Principal, group: str) -> None:
         """
         Delete one rule (no error if there is none).
@@ -929,6 +1121,7 @@ class Store:
                 SCALING_RULES.delete().where(self._rule_owner(principal, group))
             )
 
+    @_resilient
     def delete_all_rules(self) -> None:
         """
         Delete every rule (admin).

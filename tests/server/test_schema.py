@@ -4,7 +4,9 @@ The schema: migrations match the table definitions, and the claim uses its index
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -14,7 +16,10 @@ from alembic.migration import MigrationContext
 from kelpie_sdk.errors import ConfigError
 from kelpie_sdk.server import open_store
 from kelpie_sdk.server._db import METADATA, make_engine, upgrade
+from kelpie_sdk.server._pg import PgHotPath
 from kelpie_sdk.server._store import _CLAIM_SQL
+
+from ..pg import fresh_database
 
 
 def test_migrations_produce_the_declared_schema(tmp_path: pathlib.Path) -> None:
@@ -65,11 +70,108 @@ def test_sqlite_runs_in_wal_mode(tmp_path: pathlib.Path) -> None:
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("postgresql://u@127.0.0.1/test", "not supported yet"),
+        ("mysql://u@127.0.0.1/test", "the mysql database is not supported"),
         ("::nonsense::", "not a database URL"),
+        # Nothing listens on port 1: refused at once, said in one line.
+        ("postgresql://u@127.0.0.1:1/test", "cannot reach the database"),
     ],
 )
 def test_unsupported_database_urls_are_config_errors(url: str, message: str) -> None:
     """A URL the server cannot use is a ConfigError naming the problem."""
     with pytest.raises(ConfigError, match=message):
         open_store(url)
+
+
+@pytest.fixture
+def pg_url() -> Any:
+    """A fresh, empty PostgreSQL database."""
+    with fresh_database() as url:
+        yield url
+
+
+def test_postgresql_migrations_produce_the_declared_schema(pg_url: str) -> None:
+    """The same migrations build the declared schema on PostgreSQL."""
+    engine = make_engine(pg_url)
+    try:
+        upgrade(engine)
+        with engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), METADATA)
+        assert [] == diff
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres", "postgresql+psycopg"])
+def test_postgresql_url_spellings_all_mean_psycopg(pg_url: str, scheme: str) -> None:
+    """postgresql://, postgres:// and postgresql+psycopg:// all open the store."""
+    store = open_store(scheme + pg_url.removeprefix("postgresql"))
+    try:
+        assert "psycopg" == store.engine.dialect.driver
+        assert store.check_ready() is None
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("completed", "pending"),
+    [(20_000, 1), (20_000, 20_000)],
+    ids=["few-pending", "many-pending"],
+)
+def test_postgresql_claim_uses_the_partial_indexes_with_many_finished_jobs(
+    pg_url: str, completed: int, pending: int
+) -> None:
+    """
+    With 20,000 finished jobs ahead of the pending ones, the claim reads the
+    partial indexes: never the whole table, and never the primary key (which
+    would walk every finished job before the first pending one).
+    """
+    import psycopg
+
+    open_store(pg_url).close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        for status, count in (("completed", completed), ("pending", pending)):
+            conn.execute(
+                "INSERT INTO jobs (id, user_id, status, created, command,"
+                " container_group_id) SELECT gen_random_uuid()::text, 'u', %s,"
+                " n, 'x', 'g' FROM generate_series(1, %s) AS n",
+                (status, count),
+            )
+        conn.execute("ANALYZE jobs")
+        plan = "\n".join(
+            row[0]
+            for row in conn.execute(
+                "EXPLAIN " + PgHotPath.CLAIM,
+                {"machine_id": "m", "group": "g", "user_id": "u", "now": 0},
+            )
+        )
+    assert "ix_jobs_running" in plan
+    assert "ix_jobs_pending" in plan
+    assert "Seq Scan on jobs" not in plan
+    assert "jobs_pkey on jobs j" not in plan
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_schema_newer_than_known_is_refused(
+    tmp_path: pathlib.Path, backend: str
+) -> None:
+    """A database migrated by a newer kelpie-sdk stops this one from starting."""
+    with contextlib.ExitStack() as stack:
+        url = (
+            f"sqlite:///{tmp_path}/n.db"
+            if backend == "sqlite"
+            else stack.enter_context(fresh_database())
+        )
+        open_store(url).close()
+        engine = make_engine(url)
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
+        engine.dispose()
+        for migrate in (True, False):
+            with pytest.raises(ConfigError, match="newer than this kelpie-sdk knows"):
+                open_store(url, migrate=migrate)
+
+
+def test_an_old_schema_is_refused_without_migrating(tmp_path: pathlib.Path) -> None:
+    """migrate=False refuses an empty database, naming `kelpie db upgrade`."""
+    with pytest.raises(ConfigError, match="run `kelpie db upgrade"):
+        open_store(f"sqlite:///{tmp_path}/e.db", migrate=False)

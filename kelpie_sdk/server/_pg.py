@@ -1,0 +1,330 @@
+"""
+The PostgreSQL twin of the store's hot path, and cross-replica wake-ups.
+
+The worker protocol's statements run on one psycopg 3 connection per thread,
+in autocommit mode: every statement below is a complete transaction on its
+own, so each call is one round trip, and psycopg prepares it on the server
+after its first use (``prepare=True``).
+
+- **Claim.** One ``UPDATE ... FROM`` over two ``SELECT ... FOR UPDATE SKIP
+  LOCKED`` branches (expired leases first, then pending jobs), each served by
+  its partial index and stopped after one row: replicas claiming the same queue
+  never wait on each other's row locks, and a row is handed out once.
+- **Failure.** The status change and the ban are one statement (a
+  data-modifying ``WITH``), so a failure can never requeue a job without
+  banning the machine.
+- **Wake-ups.** A change that makes a job claimable sends ``NOTIFY
+  kelpie_work`` with ``[user_id, container_group_id]``; every replica runs a
+  ``LISTEN`` thread that wakes its own long polls.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import select
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import psycopg.errors
+import sqlalchemy as sa
+
+__all__ = ["CHANNEL", "PgHotPath", "PgListener", "classify", "conninfo"]
+
+logger = logging.getLogger("kelpie_sdk.server")
+
+#: The NOTIFY channel that announces queues which gained a claimable job.
+CHANNEL = "kelpie_work"
+
+#: Seconds to wait for a new connection before giving up (answered as 503).
+CONNECT_TIMEOUT = 5
+
+#: Longest a single statement may run, in milliseconds.
+STATEMENT_TIMEOUT_MS = 10_000
+
+
+def conninfo(url: sa.URL) -> str:
+    """
+    A libpq connection string for a SQLAlchemy PostgreSQL URL.
+    """
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def connect_args() -> dict[str, Any]:
+    """
+    Connection options shared by the pooled and the hot-path connections.
+    """
+    return {
+        "connect_timeout": CONNECT_TIMEOUT,
+        "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+        "application_name": "kelpie-server",
+    }
+
+
+def classify(exc: BaseException) -> str | None:
+    """
+    How a psycopg error may go away: ``"retry"`` (serialization failure or
+    deadlock: repeat at once), ``"connection"`` (lost or refused: repeat on a
+    new connection), ``"busy"`` (a statement timeout: do not repeat), or
+    ``None`` (not transient).
+    """
+    if isinstance(exc, psycopg.errors.TransactionRollback):
+        return "retry"
+    if isinstance(exc, psycopg.errors.QueryCanceled):
+        return "busy"
+    if isinstance(exc, psycopg.OperationalError):
+        return "connection"
+    return None
+
+
+_HOLDER = (
+    "id = %(id)s AND user_id = %(user_id)s AND status = 'running' "
+    "AND machine_id = %(machine_id)s "
+    "AND (%(attempt)s::integer IS NULL OR attempt = %(attempt)s::integer)"
+)
+_NOT_BANNED = """NOT EXISTS (SELECT 1 FROM job_bans b
+                      WHERE b.job_id = j.id AND b.machine_id = %(machine_id)s)"""
+
+
+class PgHotPath:
+    """
+    Per-thread autocommit psycopg connections for the worker protocol.
+
+    The statement texts are attributes, named as on the SQLite hot path, so
+    the store runs either without knowing which it has.
+    """
+
+    CLAIM = f"""
+        WITH expired AS (
+            SELECT j.seq FROM jobs j
+            WHERE j.user_id = %(user_id)s AND j.container_group_id = %(group)s
+              AND j.status = 'running' AND j.lease_expires <= %(now)s
+              AND {_NOT_BANNED}
+            ORDER BY j.lease_expires LIMIT 1
+            FOR UPDATE SKIP LOCKED
+        ), queued AS (
+            -- The group as a range, ordered by (group, seq): only the partial
+            -- index (or a sort) yields that order, so the planner cannot
+            -- walk the primary key through the finished jobs ahead of the
+            -- first pending one (PostgreSQL has no INDEXED BY).
+            SELECT j.seq FROM jobs j
+            WHERE j.user_id = %(user_id)s
+              AND j.container_group_id >= %(group)s
+              AND j.container_group_id <= %(group)s
+              AND j.status = 'pending'
+              AND {_NOT_BANNED}
+            ORDER BY j.container_group_id, j.seq LIMIT 1
+            FOR UPDATE SKIP LOCKED
+        ), pick AS (
+            SELECT seq FROM expired UNION ALL SELECT seq FROM queued LIMIT 1
+        )
+        UPDATE jobs SET
+            status = 'running',
+            machine_id = %(machine_id)s,
+            attempt = jobs.attempt + 1,
+            num_interruptions = jobs.num_interruptions
+                + CASE WHEN jobs.status = 'running' THEN 1 ELSE 0 END,
+            started = %(now)s,
+            heartbeat = %(now)s,
+            lease_expires = %(now)s + jobs.heartbeat_interval::bigint * 2000
+        FROM pick WHERE jobs.seq = pick.seq
+        RETURNING jobs.*
+    """  # noqa: S608 - built from constants only
+    STATE = (
+        "SELECT status, machine_id, attempt FROM jobs "
+        "WHERE id = %(id)s AND user_id = %(user_id)s"
+    )
+    GET = "SELECT * FROM jobs WHERE id = %(id)s AND user_id = %(user_id)s"
+    GET_ANY = "SELECT * FROM jobs WHERE id = %(id)s"
+    HEARTBEAT = f"""
+        UPDATE jobs SET heartbeat = %(now)s,
+            lease_expires = %(now)s + heartbeat_interval::bigint * 2000,
+            num_heartbeats = num_heartbeats + 1,
+            progress = COALESCE(%(progress)s::text, progress),
+            last_error = COALESCE(%(error)s::text, last_error)
+        WHERE {_HOLDER}
+    """  # noqa: S608 - built from constants only
+    COMPLETE = f"""
+        UPDATE jobs SET status = 'completed', completed = %(now)s,
+            heartbeat = %(now)s, lease_expires = NULL,
+            progress = COALESCE(%(progress)s::text, progress)
+        WHERE {_HOLDER}
+    """  # noqa: S608 - built from constants only
+    FAIL = f"""
+        WITH failed AS (
+            UPDATE jobs SET
+                num_failures = num_failures + 1,
+                status = CASE WHEN num_failures + 1 >= max_failures
+                              THEN 'failed' ELSE 'pending' END,
+                failed = CASE WHEN num_failures + 1 >= max_failures
+                              THEN %(now)s ELSE failed END,
+                heartbeat = %(now)s, lease_expires = NULL,
+                last_error = %(error)s::text
+            WHERE {_HOLDER}
+            RETURNING id, status, container_group_id
+        ), banned AS (
+            INSERT INTO job_bans (job_id, machine_id, created)
+            SELECT id, %(machine_id)s, %(now)s FROM failed
+            ON CONFLICT DO NOTHING
+        )
+        SELECT status, container_group_id FROM failed
+    """  # noqa: S608 - built from constants only
+    #: Part of FAIL here; SQLite runs it as a second statement.
+    BAN: str | None = None
+    RELEASE = f"""
+        UPDATE jobs SET status = 'pending', lease_expires = NULL,
+            heartbeat = %(now)s, num_interruptions = num_interruptions + 1
+        WHERE {_HOLDER}
+        RETURNING status, container_group_id
+    """  # noqa: S608 - built from constants only
+    PROGRESS = f"""
+        UPDATE jobs SET progress = %(progress)s::text
+        WHERE {_HOLDER}
+    """  # noqa: S608 - built from constants only
+    NOTIFY = "SELECT pg_notify(%(channel)s, %(payload)s)"
+
+    def __init__(self, url: sa.URL) -> None:
+        self._conninfo = conninfo(url)
+        self._local = threading.local()
+        self._all: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
+
+    def _connection(self, durable: bool) -> psycopg.Connection[Any]:
+        name = "conn" if durable else "relaxed"
+        conn: psycopg.Connection[Any] | None = getattr(self._local, name, None)
+        if conn is None or conn.closed or conn.broken:
+            if conn is not None:
+                self._forget(conn, name)
+            args = connect_args()
+            if not durable:
+                args["options"] += " -c synchronous_commit=off"
+            conn = psycopg.connect(self._conninfo, autocommit=True, **args)
+            setattr(self._local, name, conn)
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    def _forget(self, conn: psycopg.Connection[Any], name: str) -> None:
+        setattr(self._local, name, None)
+        with self._lock:
+            if conn in self._all:
+                self._all.remove(conn)
+        conn.close()
+
+    @contextmanager
+    def transaction(self, *, write: bool = True, durable: bool = True) -> Iterator[Any]:
+        """
+        A cursor; each statement commits on its own (autocommit).
+
+        ``durable=False`` runs on a second connection with
+        ``synchronous_commit=off``: the commit does not wait for the WAL to
+        reach the disk, so a crash of PostgreSQL may forget its last fraction
+        of a second. Only heartbeats use it; losing one shortens a lease by an
+        interval at worst.
+        """
+        del write
+        name = "conn" if durable else "relaxed"
+        conn = self._connection(durable)
+        try:
+            with conn.cursor() as cur:
+                yield cur
+        except psycopg.OperationalError:
+            # The connection may be unusable (server restarted): open a new
+            # one next time.
+            self._forget(conn, name)
+            raise
+
+    @staticmethod
+    def execute(cur: Any, sql: str, params: Mapping[str, Any]) -> int:
+        cur.execute(sql, params, prepare=True)
+        return int(cur.rowcount)
+
+    @staticmethod
+    def fetch_one(
+        cur: Any, sql: str, params: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        cur.execute(sql, params, prepare=True)
+        row = cur.fetchone()
+        if row is None:
+            return None
+        return dict(zip((d[0] for d in cur.description), row, strict=True))
+
+    def notify(self, user_id: str, group: str) -> None:
+        """
+        Tell every replica that a queue gained a claimable job.
+
+        Best effort: a lost notification only delays a long poll until its
+        next periodic check.
+        """
+        payload = json.dumps([user_id, group])
+        try:
+            with self.transaction() as cur:
+                cur.execute(
+                    self.NOTIFY, {"channel": CHANNEL, "payload": payload}, prepare=True
+                )
+        except psycopg.Error as exc:
+            logger.warning("could not send a wake-up notification: %s", exc)
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+
+
+class PgListener:
+    """
+    A daemon thread that ``LISTEN``s for wake-ups and passes them on.
+
+    Reconnects by itself when the database goes away and comes back.
+    """
+
+    def __init__(self, url: sa.URL, deliver: Callable[[str, str], None]) -> None:
+        self._conninfo = conninfo(url)
+        self._deliver = deliver
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="kelpie-pg-listen", daemon=True
+        )
+        self.ready = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(
+                    self._conninfo, autocommit=True, **connect_args()
+                ) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    self.ready.set()
+                    while not self._stop.is_set():
+                        # Sleep in select() (no GIL held, no periodic wake-ups
+                        # of psycopg's own wait loop), then read what came.
+                        readable, _, _ = select.select([conn.fileno()], [], [], 1.0)
+                        if readable:
+                            for note in conn.notifies(timeout=0, stop_after=0):
+                                self._dispatch(note.payload)
+            except psycopg.Error as exc:
+                self.ready.clear()
+                logger.warning("wake-up listener lost the database: %s", exc)
+                self._stop.wait(1.0)
+
+    def _dispatch(self, payload: str) -> None:
+        try:
+            user_id, group = json.loads(payload)
+        except (ValueError, TypeError):
+            logger.warning("ignored a malformed wake-up: %r", payload)
+            return
+        try:
+            self._deliver(str(user_id), str(group))
+        except Exception:  # e.g. the server's event loop already closed
+            logger.warning("a wake-up could not be delivered", exc_info=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
