@@ -462,6 +462,8 @@ class Client:
         *,
         timeout: float | None = None,
         poll_interval: float = 2.0,
+        on_update: Callable[[list[Job]], object] | None = None,
+        progress: bool = False,
     ) -> list[Job]:
         """
         Wait until every job is completed, canceled or failed.
@@ -471,6 +473,12 @@ class Client:
             timeout: Overall seconds to wait; ``None`` waits as long as it takes.
                 Each request still has its own timeout.
             poll_interval: Seconds between polls.
+            on_update: Called with the latest state of every job (in the order
+                given) after the first poll and whenever a job changed since
+                the last call; an exception it raises ends the wait.
+            progress: Show a progress bar while waiting: HTML updated in place
+                in a Jupyter notebook, a line rewritten in place on stderr in a
+                terminal, else a plain line on stderr whenever it changes.
 
         Returns:
             The finished jobs, in the order given.
@@ -487,27 +495,44 @@ class Client:
             jobs = [jobs]
         ids = [job.id if isinstance(job, Job) else job for job in jobs]
         deadline = None if timeout is None else time.monotonic() + timeout
-        done: dict[str, Job] = {}
-        while True:
-            for job_id in ids:
-                if job_id not in done:
-                    job = self.get_job(job_id)
-                    if job.finished:
-                        done[job_id] = job
-            pending = [i for i in ids if i not in done]
-            if not pending:
-                return [done[i] for i in ids]
-            delay = poll_interval
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise WaitTimeoutError(
-                        f"{len(pending)} of {len(ids)} job(s) still unfinished after "
-                        f"{timeout:g} s: {', '.join(pending[:5])}"
-                        + (" ..." if len(pending) > 5 else "")
-                    )
-                delay = min(delay, remaining)
-            self._sleep(delay)
+        display = None
+        if progress:
+            from kelpie_sdk._wait_display import open_display
+
+            display = open_display()
+        latest: dict[str, Job] = {}
+        shown: list[Job] | None = None
+        try:
+            while True:
+                for job_id in ids:
+                    known = latest.get(job_id)
+                    if known is None or not known.finished:
+                        latest[job_id] = self.get_job(job_id)
+                # The same id given twice is fetched once.
+                current = [latest[i] for i in ids]
+                if current != shown:
+                    shown = current
+                    if display is not None:
+                        display.update(current)
+                    if on_update is not None:
+                        on_update(list(current))
+                pending = [j.id for j in current if not j.finished]
+                if not pending:
+                    return current
+                delay = poll_interval
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise WaitTimeoutError(
+                            f"{len(pending)} of {len(ids)} job(s) still unfinished "
+                            f"after {timeout:g} s: {', '.join(pending[:5])}"
+                            + (" ..." if len(pending) > 5 else "")
+                        )
+                    delay = min(delay, remaining)
+                self._sleep(delay)
+        finally:
+            if display is not None:
+                display.close()
 
     def purge_container_group(
         self,
