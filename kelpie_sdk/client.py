@@ -394,6 +394,7 @@ class Client:
         container_group_id: str | None = None,
         page_size: int = 100,
         asc: bool = False,
+        id_prefix: str | None = None,
         timeout: Timeout | None = None,
         max_retries: int | None = None,
     ) -> Paginator[Job]:
@@ -408,6 +409,8 @@ class Client:
             container_group_id: Only jobs of this container group.
             page_size: Jobs per request.
             asc: Oldest first.
+            id_prefix: Only jobs whose id starts with this. A server without
+                this filter sends every job; they are then filtered here.
             timeout: Overrides the timeout for each page request.
             max_retries: Overrides the retries for each page request.
 
@@ -421,6 +424,8 @@ class Client:
             params["status"] = status.value
         if container_group_id is not None:
             params["container_group_id"] = container_group_id
+        if id_prefix:
+            params["id_prefix"] = id_prefix
 
         def fetch(page: int, size: int) -> Sequence[Job]:
             data = self._request(
@@ -432,7 +437,12 @@ class Client:
             )
             return JobList.from_json(data).jobs
 
-        return Paginator(fetch, page_size=page_size)
+        if not id_prefix:
+            return Paginator(fetch, page_size=page_size)
+        prefix = id_prefix
+        return Paginator(
+            fetch, page_size=page_size, keep=lambda job: job.id.startswith(prefix)
+        )
 
     def cancel(
         self,
