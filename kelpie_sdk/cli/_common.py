@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias
@@ -32,6 +33,7 @@ __all__ = [
     "format_time",
     "jobs_table",
     "print_json",
+    "resolve_job_id",
 ]
 
 EXIT_OK = 0
@@ -108,6 +110,49 @@ def add_api_options(
         default=default,
         help="the API key (default: $KELPIE_API_KEY)",
     )
+
+
+#: The length of a full job id (a UUID): such an id is used as it is.
+FULL_ID_LENGTH = 36
+#: How many candidates an ambiguous prefix error lists.
+_CANDIDATES = 10
+
+
+def resolve_job_id(client: Client, text: str) -> str:
+    """
+    The one job of the caller whose id starts with ``text`` (a full id is
+    taken as it is, without a request).
+
+    Raises:
+        ValueError: No job id starts with ``text``, or several do (the error
+            lists them).
+    """
+    text = text.strip()
+    if not text:
+        raise ValueError("a job id must not be empty")
+    if len(text) >= FULL_ID_LENGTH:
+        return text
+    matches = [
+        job.id
+        for job in itertools.islice(
+            client.list_jobs(id_prefix=text, page_size=_CANDIDATES + 1),
+            _CANDIDATES + 1,
+        )
+    ]
+    if text in matches:
+        return text
+    if not matches:
+        raise ValueError(
+            f"no job id starts with {text!r}: check it with 'kelpie jobs list'"
+        )
+    if len(matches) > 1:
+        shown = ", ".join(matches[:_CANDIDATES])
+        more = " ..." if len(matches) > _CANDIDATES else ""
+        raise ValueError(
+            f"{text!r} is the start of several job ids ({shown}{more}): "
+            "give more characters"
+        )
+    return matches[0]
 
 
 def print_json(console: Console, data: Any) -> None:
