@@ -5,9 +5,12 @@ Tests for ``Client.wait(on_update=..., progress=True)`` and its display.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from IPython.core.displaypub import CapturingDisplayPublisher
+from IPython.core.interactiveshell import InteractiveShell
 
 from kelpie_sdk import Client
 from kelpie_sdk._wait_display import (
@@ -168,3 +171,47 @@ def test_job_repr_html_is_escaped() -> None:
     assert "&lt;script&gt;" in html
     assert "<code>j&lt;1&gt;</code>" in html
     assert '<progress value="0.2500" max="1"></progress> 25%' in html
+
+
+@pytest.fixture
+def notebook(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[CapturingDisplayPublisher]:
+    """An IPython shell that looks like a Jupyter kernel and keeps what it displays."""
+    from traitlets.config import Config
+
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path))
+    config = Config()
+    config.HistoryManager.enabled = False
+    shell = InteractiveShell.instance(config=config)
+    publisher = CapturingDisplayPublisher()
+    shell.display_pub = publisher
+    shell.kernel = object()  # what a Jupyter kernel's shell has
+    try:
+        yield publisher
+    finally:
+        InteractiveShell.clear_instance()
+
+
+def test_progress_in_a_notebook_updates_one_html_display(
+    fault_server: FaultServer,
+    notebook: CapturingDisplayPublisher,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """In Jupyter, progress=True shows HTML once and then updates it in place."""
+    fault_server.play(
+        Reply(body=job_json("a", "running", attempt=1, progress={"percent": 30})),
+        Reply(body=job_json("a", "completed", attempt=1, progress={"percent": 100})),
+    )
+    make(fault_server).wait("a", progress=True)
+    outputs = notebook.outputs
+    assert 3 == len(outputs)
+    ids = {o["transient"]["display_id"] for o in outputs}
+    assert 1 == len(ids)
+    assert [False, True, True] == [o["update"] for o in outputs]
+    assert (
+        '<progress value="0.3000" max="1"></progress> 0/1 finished'
+        in (outputs[1]["data"]["text/html"])
+    )
+    assert "<td>completed</td>" in outputs[2]["data"]["text/html"]
+    assert "" == capsys.readouterr().err  # no terminal line in a notebook
