@@ -114,13 +114,13 @@ class _PlainDisplay:
     A new line whenever the line changes (logs, pipes, CI).
     """
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO | None) -> None:
         self._stream = stream
         self._last: str | None = None
 
     def update(self, jobs: Sequence[Job]) -> None:
         line = summary_line(jobs)
-        if line != self._last:
+        if self._stream is not None and line != self._last:
             self._stream.write(line + "\n")
             self._stream.flush()
             self._last = line
@@ -196,6 +196,8 @@ def open_display(stream: TextIO | None = None) -> WaitDisplay:
     if stream is None:
         if _in_notebook():
             return _NotebookDisplay()
+        if sys.stderr is None:  # e.g. pythonw: nowhere to show it
+            return _PlainDisplay(None)
         stream = sys.stderr
     if stream.isatty():
         return _TerminalDisplay(stream)

@@ -215,3 +215,12 @@ def test_progress_in_a_notebook_updates_one_html_display(
     )
     assert "<td>completed</td>" in outputs[2]["data"]["text/html"]
     assert "" == capsys.readouterr().err  # no terminal line in a notebook
+
+
+def test_progress_without_stderr_shows_nothing(
+    fault_server: FaultServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no stderr at all (pythonw), progress=True still waits, silently."""
+    monkeypatch.setattr("sys.stderr", None)
+    fault_server.play(Reply(body=job_json("a", "completed")))
+    assert ["a"] == [j.id for j in make(fault_server).wait("a", progress=True)]
