@@ -50,16 +50,23 @@ class Paginator(Generic[T]):
     Args:
         fetch: Returns the items of page ``number`` of size ``page_size``.
         page_size: Items per page, at least 1.
+        keep: Items for which it is false are left out (pages still end by
+            the length of what was fetched).
     """
 
     def __init__(
-        self, fetch: Callable[[int, int], Sequence[T]], *, page_size: int
+        self,
+        fetch: Callable[[int, int], Sequence[T]],
+        *,
+        page_size: int,
+        keep: Callable[[T], bool] | None = None,
     ) -> None:
         if isinstance(page_size, bool) or not isinstance(page_size, int):
             raise TypeError(f"page_size must be an integer, got {page_size!r}")
         if page_size < 1:
             raise ValueError(f"page_size must be at least 1, got {page_size}")
         self._fetch = fetch
+        self._keep = keep
         self.page_size = page_size
 
     def pages(self) -> Iterator[Page[T]]:
@@ -68,10 +75,12 @@ class Paginator(Generic[T]):
         """
         number = 1
         while True:
-            items = tuple(self._fetch(number, self.page_size))
+            fetched = tuple(self._fetch(number, self.page_size))
+            keep = self._keep
+            items = fetched if keep is None else tuple(i for i in fetched if keep(i))
             if items:
                 yield Page(number, items)
-            if len(items) < self.page_size:
+            if len(fetched) < self.page_size:
                 return
             number += 1
 

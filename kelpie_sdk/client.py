@@ -422,6 +422,7 @@ class Client:
         container_group_id: str | None = None,
         page_size: int = 100,
         asc: bool = False,
+        id_prefix: str | None = None,
         timeout: Timeout | None = None,
         max_retries: int | None = None,
     ) -> Paginator[Job]:
@@ -436,6 +437,8 @@ class Client:
             container_group_id: Only jobs of this container group.
             page_size: Jobs per request.
             asc: Oldest first.
+            id_prefix: Only jobs whose id starts with this. A server without
+                this filter sends every job; they are then filtered here.
             timeout: Overrides the timeout for each page request.
             max_retries: Overrides the retries for each page request.
 
@@ -449,6 +452,8 @@ class Client:
             params["status"] = status.value
         if container_group_id is not None:
             params["container_group_id"] = container_group_id
+        if id_prefix:
+            params["id_prefix"] = id_prefix
 
         def fetch(page: int, size: int) -> Sequence[Job]:
             data = self._request(
@@ -460,7 +465,12 @@ class Client:
             )
             return JobList.from_json(data).jobs
 
-        return Paginator(fetch, page_size=page_size)
+        if not id_prefix:
+            return Paginator(fetch, page_size=page_size)
+        prefix = id_prefix
+        return Paginator(
+            fetch, page_size=page_size, keep=lambda job: job.id.startswith(prefix)
+        )
 
     def cancel(
         self,
@@ -490,6 +500,8 @@ class Client:
         *,
         timeout: float | None = None,
         poll_interval: float = 2.0,
+        on_update: Callable[[list[Job]], object] | None = None,
+        progress: bool = False,
     ) -> list[Job]:
         """
         Wait until every job is completed, canceled or failed.
@@ -499,6 +511,12 @@ class Client:
             timeout: Overall seconds to wait; ``None`` waits as long as it takes.
                 Each request still has its own timeout.
             poll_interval: Seconds between polls.
+            on_update: Called with the latest state of every job (in the order
+                given) after the first poll and whenever a job changed since
+                the last call; an exception it raises ends the wait.
+            progress: Show a progress bar while waiting: HTML updated in place
+                in a Jupyter notebook, a line rewritten in place on stderr in a
+                terminal, else a plain line on stderr whenever it changes.
 
         Returns:
             The finished jobs, in the order given.
@@ -515,27 +533,44 @@ class Client:
             jobs = [jobs]
         ids = [job.id if isinstance(job, Job) else job for job in jobs]
         deadline = None if timeout is None else time.monotonic() + timeout
-        done: dict[str, Job] = {}
-        while True:
-            for job_id in ids:
-                if job_id not in done:
-                    job = self.get_job(job_id)
-                    if job.finished:
-                        done[job_id] = job
-            pending = [i for i in ids if i not in done]
-            if not pending:
-                return [done[i] for i in ids]
-            delay = poll_interval
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise WaitTimeoutError(
-                        f"{len(pending)} of {len(ids)} job(s) still unfinished after "
-                        f"{timeout:g} s: {', '.join(pending[:5])}"
-                        + (" ..." if len(pending) > 5 else "")
-                    )
-                delay = min(delay, remaining)
-            self._sleep(delay)
+        display = None
+        if progress:
+            from kelpie_sdk._wait_display import open_display
+
+            display = open_display()
+        latest: dict[str, Job] = {}
+        shown: list[Job] | None = None
+        try:
+            while True:
+                for job_id in ids:
+                    known = latest.get(job_id)
+                    if known is None or not known.finished:
+                        latest[job_id] = self.get_job(job_id)
+                # The same id given twice is fetched once.
+                current = [latest[i] for i in ids]
+                if current != shown:
+                    shown = current
+                    if display is not None:
+                        display.update(current)
+                    if on_update is not None:
+                        on_update(list(current))
+                pending = [j.id for j in current if not j.finished]
+                if not pending:
+                    return current
+                delay = poll_interval
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise WaitTimeoutError(
+                            f"{len(pending)} of {len(ids)} job(s) still unfinished "
+                            f"after {timeout:g} s: {', '.join(pending[:5])}"
+                            + (" ..." if len(pending) > 5 else "")
+                        )
+                    delay = min(delay, remaining)
+                self._sleep(delay)
+        finally:
+            if display is not None:
+                display.close()
 
     def purge_container_group(
         self,

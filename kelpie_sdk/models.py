@@ -41,8 +41,10 @@ __all__ = [
     "SyncSpec",
     "User",
     "WorkerReport",
+    "format_progress",
     "format_timestamp",
     "parse_timestamp",
+    "progress_fraction",
 ]
 
 JSONValue: TypeAlias = (
@@ -127,6 +129,74 @@ def parse_timestamp(value: str) -> dt.datetime:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.UTC)
     return parsed.astimezone(dt.UTC)
+
+
+# -- progress records ----------------------------------------------------------
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _fmt(number: float) -> str:
+    return f"{number:g}" if number != int(number) else str(int(number))
+
+
+def progress_fraction(progress: Mapping[str, Any] | None) -> float | None:
+    """
+    How far a job's progress record says it is, from 0 to 1, or ``None``.
+
+    Understands ``percent`` (0-100), ``fraction`` (0-1), or ``step`` with
+    ``total``/``total_steps``; the result is clamped to 0..1.
+    """
+    if not progress:
+        return None
+    percent = _number(progress.get("percent"))
+    if percent is not None:
+        return min(max(percent / 100, 0.0), 1.0)
+    fraction = _number(progress.get("fraction"))
+    if fraction is None:
+        step = _number(progress.get("step"))
+        total = _number(progress.get("total", progress.get("total_steps")))
+        if step is None or not total:
+            return None
+        fraction = step / total
+    return min(max(fraction, 0.0), 1.0)
+
+
+def format_progress(progress: Mapping[str, Any] | None) -> str:
+    """
+    A short text for a job's progress record, e.g. ``42% step 420/1000``.
+
+    Understands ``percent`` (0-100) or ``fraction`` (0-1), ``step`` with
+    ``total``/``total_steps``, and ``message``; shows up to three other keys
+    as ``key=value`` when none of those is present.
+    """
+    if not progress:
+        return ""
+    percent = _number(progress.get("percent"))
+    fraction = _number(progress.get("fraction"))
+    step = _number(progress.get("step"))
+    total = _number(progress.get("total", progress.get("total_steps")))
+    if percent is None and fraction is not None:
+        percent = fraction * 100
+    if percent is None and step is not None and total:
+        percent = step / total * 100
+    parts: list[str] = []
+    if percent is not None:
+        parts.append(f"{percent:.0f}%")
+    if step is not None:
+        parts.append(
+            f"step {_fmt(step)}/{_fmt(total)}" if total else f"step {_fmt(step)}"
+        )
+    message = progress.get("message")
+    if isinstance(message, str) and message:
+        parts.append(message)
+    if not parts:
+        parts = [f"{k}={v}" for k, v in list(progress.items())[:3]]
+    return " ".join(parts)
 
 
 # -- from_json helpers -------------------------------------------------------
@@ -459,7 +529,7 @@ class JobSubmission:
             raise ResponseValidationError(f"{name}: {exc}") from exc
 
 
-@attrs.frozen(kw_only=True)
+@attrs.frozen(kw_only=True, repr=False)
 class Job:
     """
     A job as the API returns it.
@@ -599,6 +669,50 @@ class Job:
         Whether the job is completed, canceled or failed.
         """
         return self.status.finished
+
+    def __repr__(self) -> str:
+        parts = [f"id={self.id!r}", f"status={self.status.value!r}"]
+        if self.attempt is not None:
+            parts.append(f"attempt={self.attempt}")
+        progress = format_progress(self.progress)
+        if progress:
+            parts.append(f"progress={progress!r}")
+        parts.append(f"container_group_id={self.container_group_id!r}")
+        return f"Job({', '.join(parts)})"
+
+    def _repr_html_(self) -> str:
+        """
+        A small HTML card for notebooks: id, status, attempt, progress, group.
+        """
+        from html import escape
+
+        rows = [
+            ("status", escape(self.status.value)),
+            ("container group", escape(self.container_group_id)),
+            ("command", escape(" ".join([self.command, *self.arguments]))),
+        ]
+        if self.attempt is not None:
+            rows.append(("attempt", str(self.attempt)))
+        rows.append(("failures", f"{self.num_failures}/{self.max_failures}"))
+        if self.progress:
+            fraction = progress_fraction(self.progress)
+            bar = (
+                ""
+                if fraction is None
+                else f'<progress value="{fraction:.4f}" max="1"></progress> '
+            )
+            rows.append(("progress", bar + escape(format_progress(self.progress))))
+        if self.last_error:
+            rows.append(("last error", escape(self.last_error)))
+        body = "".join(
+            f'<tr><th style="text-align:left">{k}</th>'
+            f'<td style="text-align:left">{v}</td></tr>'
+            for k, v in rows
+        )
+        return (
+            f'<div class="kelpie-job"><b>Job</b> <code>{escape(self.id)}</code>'
+            f"<table>{body}</table></div>"
+        )
 
 
 @attrs.frozen(kw_only=True)

@@ -442,7 +442,7 @@ def test_jobs_get_unknown(kelpie: Run, capsys: pytest.CaptureFixture[str]) -> No
 
 def test_debug_shows_traceback(kelpie: Run, capsys: pytest.CaptureFixture[str]) -> None:
     """--debug adds the traceback before the Error line."""
-    assert 1 == kelpie("--debug", "jobs", "get", "missing")
+    assert 1 == kelpie("--debug", "jobs", "get", str(uuid.uuid4()))
     err = capsys.readouterr().err
     assert "Traceback" in err
     assert "Error: 404" in err

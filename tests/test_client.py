@@ -458,3 +458,20 @@ def test_submit_jobs_names_the_bad_job_across_batches(
         make(fault_server).submit_jobs(jobs)
     assert 1002 == info.value.index
     assert "400 POST /jobs/batch: job at index 1002: invalid job: x" == str(info.value)
+
+
+def test_list_jobs_id_prefix_filters_what_an_older_server_sends(
+    fault_server: FaultServer,
+) -> None:
+    """A server that ignores id_prefix sends every job; only matches come out."""
+    fault_server.play(
+        Reply(
+            body={
+                "_count": 3,
+                "jobs": [job_json("ab1"), job_json("cd2"), job_json("ab3")],
+            }
+        )
+    )
+    jobs = list(make(fault_server).list_jobs(id_prefix="ab", page_size=5))
+    assert ["ab1", "ab3"] == [j.id for j in jobs]
+    assert ["ab"] == fault_server.requests[0].query["id_prefix"]

@@ -199,6 +199,16 @@ def test_list_jobs_filters_and_order(client: Client, container_group_id: str) ->
     assert {ids[0], ids[2]} == {j.id for j in pending}
 
 
+def test_list_jobs_by_id_prefix(client: Client, container_group_id: str) -> None:
+    """id_prefix finds a job by the start of its id."""
+    queued = client.submit_jobs(
+        [{"command": "x", "container_group_id": container_group_id, "sync": {}}] * 3
+    )
+    for job in queued:
+        found = [j.id for j in client.list_jobs(id_prefix=job.id[:12])]
+        assert [job.id] == found
+
+
 def test_list_jobs_rejects_unknown_status(client: Client) -> None:
     """An unknown status is refused before any request."""
     with pytest.raises(ValueError):

@@ -84,3 +84,11 @@ def test_rejects_non_integer_page_size() -> None:
 def test_repr_names_the_page_size() -> None:
     """The repr shows the page size."""
     assert "<Paginator page_size=7>" == repr(Paginator(FakePages([]), page_size=7))
+
+
+def test_keep_filters_items_but_not_the_walk() -> None:
+    """`keep` drops items; a page emptied by it does not end the walk early."""
+    fake = FakePages(range(10))
+    kept = list(Paginator(fake, page_size=3, keep=lambda i: i in (1, 8)))
+    assert [1, 8] == kept
+    assert [(1, 3), (2, 3), (3, 3), (4, 3)] == fake.calls

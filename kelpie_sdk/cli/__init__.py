@@ -23,7 +23,7 @@ from typing import NoReturn
 
 from rich.console import Console
 
-from kelpie_sdk.cli import _chaos, _db, _jobs, _server, _up, _worker
+from kelpie_sdk.cli import _admin, _chaos, _db, _jobs, _server, _up, _worker
 from kelpie_sdk.cli._common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -42,6 +42,7 @@ _REGISTRARS: list[
     Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]
 ] = [
     _jobs.register,
+    _admin.register,
     _server.register,
     _db.register,
     _worker.register,
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run long jobs to completion on interruptible machines.",
     )
     add_api_options(parser, suppress_defaults=False)
+    parser.add_argument("--version", action="version", version=f"kelpie {_version()}")
     parser.add_argument(
         "--debug", action="store_true", help="show tracebacks for errors"
     )
@@ -74,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     for register in _REGISTRARS:
         register(subparsers)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kelpie-sdk")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
 
 
 _LOG_HANDLER = "kelpie-cli"

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias
 
 import attrs
@@ -17,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kelpie_sdk.client import Client
-from kelpie_sdk.models import Job
+from kelpie_sdk.models import Job, format_progress
 
 __all__ = [
     "EXIT_ERROR",
@@ -32,6 +33,7 @@ __all__ = [
     "format_time",
     "jobs_table",
     "print_json",
+    "resolve_job_id",
 ]
 
 EXIT_OK = 0
@@ -110,6 +112,49 @@ def add_api_options(
     )
 
 
+#: The length of a full job id (a UUID): such an id is used as it is.
+FULL_ID_LENGTH = 36
+#: How many candidates an ambiguous prefix error lists.
+_CANDIDATES = 10
+
+
+def resolve_job_id(client: Client, text: str) -> str:
+    """
+    The one job of the caller whose id starts with ``text`` (a full id is
+    taken as it is, without a request).
+
+    Raises:
+        ValueError: No job id starts with ``text``, or several do (the error
+            lists them).
+    """
+    text = text.strip()
+    if not text:
+        raise ValueError("a job id must not be empty")
+    if len(text) >= FULL_ID_LENGTH:
+        return text
+    matches = [
+        job.id
+        for job in itertools.islice(
+            client.list_jobs(id_prefix=text, page_size=_CANDIDATES + 1),
+            _CANDIDATES + 1,
+        )
+    ]
+    if text in matches:
+        return text
+    if not matches:
+        raise ValueError(
+            f"no job id starts with {text!r}: check it with 'kelpie jobs list'"
+        )
+    if len(matches) > 1:
+        shown = ", ".join(matches[:_CANDIDATES])
+        more = " ..." if len(matches) > _CANDIDATES else ""
+        raise ValueError(
+            f"{text!r} is the start of several job ids ({shown}{more}): "
+            "give more characters"
+        )
+    return matches[0]
+
+
 def print_json(console: Console, data: Any) -> None:
     """
     Print stable JSON (indented, keys in wire order) and nothing else.
@@ -125,49 +170,6 @@ def format_time(value: dt.datetime | None, *, seconds: bool = True) -> str:
         return ""
     pattern = "%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M"
     return value.astimezone(dt.UTC).strftime(pattern)
-
-
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
-
-
-def _fmt(number: float) -> str:
-    return f"{number:g}" if number != int(number) else str(int(number))
-
-
-def format_progress(progress: Mapping[str, Any] | None) -> str:
-    """
-    A short text for a job's progress record, e.g. ``42% step 420/1000``.
-
-    Understands ``percent`` (0-100) or ``fraction`` (0-1), ``step`` with
-    ``total``/``total_steps``, and ``message``; shows up to three other keys
-    as ``key=value`` when none of those is present.
-    """
-    if not progress:
-        return ""
-    percent = _number(progress.get("percent"))
-    fraction = _number(progress.get("fraction"))
-    step = _number(progress.get("step"))
-    total = _number(progress.get("total", progress.get("total_steps")))
-    if percent is None and fraction is not None:
-        percent = fraction * 100
-    if percent is None and step is not None and total:
-        percent = step / total * 100
-    parts: list[str] = []
-    if percent is not None:
-        parts.append(f"{percent:.0f}%")
-    if step is not None:
-        parts.append(
-            f"step {_fmt(step)}/{_fmt(total)}" if total else f"step {_fmt(step)}"
-        )
-    message = progress.get("message")
-    if isinstance(message, str) and message:
-        parts.append(message)
-    if not parts:
-        parts = [f"{k}={v}" for k, v in list(progress.items())[:3]]
-    return " ".join(parts)
 
 
 _STATUS_STYLES = {

@@ -1,5 +1,7 @@
 """
-``kelpie submit`` and ``kelpie jobs list|get|cancel|wait``.
+``kelpie submit`` and ``kelpie jobs list|get|cancel|wait|purge``.
+
+Job ids may be given by any unique prefix (``kelpie jobs get 3f2a``).
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ import argparse
 import itertools
 import json
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,10 +28,15 @@ from kelpie_sdk.cli._common import (
     format_time,
     jobs_table,
     print_json,
+    resolve_job_id,
 )
+from kelpie_sdk.cli._live import JobsView
 from kelpie_sdk.models import LEGACY_STORAGE_FIELDS, Job, JobStatus, JobSubmission
 
 __all__ = ["register"]
+
+#: Waits between polls of ``list --watch`` (tests replace it).
+_sleep = time.sleep
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -60,22 +68,52 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="jobs per request (default: 100)",
     )
     listing.add_argument("--asc", action="store_true", help="oldest first")
+    listing.add_argument(
+        "--watch",
+        action="store_true",
+        help="redraw a live table until Ctrl-C (plain lines on change when "
+        "not a terminal)",
+    )
+    listing.add_argument(
+        "--interval",
+        type=_positive_float,
+        default=2.0,
+        metavar="SECONDS",
+        help="with --watch: seconds between polls (default: 2)",
+    )
     listing.set_defaults(handler=_list)
 
     get = _leaf(actions, "get", "show one job")
-    get.add_argument("job_id", metavar="JOB_ID")
+    get.add_argument("job_id", metavar="JOB_ID", help="a job id or a unique prefix")
     get.set_defaults(handler=_get)
 
     cancel = _leaf(actions, "cancel", "cancel jobs")
-    cancel.add_argument("job_ids", metavar="JOB_ID", nargs="+")
+    cancel.add_argument(
+        "job_ids", metavar="JOB_ID", nargs="+", help="job ids or unique prefixes"
+    )
     cancel.set_defaults(handler=_cancel)
+
+    purge = _leaf(
+        actions,
+        "purge",
+        "delete the pending jobs of a container group and cancel its running ones",
+    )
+    purge.add_argument(
+        "--container-group-id", metavar="ID", required=True, help="the group"
+    )
+    purge.add_argument(
+        "--yes", action="store_true", help="do it (without it, nothing is purged)"
+    )
+    purge.set_defaults(handler=_purge)
 
     wait = _leaf(
         actions,
         "wait",
         "wait until jobs finish; exit 1 if any did not complete",
     )
-    wait.add_argument("job_ids", metavar="JOB_ID", nargs="+")
+    wait.add_argument(
+        "job_ids", metavar="JOB_ID", nargs="+", help="job ids or unique prefixes"
+    )
     wait.add_argument(
         "--timeout",
         type=float,
@@ -110,6 +148,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
 
 
@@ -340,14 +385,11 @@ def _show_submitted(ctx: Context, jobs: list[Job], *, as_list: bool) -> int:
 
 
 def _list(args: argparse.Namespace, ctx: Context) -> int:
-    page_size = min(args.page_size, args.limit) if args.limit else args.page_size
-    paginator = ctx.client().list_jobs(
-        status=args.status,
-        container_group_id=args.container_group_id,
-        page_size=page_size,
-        asc=args.asc,
-    )
-    jobs = list(itertools.islice(paginator, args.limit or None))
+    if args.watch:
+        if args.json:
+            raise UsageError("--watch draws a live table: leave out --json")
+        return _watch(args, ctx)
+    jobs = _fetch_list(args, ctx)
     if args.json:
         print_json(ctx.console, [j.to_json() for j in jobs])
     elif jobs:
@@ -355,6 +397,28 @@ def _list(args: argparse.Namespace, ctx: Context) -> int:
     else:
         ctx.console.print("No jobs.")
     return EXIT_OK
+
+
+def _fetch_list(args: argparse.Namespace, ctx: Context) -> list[Job]:
+    page_size = min(args.page_size, args.limit) if args.limit else args.page_size
+    paginator = ctx.client().list_jobs(
+        status=args.status,
+        container_group_id=args.container_group_id,
+        page_size=page_size,
+        asc=args.asc,
+    )
+    return list(itertools.islice(paginator, args.limit or None))
+
+
+def _watch(args: argparse.Namespace, ctx: Context) -> int:
+    # Ctrl-C is how a watch ends, so it is not an interruption (exit 0).
+    try:
+        with JobsView(ctx.console) as view:
+            while True:
+                view.update(_fetch_list(args, ctx))
+                _sleep(args.interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 def _job_details(job: Job) -> Table:
@@ -402,7 +466,8 @@ def _job_details(job: Job) -> Table:
 
 
 def _get(args: argparse.Namespace, ctx: Context) -> int:
-    job = ctx.client().get_job(args.job_id)
+    client = ctx.client()
+    job = client.get_job(resolve_job_id(client, args.job_id))
     if args.json:
         print_json(ctx.console, job.to_json())
     else:
@@ -413,7 +478,8 @@ def _get(args: argparse.Namespace, ctx: Context) -> int:
 def _cancel(args: argparse.Namespace, ctx: Context) -> int:
     client = ctx.client()
     canceled: list[str] = []
-    for job_id in args.job_ids:
+    for given in args.job_ids:
+        job_id = resolve_job_id(client, given)
         client.cancel(job_id)
         canceled.append(job_id)
         if not args.json:
@@ -424,13 +490,22 @@ def _cancel(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def _wait(args: argparse.Namespace, ctx: Context) -> int:
-    jobs = ctx.client().wait(
-        args.job_ids, timeout=args.timeout, poll_interval=args.poll_interval
-    )
+    client = ctx.client()
+    ids = [resolve_job_id(client, given) for given in args.job_ids]
     if args.json:
+        jobs = client.wait(ids, timeout=args.timeout, poll_interval=args.poll_interval)
         print_json(ctx.console, [j.to_json() for j in jobs])
     else:
-        ctx.console.print(jobs_table(jobs, width=ctx.console.width))
+        with JobsView(ctx.console) as view:
+            jobs = client.wait(
+                ids,
+                timeout=args.timeout,
+                poll_interval=args.poll_interval,
+                on_update=view.update,
+            )
+        if not view.redraws:
+            # The lines printed on each change end with the final table.
+            ctx.console.print(jobs_table(jobs, width=ctx.console.width))
     unsuccessful = [j for j in jobs if j.status is not JobStatus.COMPLETED]
     if unsuccessful:
         detail = ", ".join(f"{j.id} ({j.status.value})" for j in unsuccessful[:5])
@@ -440,4 +515,19 @@ def _wait(args: argparse.Namespace, ctx: Context) -> int:
             file=sys.stderr,
         )
         return EXIT_ERROR
+    return EXIT_OK
+
+
+def _purge(args: argparse.Namespace, ctx: Context) -> int:
+    group = args.container_group_id
+    if not args.yes:
+        raise UsageError(
+            f"purging deletes every pending job of container group {group} and "
+            "cancels its running ones: add --yes to do it"
+        )
+    count = ctx.client().purge_container_group(group)
+    if args.json:
+        print_json(ctx.console, {"container_group_id": group, "count": count})
+    else:
+        ctx.console.print(Text(f"Purged {count} job(s) of container group {group}"))
     return EXIT_OK

@@ -65,6 +65,8 @@ logger = logging.getLogger(__name__)
 
 #: The largest ``page_size`` that ``GET /jobs`` accepts.
 MAX_PAGE_SIZE = 1000
+#: The longest job id (the ``id`` column's width).
+MAX_ID_LENGTH = 36
 #: How long a looked-up API key is trusted without asking the database again.
 KEY_CACHE_SECONDS = 5.0
 
@@ -534,9 +536,13 @@ def list_jobs(
     page: FromQuery[int] = 1,
     page_size: FromQuery[int] = 100,
     asc: FromQuery[bool] = False,
+    id_prefix: FromQuery[str | None] = None,
 ) -> Response[dict[str, Any]]:
     """
     One page of the caller's jobs: ``{"_count": <jobs on this page>, "jobs": [...]}``.
+
+    ``id_prefix`` (this project's addition) keeps the jobs whose id starts
+    with it; the CLI uses it to accept a short job id.
     """
     if status is not None and status not in JobStatus._value2member_map_:
         raise HTTPProblem(
@@ -551,6 +557,12 @@ def list_jobs(
         raise HTTPProblem(
             400, "Bad Request", f"page_size must be between 1 and {MAX_PAGE_SIZE}"
         )
+    if id_prefix is not None and len(id_prefix) > MAX_ID_LENGTH:
+        raise HTTPProblem(
+            400,
+            "Bad Request",
+            f"id_prefix must be at most {MAX_ID_LENGTH} characters (a job id's length)",
+        )
     jobs = _state(request).store.list_jobs(
         principal,
         status=None if status is None else JobStatus(status),
@@ -558,6 +570,7 @@ def list_jobs(
         page=page,
         page_size=page_size,
         asc=asc,
+        id_prefix=id_prefix or None,
     )
     return _json({"_count": len(jobs), "jobs": [j.to_json() for j in jobs]})
 

@@ -712,9 +712,14 @@ class Store:
         page: int,
         page_size: int,
         asc: bool,
+        id_prefix: str | None = None,
     ) -> list[Job]:
         """
         One page of the caller's jobs (all jobs for the admin), oldest or newest first.
+
+        ``id_prefix`` keeps the jobs whose id starts with it (case-sensitive;
+        no wildcards), compared with ``substr`` so that SQLite's
+        case-insensitive ``LIKE`` cannot match ``ABC`` to ``abc``.
         """
         query = sa.select(*_JOB_COLUMNS)
         if not principal.is_admin:
@@ -723,6 +728,10 @@ class Store:
             query = query.where(JOBS.c.status == status.value)
         if container_group_id is not None:
             query = query.where(JOBS.c.container_group_id == container_group_id)
+        if id_prefix:
+            query = query.where(
+                sa.func.substr(JOBS.c.id, 1, len(id_prefix)) == id_prefix
+            )
         order = JOBS.c.seq.asc() if asc else JOBS.c.seq.desc()
         query = query.order_by(order).limit(page_size).offset((page - 1) * page_size)
         with self._read() as conn:

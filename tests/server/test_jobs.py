@@ -338,6 +338,40 @@ def test_list_filters_orders_and_pages(api: Any, container_group_id: str) -> Non
     assert 6 == api.get("/jobs").json()["_count"]
 
 
+def test_list_by_id_prefix(api: Any, container_group_id: str) -> None:
+    """id_prefix keeps the caller's jobs whose id starts with it, and no others."""
+    ids = [
+        j["id"]
+        for j in api.post("/jobs/batch", json=[sync_job(container_group_id)] * 3).json()
+    ]
+    for job_id in ids:
+        for length in (1, 8, 36):
+            page = api.get("/jobs", params={"id_prefix": job_id[:length]}).json()
+            found = [j["id"] for j in page["jobs"]]
+            assert job_id in found
+            assert all(f.startswith(job_id[:length]) for f in found)
+    assert [ids[1]] == [
+        j["id"] for j in api.get("/jobs", params={"id_prefix": ids[1]}).json()["jobs"]
+    ]
+    assert 0 == api.get("/jobs", params={"id_prefix": "zz"}).json()["_count"]
+    # LIKE wildcards are plain characters here.
+    assert 0 == api.get("/jobs", params={"id_prefix": "%"}).json()["_count"]
+    assert 0 == api.get("/jobs", params={"id_prefix": "_"}).json()["_count"]
+
+
+def test_list_by_id_prefix_is_scoped_to_the_user(
+    api: Any, admin_api: Any, api_server: Any, container_group_id: str
+) -> None:
+    """Another user's job is not found by its prefix."""
+    from ..conftest import Api
+
+    job = api.post("/jobs", json=sync_job(container_group_id)).json()
+    other_user = admin_api.post("/users", json={"username": "p-" + job["id"]}).json()
+    key = admin_api.post(f"/users/{other_user['id']}/token", json={}).json()["token"]
+    other = Api(api_server.url, key)
+    assert 0 == other.get("/jobs", params={"id_prefix": job["id"]}).json()["_count"]
+
+
 @pytest.mark.parametrize(
     "params",
     [
@@ -346,6 +380,7 @@ def test_list_filters_orders_and_pages(api: Any, container_group_id: str) -> Non
         {"page_size": 0},
         {"page_size": 1001},
         {"page": "x"},
+        {"id_prefix": "x" * 37},
     ],
     ids=str,
 )

@@ -1,0 +1,278 @@
+"""
+``kelpie users`` (who am I, users and API keys) and ``kelpie rules`` (scaling
+rules): what was curl-only before.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from rich import box
+from rich.table import Table
+from rich.text import Text
+
+from kelpie_sdk.cli._common import (
+    EXIT_OK,
+    Context,
+    UsageError,
+    add_api_options,
+    format_time,
+    print_json,
+)
+from kelpie_sdk.models import ScalingRule, User
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """
+    Add the ``users`` and ``rules`` groups.
+    """
+    _register_users(subparsers)
+    _register_rules(subparsers)
+
+
+def _leaf(
+    actions: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
+) -> argparse.ArgumentParser:
+    parser = actions.add_parser(
+        name, help=help, description=help[0].upper() + help[1:] + "."
+    )
+    add_api_options(parser, suppress_defaults=True)
+    parser.add_argument(
+        "--json", action="store_true", help="print JSON on stdout and nothing else"
+    )
+    return parser
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+# -- users ---------------------------------------------------------------------
+
+
+def _register_users(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    users = subparsers.add_parser(
+        "users",
+        help="who you are; users and API keys (admin)",
+        description="Users and API keys. Creating either needs the admin key.",
+    )
+    actions = users.add_subparsers(dest="users_command", metavar="ACTION")
+    actions.required = True
+
+    me = _leaf(actions, "me", "show the user of these credentials")
+    me.set_defaults(handler=_me)
+
+    create = _leaf(actions, "create", "create a user (admin)")
+    create.add_argument("username", metavar="USERNAME")
+    create.add_argument(
+        "--token",
+        action="store_true",
+        help="also issue an API key for the new user",
+    )
+    _token_options(create)
+    create.set_defaults(handler=_create_user)
+
+    token = _leaf(
+        actions,
+        "token",
+        "issue an API key for a user (admin); prints the key alone",
+    )
+    token.add_argument("user_id", metavar="USER_ID")
+    _token_options(token)
+    token.set_defaults(handler=_token)
+
+
+def _token_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--org-name", default="", metavar="NAME", help="the key's organization"
+    )
+    parser.add_argument(
+        "--project-name", default="", metavar="NAME", help="the key's project"
+    )
+
+
+def _user_table(user: User, token: str | None = None) -> Table:
+    table = Table(show_header=False, box=None)
+    table.add_column("Field", style="bold")
+    table.add_column("Value", overflow="fold")
+    table.add_row("id", Text(user.id))
+    table.add_row("username", Text(user.username))
+    table.add_row("created", Text(format_time(user.created)))
+    if token is not None:
+        table.add_row("api key", Text(token))
+    return table
+
+
+def _me(args: argparse.Namespace, ctx: Context) -> int:
+    user = ctx.client().me()
+    if args.json:
+        print_json(ctx.console, user.to_json())
+    else:
+        ctx.console.print(_user_table(user))
+    return EXIT_OK
+
+
+def _create_user(args: argparse.Namespace, ctx: Context) -> int:
+    client = ctx.client()
+    user = client.create_user(args.username)
+    token = None
+    if args.token:
+        token = client.create_token(
+            user.id, org_name=args.org_name, project_name=args.project_name
+        )
+    if args.json:
+        data = user.to_json()
+        if token is not None:
+            data["token"] = token
+        print_json(ctx.console, data)
+    else:
+        ctx.console.print(_user_table(user, token))
+    return EXIT_OK
+
+
+def _token(args: argparse.Namespace, ctx: Context) -> int:
+    token = ctx.client().create_token(
+        args.user_id, org_name=args.org_name, project_name=args.project_name
+    )
+    if args.json:
+        print_json(ctx.console, {"token": token})
+    else:
+        ctx.console.out(token, highlight=False)
+    return EXIT_OK
+
+
+# -- scaling rules -------------------------------------------------------------
+
+
+def _register_rules(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    rules = subparsers.add_parser(
+        "rules",
+        help="scaling rules of container groups",
+        description="Scaling rules: one per container group.",
+    )
+    actions = rules.add_subparsers(dest="rules_command", metavar="ACTION")
+    actions.required = True
+
+    listing = _leaf(actions, "list", "list your scaling rules")
+    listing.set_defaults(handler=_list_rules)
+
+    create = _leaf(actions, "create", "create the scaling rule of a container group")
+    create.add_argument("container_group_id", metavar="CONTAINER_GROUP_ID")
+    create.add_argument(
+        "--min-replicas", type=_non_negative_int, required=True, metavar="N"
+    )
+    create.add_argument(
+        "--max-replicas", type=_non_negative_int, required=True, metavar="N"
+    )
+    create.add_argument(
+        "--idle-threshold-seconds",
+        type=_non_negative_int,
+        required=True,
+        metavar="SECONDS",
+    )
+    create.add_argument("--container-group-name", metavar="NAME")
+    create.set_defaults(handler=_create_rule)
+
+    get = _leaf(actions, "get", "show the scaling rule of a container group")
+    get.add_argument("container_group_id", metavar="CONTAINER_GROUP_ID")
+    get.set_defaults(handler=_get_rule)
+
+    update = _leaf(actions, "update", "change limits of a scaling rule")
+    update.add_argument("container_group_id", metavar="CONTAINER_GROUP_ID")
+    update.add_argument("--min-replicas", type=_non_negative_int, metavar="N")
+    update.add_argument("--max-replicas", type=_non_negative_int, metavar="N")
+    update.add_argument(
+        "--idle-threshold-seconds", type=_non_negative_int, metavar="SECONDS"
+    )
+    update.set_defaults(handler=_update_rule)
+
+    delete = _leaf(actions, "delete", "delete the scaling rule of a container group")
+    delete.add_argument("container_group_id", metavar="CONTAINER_GROUP_ID")
+    delete.set_defaults(handler=_delete_rule)
+
+
+def _rules_table(rules: Sequence[ScalingRule], width: int) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
+    table.add_column("Container group", no_wrap=width >= 100, overflow="fold")
+    table.add_column("Min", justify="right", no_wrap=True)
+    table.add_column("Max", justify="right", no_wrap=True)
+    table.add_column("Idle (s)", justify="right", no_wrap=True)
+    table.add_column("Updated", no_wrap=True)
+    for rule in rules:
+        table.add_row(
+            Text(rule.container_group_id),
+            str(rule.min_replicas),
+            str(rule.max_replicas),
+            str(rule.idle_threshold_seconds),
+            format_time(rule.updated, seconds=False),
+        )
+    return table
+
+
+def _show_rules(ctx: Context, rules: Sequence[ScalingRule], *, one: bool) -> int:
+    if ctx.args.json:
+        print_json(
+            ctx.console, rules[0].to_json() if one else [r.to_json() for r in rules]
+        )
+    elif rules:
+        ctx.console.print(_rules_table(rules, ctx.console.width))
+    else:
+        ctx.console.print("No scaling rules.")
+    return EXIT_OK
+
+
+def _list_rules(args: argparse.Namespace, ctx: Context) -> int:
+    return _show_rules(ctx, ctx.client().list_scaling_rules(), one=False)
+
+
+def _create_rule(args: argparse.Namespace, ctx: Context) -> int:
+    rule = ctx.client().create_scaling_rule(
+        container_group_id=args.container_group_id,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        idle_threshold_seconds=args.idle_threshold_seconds,
+        container_group_name=args.container_group_name,
+    )
+    return _show_rules(ctx, [rule], one=True)
+
+
+def _get_rule(args: argparse.Namespace, ctx: Context) -> int:
+    rule = ctx.client().get_scaling_rule(args.container_group_id)
+    return _show_rules(ctx, [rule], one=True)
+
+
+def _update_rule(args: argparse.Namespace, ctx: Context) -> int:
+    limits = (args.min_replicas, args.max_replicas, args.idle_threshold_seconds)
+    if all(v is None for v in limits):
+        raise UsageError(
+            "nothing to change: give --min-replicas, --max-replicas or "
+            "--idle-threshold-seconds"
+        )
+    rule = ctx.client().update_scaling_rule(
+        args.container_group_id,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        idle_threshold_seconds=args.idle_threshold_seconds,
+    )
+    return _show_rules(ctx, [rule], one=True)
+
+
+def _delete_rule(args: argparse.Namespace, ctx: Context) -> int:
+    ctx.client().delete_scaling_rule(args.container_group_id)
+    if args.json:
+        print_json(ctx.console, {"deleted": args.container_group_id})
+    else:
+        ctx.console.print(
+            Text(f"Deleted the scaling rule of {args.container_group_id}")
+        )
+    return EXIT_OK
