@@ -54,6 +54,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="log each request with its status and duration (default: off)",
     )
+    parser.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help=(
+            "serve GET /metrics without a key; it names every user and container "
+            "group (default: the admin's key is required)"
+        ),
+    )
     parser.set_defaults(handler=_serve)
 
 
@@ -72,5 +80,6 @@ def _serve(args: argparse.Namespace, ctx: Context) -> int:
         database_url=database,
         log_level=args.log_level,
         access_log=args.access_log,
+        metrics_public=args.metrics_public,
     )
     return EXIT_OK

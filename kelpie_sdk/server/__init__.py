@@ -80,6 +80,7 @@ def serve(
     admin_key: str | None = None,
     log_level: str = "info",
     access_log: bool = False,
+    metrics_public: bool = False,
 ) -> None:
     """
     Run the server in the foreground until interrupted.
@@ -93,6 +94,8 @@ def serve(
             is generated at first start and printed once.
         log_level: The level of uvicorn's and the server's log messages.
         access_log: Log each request with its status and duration.
+        metrics_public: Serve ``GET /metrics`` without a key (default: only
+            with the admin's key).
     """
     import uvicorn
 
@@ -103,7 +106,7 @@ def serve(
             f"Generated the admin API key (shown only once): {generated}",
             file=sys.stderr,
         )
-    app: Any = create_app(store)
+    app: Any = create_app(store, metrics_public=metrics_public)
     if access_log:
         app = AccessLog(app)
     uvicorn.run(
