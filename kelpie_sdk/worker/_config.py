@@ -28,6 +28,8 @@ Setting                        Environment variable             Default
 ``slots``                      ``KELPIE_SLOTS``                 1
 ``slot_gpus``                  ``KELPIE_SLOT_GPUS``             none
 ``log_level``                  ``KELPIE_LOG_LEVEL``             ``info``
+``metrics_port``               ``KELPIE_METRICS_PORT``          none (off)
+``metrics_host``               ``KELPIE_METRICS_HOST``          ``127.0.0.1``
 =============================  ===============================  ==================
 """
 
@@ -186,6 +188,9 @@ class WorkerConfig:
     slot_gpus: tuple[str, ...] | None = None
     log_level: str = "info"
     work_root: Path | None = None
+    #: Serve Prometheus metrics on this port (0: any free port); None: off.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     def __attrs_post_init__(self) -> None:
         if not self.container_group_id:
@@ -201,6 +206,11 @@ class WorkerConfig:
             )
         if self.slots < 1:
             raise ConfigError(f"--slots must be at least 1, got {self.slots}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(
+                "--metrics-port (KELPIE_METRICS_PORT) must be between 0 and 65535, "
+                f"got {self.metrics_port}"
+            )
         try:
             check_storage_url(self.storage_url)
         except ConfigError as exc:
@@ -253,6 +263,12 @@ class WorkerConfig:
             "slots": _int_env(env, "KELPIE_SLOTS", 1, 1),
             "slot_gpus": parse_slot_gpus(env.get("KELPIE_SLOT_GPUS")),
             "log_level": env.get("KELPIE_LOG_LEVEL") or "info",
+            "metrics_port": (
+                _int_env(env, "KELPIE_METRICS_PORT", 0, 0)
+                if env.get("KELPIE_METRICS_PORT", "").strip()
+                else None
+            ),
+            "metrics_host": env.get("KELPIE_METRICS_HOST") or "127.0.0.1",
         }
         for key, value in overrides.items():
             if key not in attrs.fields_dict(cls):

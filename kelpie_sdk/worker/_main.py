@@ -46,6 +46,8 @@ _FIELDS = {
     "slots": "slots",
     "slot_gpus": "slot_gpus",
     "log_level": "log_level",
+    "metrics_port": "metrics_port",
+    "metrics_host": "metrics_host",
 }
 
 
@@ -118,6 +120,18 @@ def add_arguments(parser: argparse.ArgumentParser, *, api_options: bool = True) 
         "(KELPIE_SLOT_GPUS)",
     )
     a("--log-level", help="debug, info, warning, error (KELPIE_LOG_LEVEL, info)")
+    a(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port; 0 = any free port "
+        "(KELPIE_METRICS_PORT; default: off)",
+    )
+    a(
+        "--metrics-host",
+        metavar="ADDRESS",
+        help="address the metrics port binds (KELPIE_METRICS_HOST, 127.0.0.1)",
+    )
 
 
 def build_parser(prog: str = "kelpie worker") -> argparse.ArgumentParser:
