@@ -5,6 +5,8 @@ Counters and histograms live in memory, per server process: with several
 processes behind one database, each counts what it handled and a scraper sums
 them. The number of jobs by status is read from the database at scrape time,
 so every process reports the same totals.
+
+Webhooks are not delivered yet; their deliveries belong here once they are.
 """
 
 from __future__ import annotations
