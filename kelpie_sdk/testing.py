@@ -49,6 +49,7 @@ def run_server(
     database_url: str | None = None,
     admin_key: str | None = None,
     clock: Callable[[], float] = time.time,
+    metrics_public: bool = False,
 ) -> Iterator[ServerHandle]:
     """
     Run the API server on 127.0.0.1 on a free port until the block ends.
@@ -60,6 +61,7 @@ def run_server(
         admin_key: The admin key; default: a random one.
         clock: The server's clock (seconds since the epoch); tests pass a fake
             clock to expire leases without sleeping.
+        metrics_public: Serve ``GET /metrics`` without a key.
     """
     import uvicorn
 
@@ -75,7 +77,7 @@ def run_server(
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         config = uvicorn.Config(
-            create_app(store),
+            create_app(store, metrics_public=metrics_public),
             log_level="warning",
             access_log=False,
             lifespan="off",

@@ -65,6 +65,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="log each request with its status and duration (default: off)",
     )
     add_autoscale_arguments(parser)
+    parser.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help=(
+            "serve GET /metrics without a key; it names every user and container "
+            "group (default: the admin's key is required)"
+        ),
+    )
     parser.set_defaults(handler=_serve)
 
 
@@ -87,6 +95,7 @@ def _serve(args: argparse.Namespace, ctx: Context) -> int:
         access_log=args.access_log,
         autoscale=autoscale,
         migrate=args.migrate,
+        metrics_public=args.metrics_public,
     )
     return EXIT_OK
 

@@ -117,6 +117,7 @@ def serve(
     access_log: bool = False,
     autoscale: AutoscaleSettings | None = None,
     migrate: bool = True,
+    metrics_public: bool = False,
 ) -> None:
     """
     Run the server in the foreground until interrupted.
@@ -134,6 +135,8 @@ def serve(
             leadership among the servers sharing the database); ``None``: off.
         migrate: Apply pending migrations at start; if false, refuse to start
             unless the schema is current (``kelpie db upgrade`` applies them).
+        metrics_public: Serve ``GET /metrics`` without a key (default: only
+            with the admin's key).
     """
     import uvicorn
 
@@ -144,7 +147,7 @@ def serve(
             f"Generated the admin API key (shown only once): {generated}",
             file=sys.stderr,
         )
-    app: Any = create_app(store)
+    app: Any = create_app(store, metrics_public=metrics_public)
     if access_log:
         app = AccessLog(app)
     log_config = _log_config(log_level)

@@ -52,6 +52,7 @@ from kelpie_sdk.models import (
     User,
     WorkerReport,
 )
+from kelpie_sdk.server._metrics import METRICS_PATH, MetricsMiddleware, ServerMetrics
 from kelpie_sdk.server._store import (
     DatabaseUnavailable,
     Principal,
@@ -401,6 +402,9 @@ def _running_in(loop: asyncio.AbstractEventLoop) -> bool:
 @attrs.define
 class _State:
     store: Store
+    metrics: ServerMetrics
+    #: Serve /metrics without a key.
+    metrics_public: bool = False
     waker: _Waker = attrs.field(factory=_Waker)
     #: Wakes ``GET /jobs/{id}/status`` long polls when a job changes.
     jobs: _Waker = attrs.field(factory=_Waker)
@@ -604,6 +608,7 @@ def cancel_job(
         raise _not_found()
     if isinstance(outcome, JobStatus):
         raise HTTPProblem(409, "Conflict", f"Job already {outcome.value}")
+    _state(request).metrics.cancels.inc()
     _state(request).jobs.notify(job_id)
     return _json({"message": "Job canceled"}, 202)
 
@@ -662,17 +667,27 @@ async def get_work(
     state = _state(request)
     deadline = time.monotonic() + (wait or 0.0)
     gone: asyncio.Task[None] | None = None
+    polling = False
     try:
         while True:
+            takes_over = state.store.expired_lease_waiting(
+                principal, machine_id=machine_id, group=container_group_id
+            )
             job = state.store.claim(
                 principal, machine_id=machine_id, group=container_group_id
             )
             if job is not None:
+                state.metrics.claims.inc()
+                if takes_over:
+                    state.metrics.lease_expiries.inc()
                 state.jobs.notify(job.id)  # a reclaim: the old holder's poll
                 return _json([job.to_json()])
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return _json([])
+            if not polling:
+                polling = True
+                state.metrics.long_polls.labels("work").inc()
             # A worker that stopped waiting (shut down, timed out) must not be
             # handed a job it will never run: watch for its disconnect.
             gone = gone or asyncio.ensure_future(_disconnect(request))
@@ -684,6 +699,8 @@ async def get_work(
                 wake.cancel()
                 return _json([])
     finally:
+        if polling:
+            state.metrics.long_polls.labels("work").dec()
         if gone is not None:
             gone.cancel()
 
@@ -771,6 +788,7 @@ async def completed(
     if _fenced(
         state.store.complete(principal, job_id, report), "completion", job_id, report
     ):
+        state.metrics.completions.inc()
         state.jobs.notify(job_id)
     return _json({"message": "Completed reported"})
 
@@ -792,6 +810,7 @@ async def failed(
     report = await _report(request)
     state = _state(request)
     if _fenced(state.store.fail(principal, job_id, report), "failure", job_id, report):
+        state.metrics.failures.inc()
         state.jobs.notify(job_id)
     return _json({"message": "Failure reported"}, 202)
 
@@ -812,6 +831,7 @@ async def release(
     if _fenced(
         state.store.release(principal, job_id, report), "release", job_id, report
     ):
+        state.metrics.releases.inc()
         state.jobs.notify(job_id)
     return _json({"message": "Job released"})
 
@@ -871,6 +891,7 @@ async def holder_status(
     state = _state(request)
     deadline = time.monotonic() + (wait or 0.0)
     gone: asyncio.Task[None] | None = None
+    polling = False
     try:
         while True:
             status = state.store.holder_status(
@@ -881,6 +902,9 @@ async def holder_status(
             remaining = deadline - time.monotonic()
             if status is not JobStatus.RUNNING or remaining <= 0:
                 return _json({"status": status.value})
+            if not polling:
+                polling = True
+                state.metrics.long_polls.labels("status").inc()
             gone = gone or asyncio.ensure_future(_disconnect(request))
             wake = asyncio.ensure_future(state.jobs.wait((job_id,), remaining))
             await asyncio.wait({gone, wake}, return_when=asyncio.FIRST_COMPLETED)
@@ -888,6 +912,8 @@ async def holder_status(
                 wake.cancel()
                 return _json({"status": status.value})
     finally:
+        if polling:
+            state.metrics.long_polls.labels("status").dec()
         if gone is not None:
             gone.cancel()
 
@@ -1134,6 +1160,45 @@ def openapi_json(request: Request[Any, Any, Any]) -> Response[Any]:
     return _json(request.app.openapi_schema.to_schema())
 
 
+@get(METRICS_PATH, sync_to_thread=False, include_in_schema=False)
+def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """
+    The server's metrics in the Prometheus text format.
+
+    Needs the admin's key (``X-Kelpie-Key``, or ``Authorization: Bearer`` as
+    Prometheus sends it), since the metrics name every tenant's container
+    groups; a server started with ``--metrics-public`` serves them to anyone.
+    """
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    state = _state(request)
+    if not state.metrics_public:
+        _metrics_admin(request)
+    return Response(
+        content=state.metrics.render(), status_code=200, media_type=CONTENT_TYPE_LATEST
+    )
+
+
+def _metrics_admin(request: Request[Any, Any, Any]) -> None:
+    headers = request.headers
+    key = headers.get("x-kelpie-key")
+    scheme, _, credentials = headers.get("authorization", "").partition(" ")
+    if not key and scheme.lower() == "bearer":
+        key = credentials.strip()
+    if not key:
+        raise HTTPProblem(
+            401,
+            "Unauthorized",
+            "the metrics need the admin's API key (X-Kelpie-Key or "
+            "Authorization: Bearer), or a server started with --metrics-public",
+        )
+    principal = _state(request).store.principal_for_key(key)
+    if principal is None:
+        raise HTTPProblem(403, "Forbidden", "Invalid API Key")
+    if not principal.is_admin:
+        raise HTTPProblem(403, "Forbidden", "Admin Only")
+
+
 #: Where the Swagger UI files that ``/docs`` loads are served from.
 _DOCS_ASSETS = "/docs/assets"
 #: The name of the API key's security scheme in the OpenAPI document.
@@ -1197,13 +1262,17 @@ def _openapi_config() -> OpenAPIConfig:
     )
 
 
-def create_app(store: Store, *, debug: bool = False) -> Litestar:
+def create_app(
+    store: Store, *, debug: bool = False, metrics_public: bool = False
+) -> Litestar:
     """
     Build the Kelpie API application around a store.
 
     Args:
         store: The store (schema already migrated).
         debug: Litestar debug mode (tracebacks in responses).
+        metrics_public: Serve ``GET /metrics`` without a key (default: the
+            admin's key is required).
     """
     handlers: Sequence[Any] = [
         submit_job,
@@ -1233,6 +1302,7 @@ def create_app(store: Store, *, debug: bool = False) -> Litestar:
         health,
         healthz,
         readyz,
+        metrics,
         openapi_json,
         _docs_assets(),
     ]
@@ -1252,7 +1322,13 @@ def create_app(store: Store, *, debug: bool = False) -> Litestar:
         debug=debug,
     )
     app.state.kelpie = state = _State(
-        store=store, waker=_Waker(store.wake_recheck_seconds)
+        store=store,
+        waker=_Waker(store.wake_recheck_seconds),
+        metrics=ServerMetrics(store.engine),
+        metrics_public=metrics_public,
     )
     store.on_available(state.waker.notify)
+    # Outside the router, as Litestar wraps its own CORS middleware, so that
+    # every answer is timed, errors and unknown paths included.
+    app.asgi_handler = MetricsMiddleware(app.asgi_handler, state.metrics)
     return app

@@ -234,6 +234,17 @@ _CLAIM_SQL = sa.text(
 )
 
 
+# The running branch of the claim, read alone: is a lease waiting to be taken over?
+_EXPIRED_SQL = """
+    SELECT 1 AS expired FROM jobs INDEXED BY ix_jobs_running
+    WHERE user_id = :user_id AND container_group_id = :group
+      AND status = 'running' AND lease_expires <= :now
+      AND NOT EXISTS (SELECT 1 FROM job_bans b
+                      WHERE b.job_id = jobs.id AND b.machine_id = :machine_id)
+    LIMIT 1
+"""
+
+
 _HOLDER = (
     "id = :id AND user_id = :user_id AND status = 'running' "
     "AND machine_id = :machine_id AND (:attempt IS NULL OR attempt = :attempt)"
@@ -318,6 +329,7 @@ class _HotPath:
     BAN: str | None = _BAN_SQL
     RELEASE = _RELEASE_SQL
     PROGRESS = _PROGRESS_SQL
+    EXPIRED = _EXPIRED_SQL
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -994,6 +1006,27 @@ class Store:
         with self._hot.transaction(write=False) as cur:
             state = self._state(cur, principal, job_id)
         return _holder_view(state, machine_id, attempt)
+
+    @_resilient
+    def expired_lease_waiting(
+        self, principal: Principal, *, machine_id: str, group: str
+    ) -> bool:
+        """
+        Whether the next claim of this machine in this queue would take over a
+        running job whose lease ran out (an interruption without a report).
+
+        Read before a claim, for the lease-expiry metric; a claim prefers such
+        jobs, so the answer says what the claim that follows will take.
+        """
+        params = {
+            "machine_id": machine_id,
+            "group": group,
+            "user_id": principal.user_id,
+            "now": self.now_ms(),
+        }
+        with self._hot.transaction(write=False) as cur:
+            row = self._hot.fetch_one(cur, self._hot.EXPIRED, params)
+        return row is not None
 
     # -- scaling rules ----------------------------------------------------------
 

@@ -36,6 +36,7 @@ from kelpie_sdk.errors import (
     APIError,
     APIStatusError,
     AuthenticationError,
+    ConfigError,
     ConflictError,
     KelpieError,
     NotFoundError,
@@ -55,8 +56,9 @@ from kelpie_sdk.worker._imds import (
     Imds,
     deletion_cost_after_heartbeats,
 )
+from kelpie_sdk.worker._metrics import WorkerMetrics
 from kelpie_sdk.worker._runner import JobProcess, SpawnError, describe_exit
-from kelpie_sdk.worker._snapshot import DirSnapshot
+from kelpie_sdk.worker._snapshot import DirSnapshot, SyncResult
 from kelpie_sdk.worker._state import HeldJob, StateFile
 from kelpie_sdk.worker._watch import JobWatch
 
@@ -229,6 +231,8 @@ class Worker:
         self.long_poll_supported: bool | None = None
         #: Whether the API server has accepted one of our calls yet.
         self.api_reached = False
+        #: Prometheus metrics, served by ``run`` when ``metrics_port`` is set.
+        self.metrics = WorkerMetrics.from_config(config)
 
     # -- plumbing ----------------------------------------------------------------
 
@@ -459,6 +463,12 @@ class Worker:
             c.slots,
             c.api_url or "(default)",
         )
+        if c.metrics_port is not None:
+            try:
+                self.metrics.serve(c.metrics_host, c.metrics_port)
+            except ConfigError as exc:
+                logger.error("configuration error: %s", exc)
+                return EXIT_CONFIG
         self._slots = [_Slot(self, c.slot(i)) for i in range(c.slots)]
         threads = [
             threading.Thread(target=s.run, name=f"slot-{s.cfg.index}", daemon=True)
@@ -488,6 +498,7 @@ class Worker:
             self._deletion_cost.close()
         if self.imds is not None:
             self.imds.close()
+        self.metrics.close()
         logger.info(
             "kelpie worker exiting (%s) with code %d",
             self._stop_reason or "done",
@@ -619,12 +630,14 @@ class _Slot:
             if w.draining:
                 self.claiming = False
                 break
+            claim_result = "error"
             try:
                 job = self.client.claim_work(
                     machine_id=c.machine_id,
                     container_group_id=c.container_group_id,
                     wait=wait,
                 )
+                claim_result = "empty" if job is None else "job"
             except (AuthenticationError, PermissionDeniedError) as exc:
                 if w.api_reached:
                     logger.warning(
@@ -659,6 +672,7 @@ class _Slot:
                 continue
             finally:
                 self.claiming = False
+                w.metrics.note_claim(time.monotonic() - started, claim_result)
             error_delay = 1.0
             w.api_reached = True
             if job is None:
@@ -845,14 +859,18 @@ class _JobRun:
                 self.job.id, self.report(error=self.plan.checkpoint_warning)
             )
         except NotFoundError:
+            self.worker.metrics.note_heartbeat("lost")
             self._mark_lost("the job no longer exists on the server")
             return False
         except KelpieError as exc:
+            self.worker.metrics.note_heartbeat("failed")
             self._warn("heartbeat failed: %s", exc)
             return None
         if status is not JobStatus.RUNNING:
+            self.worker.metrics.note_heartbeat("lost")
             self._mark_lost(f"the server answered the heartbeat with {status.value!r}")
             return False
+        self.worker.metrics.note_heartbeat("ok")
         with self._lease_lock:
             self._lease_confirmed_at = sent_at
         return True
@@ -890,7 +908,7 @@ class _JobRun:
                 continue
             for snap in self.plan.snapshots:
                 try:
-                    result = snap.sync(self.worker.storage)
+                    result = self._sync(snap, final=False)
                 except (StorageError, OSError) as exc:
                     self._warn(
                         "checkpoint upload from %s failed: %s", snap.local_dir, exc
@@ -903,6 +921,15 @@ class _JobRun:
                         result.uploaded,
                         result.deleted,
                     )
+
+    def _sync(self, snap: DirSnapshot, *, final: bool) -> SyncResult:
+        started = time.monotonic()
+        result = snap.sync(self.worker.storage, final=final)
+        if result.uploaded:
+            self.worker.metrics.note_checkpoint_upload(
+                time.monotonic() - started, result.bytes, final=final
+            )
+        return result
 
     def confirm_lease(self) -> bool:
         """
@@ -942,7 +969,7 @@ class _JobRun:
             return _NOT_HELD
         for snap in self.plan.snapshots:
             try:
-                result = snap.sync(self.worker.storage, final=True)
+                result = self._sync(snap, final=True)
             except (StorageError, OSError) as exc:
                 msg = f"{snap.local_dir}: {exc}"
                 logger.log(
@@ -1137,6 +1164,7 @@ class _JobRun:
         )
         hb.start()
         snap.start()
+        self.worker.metrics.note_job_started()
         watch = self._watch()
         watch.start()
         outcome = Outcome.UNREPORTED
@@ -1153,6 +1181,7 @@ class _JobRun:
             watch.stop()
             self._stop_heartbeat(hb, snap)
             state.finish(outcome.value, **details)
+            self.worker.metrics.note_job_finished(outcome.value)
             if not self.worker.stopping:
                 # Downloads abandoned on cancel must end before their directories
                 # are wiped for the next job. (On shutdown nothing waits for
@@ -1395,6 +1424,7 @@ class _JobRun:
             result = storage.download_prefix(
                 bucket, prefix, local, pattern=pattern, decompress=self.job.compression
             )
+            self.worker.metrics.note_bytes("download", "input", result.bytes)
             self._info(
                 "downloaded %d file(s), %d bytes from %s",
                 result.files,
@@ -1423,6 +1453,7 @@ class _JobRun:
                 )
             except (StorageError, OSError) as exc:
                 return str(exc)
+            self.worker.metrics.note_bytes("upload", "output", result.bytes)
             self._info(
                 "uploaded %d output file(s), %d bytes to %s",
                 result.files,

@@ -31,6 +31,8 @@ Setting                        Environment variable             Default
 ``imds_mode``                  ``KELPIE_IMDS``                  ``auto``
 ``imds_url``                   ``KELPIE_IMDS_URL``              ``http://169.254.169.254``
 ``reallocate_wait_s``          ``KELPIE_REALLOCATE_WAIT_S``     60
+``metrics_port``               ``KELPIE_METRICS_PORT``          none (off)
+``metrics_host``               ``KELPIE_METRICS_HOST``          ``127.0.0.1``
 =============================  ===============================  ==================
 
 ``imds_enabled`` is derived: ``on`` and ``off`` say it; ``auto`` is on only where
@@ -197,6 +199,9 @@ class WorkerConfig:
     imds_enabled: bool = False
     imds_url: str = DEFAULT_IMDS_URL
     reallocate_wait_s: float = 60.0
+    #: Serve Prometheus metrics on this port (0: any free port); None: off.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     def __attrs_post_init__(self) -> None:
         if not self.container_group_id:
@@ -222,6 +227,11 @@ class WorkerConfig:
             )
         if self.slots < 1:
             raise ConfigError(f"--slots must be at least 1, got {self.slots}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(
+                "--metrics-port (KELPIE_METRICS_PORT) must be between 0 and 65535, "
+                f"got {self.metrics_port}"
+            )
         try:
             check_storage_url(self.storage_url)
         except ConfigError as exc:
@@ -277,6 +287,12 @@ class WorkerConfig:
             "imds_mode": (env.get("KELPIE_IMDS") or "auto").strip().lower(),
             "imds_url": (env.get("KELPIE_IMDS_URL") or DEFAULT_IMDS_URL).rstrip("/"),
             "reallocate_wait_s": _float_env(env, "KELPIE_REALLOCATE_WAIT_S", 60.0),
+            "metrics_port": (
+                _int_env(env, "KELPIE_METRICS_PORT", 0, 0)
+                if env.get("KELPIE_METRICS_PORT", "").strip()
+                else None
+            ),
+            "metrics_host": env.get("KELPIE_METRICS_HOST") or "127.0.0.1",
         }
         for key, value in overrides.items():
             if key not in attrs.fields_dict(cls):

@@ -49,6 +49,8 @@ _FIELDS = {
     "imds": "imds_mode",
     "imds_url": "imds_url",
     "reallocate_wait": "reallocate_wait_s",
+    "metrics_port": "metrics_port",
+    "metrics_host": "metrics_host",
 }
 
 
@@ -139,6 +141,18 @@ def add_arguments(parser: argparse.ArgumentParser, *, api_options: bool = True) 
         "stop the container before exiting 0 (KELPIE_REALLOCATE_WAIT_S, 60)",
     )
     a("--log-level", help="debug, info, warning, error (KELPIE_LOG_LEVEL, info)")
+    a(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port; 0 = any free port "
+        "(KELPIE_METRICS_PORT; default: off)",
+    )
+    a(
+        "--metrics-host",
+        metavar="ADDRESS",
+        help="address the metrics port binds (KELPIE_METRICS_HOST, 127.0.0.1)",
+    )
 
 
 def build_parser(prog: str = "kelpie worker") -> argparse.ArgumentParser:

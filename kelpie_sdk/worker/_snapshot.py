@@ -52,11 +52,13 @@ class SyncResult:
         uploaded: Files uploaded.
         deleted: Remote objects deleted.
         deferred: Files left for later because they were still being written.
+        bytes: Bytes uploaded (compressed sizes when compressing).
     """
 
     uploaded: int = 0
     deleted: int = 0
     deferred: int = 0
+    bytes: int = 0
 
 
 def scan_dir(root: Path) -> Iterator[tuple[Path, str, os.stat_result]]:
@@ -197,14 +199,15 @@ class DirSnapshot:
             # all the time still goes up on every other tick.
             self._deferred = deferred
             removed = sorted(set(self._known) - set(current))
+            sent = 0
             if upload:
-                storage.upload_files(
+                sent = storage.upload_files(
                     [(path, rel) for rel, path, _ in upload],
                     self.bucket,
                     self.prefix,
                     compress=self.compress,
                     verify=True,
-                )
+                ).bytes
                 for rel, path, sig in upload:
                     try:
                         st = path.stat()
@@ -233,5 +236,8 @@ class DirSnapshot:
                     len(deferred),
                 )
             return SyncResult(
-                uploaded=len(upload), deleted=len(removed), deferred=len(deferred)
+                uploaded=len(upload),
+                deleted=len(removed),
+                deferred=len(deferred),
+                bytes=sent,
             )

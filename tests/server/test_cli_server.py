@@ -127,3 +127,16 @@ def test_access_log_is_off_by_default(tmp_path: pathlib.Path) -> None:
         requests.get(url + "/health", timeout=5)
     err = proc.stderr.read()  # type: ignore[union-attr]
     assert "/health" not in err, err
+
+
+@pytest.mark.slow
+def test_metrics_public_flag_serves_metrics_without_a_key(
+    tmp_path: pathlib.Path,
+) -> None:
+    """--metrics-public opens GET /metrics; without it a key is needed."""
+    with kelpie_server(tmp_path / "e.db", {}, "--metrics-public") as (url, _):
+        r = requests.get(url + "/metrics", timeout=5)
+        assert 200 == r.status_code
+        assert "kelpie_job_claims_total" in r.text
+    with kelpie_server(tmp_path / "e.db", {}) as (url, _):
+        assert 401 == requests.get(url + "/metrics", timeout=5).status_code
