@@ -1124,6 +1124,7 @@ def _chaos(args: argparse.Namespace, ctx: Context) -> int:
 
 def _demo(args: argparse.Namespace, ctx: Context) -> int:
     config = _config(args, live=True)
+    config.check()
     ctx.console.print(
         f"Starting a local cluster: the API server, {config.workers} workers and "
         f"file storage. {config.jobs} jobs will run while {config.faults} faults "
