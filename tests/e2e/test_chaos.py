@@ -271,6 +271,23 @@ def test_report_summarises_lost_work_and_failures() -> None:
     assert not report.ok
 
 
+def test_report_counts_jobs_by_kind_and_shows_where_an_output_differs() -> None:
+    """The jobs line says how many jobs of each kind ran; a wrong output, where."""
+    from collections import Counter
+
+    from kelpie_sdk.cli._chaos import _difference
+
+    report = ChaosReport(jobs=3, completed=3, kinds=Counter(sum=2, pytorch=1))
+    assert (
+        "Jobs:                  3/3 completed (sum 2, pytorch 1)\n" in report.summary()
+    )
+    got, expected = '{"price": 7.125, "x": 1}', '{"price": 7.25, "x": 1}'
+    assert "at character 12: '125, \"x\": 1}'... != '25, \"x\": 1}'..." == (
+        _difference(got, expected)
+    )
+    assert "at character 2: ''... != 'c'..." == _difference("ab", "abc")
+
+
 def _checked(
     tmp_path: Path, events: list[dict[str, object]], *, final: int, stored: int
 ) -> ChaosReport:
