@@ -372,8 +372,9 @@ _MAINS: dict[str, Callable[[], int]] = {"sum": run_sum_job}
 
 def example_path(file: str) -> Path | None:
     """
-    Where an example script is: the copy in the installed package, or the
-    checkout's ``examples/`` next to this package; None when neither is there.
+    Where an example script (``monte_carlo.py`` or ``train.py``) is: the copy
+    the wheel carries (``kelpie_sdk/_examples/``), or the checkout's
+    ``examples/`` next to this package; None when neither is there.
     """
     here = Path(__file__).resolve().parent
     stem = file.removesuffix(".py")
@@ -393,7 +394,8 @@ def _example(file: str) -> ModuleType:
     path = example_path(file)
     if path is None:
         raise FileNotFoundError(
-            f"the example {file} is not installed next to kelpie_sdk"
+            f"the example {file} is not installed with kelpie_sdk; reinstall "
+            "kelpie-sdk from its wheel or run from a checkout"
         )
     name = f"kelpie_sdk._examples_{file.removesuffix('.py')}"
     spec = importlib.util.spec_from_file_location(name, path)
