@@ -59,3 +59,11 @@ def build(session: nox.Session) -> None:
     session.chdir(session.create_tmp())
     session.run("kelpie", "--help")
     session.run("python", "-c", "import kelpie_sdk.checkpoint")
+    # kelpie demo's example job kinds run from the copies the wheel carries.
+    session.run(
+        "python",
+        "-c",
+        "from kelpie_sdk.chaos_jobs import JOB_KINDS, example_path; "
+        "assert {'monte_carlo', 'pytorch'} <= set(JOB_KINDS); "
+        "assert '_examples' in str(example_path('train.py'))",
+    )

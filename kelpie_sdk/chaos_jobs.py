@@ -16,23 +16,42 @@ A chaos job follows three rules, so that the harness can judge it:
 - it writes its result, with the attempt that wrote it, to
   ``$RESULT_DIR/result.json``, which the worker uploads when the job exits.
 
-``python -m kelpie_sdk.chaos_jobs sum`` runs the built-in pure-Python job:
-``CHAOS_STEPS`` steps of a SHA-256 chain seeded by ``CHAOS_SEED``, each
-``CHAOS_WORK`` hashes long and at least ``CHAOS_STEP_S`` seconds, with a
-checkpoint every ``CHAOS_EVERY`` steps and after the last one.
+``python -m kelpie_sdk.chaos_jobs KIND`` runs one attempt of a built-in kind.
+Each has ``CHAOS_STEPS`` steps, each at least ``CHAOS_STEP_S`` seconds, with a
+checkpoint every ``CHAOS_EVERY`` steps and after the last one; ``CHAOS_SEED``
+seeds it:
+
+- ``sum`` (pure Python): a SHA-256 chain, each step ``CHAOS_WORK`` hashes long;
+- ``monte_carlo`` (needs numpy): the Monte Carlo example
+  (``examples/monte_carlo/monte_carlo.py``), one batch of ``20 * CHAOS_WORK``
+  paths a step; its result is the example's ``result.json`` text;
+- ``pytorch`` (needs torch): the PyTorch example
+  (``examples/pytorch_training/train.py``), one optimizer step a step, over two
+  or three epochs; its result is the example's ``result.json`` text, which
+  holds a hash of the final weights.
+
+The two example kinds run the example scripts' own functions, step by step, in
+the same loop as ``sum``. The wheel carries a copy of both scripts
+(``kelpie_sdk/_examples/``); from a checkout they are read from ``examples/``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import hashlib
+import importlib
+import importlib.util
+import io
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from types import ModuleType
+from typing import Any, Protocol, TypeVar
 
 import attrs
 
@@ -44,7 +63,9 @@ __all__ = [
     "JOB_KINDS",
     "EventLog",
     "JobKind",
+    "example_path",
     "register_job_kind",
+    "state_digest",
     "sum_chain",
 ]
 
@@ -66,12 +87,15 @@ class JobKind:
         expected: The exact bytes its ``result`` value must hold, computed
             without interruptions, given the same parameters.
         available: Whether it can run here (its extras are installed).
+        needs: What it needs that may be missing, for the message when it
+            cannot run (``"torch (pip install torch)"``).
     """
 
     name: str
     argv: Callable[[Mapping[str, str]], list[str]]
     expected: Callable[[Mapping[str, str]], str]
     available: Callable[[], bool] = lambda: True
+    needs: str = ""
 
 
 #: Job kinds by name.
@@ -141,10 +165,6 @@ def sum_chain(seed: str, steps: int, work: int) -> str:
     return value.hex()
 
 
-def _state_digest(step: int, value: str) -> str:
-    return hashlib.sha256(f"{step}:{value}".encode()).hexdigest()
-
-
 def _retry(fn: Callable[[], _T], tries: int = 10) -> _T:
     """Retry a checkpoint call through storage errors (the store may be flaky)."""
     for attempt in range(tries):
@@ -170,59 +190,111 @@ def _int_env(name: str, default: int) -> int:
     return int(os.environ.get(name) or default)
 
 
-def run_sum_job() -> int:
+def _feed(digest: Any, obj: Any) -> None:
+    """Feed ``obj`` to ``digest`` unambiguously: its types, order and bytes."""
+    if isinstance(obj, dict):
+        digest.update(b"{%d" % len(obj))
+        for key, value in obj.items():
+            _feed(digest, key)
+            _feed(digest, value)
+    elif isinstance(obj, list | tuple):
+        digest.update(b"[%d" % len(obj))
+        for item in obj:
+            _feed(digest, item)
+    elif obj is None or isinstance(obj, bool | int | float | str | bytes):
+        digest.update(f"{type(obj).__name__}:{obj!r};".encode())
+    elif hasattr(obj, "detach"):  # a torch tensor
+        _feed(digest, obj.detach().cpu().contiguous().numpy())
+    elif hasattr(obj, "tobytes") and hasattr(obj, "dtype"):  # a numpy array
+        digest.update(f"array:{obj.dtype}:{obj.shape}:".encode())
+        digest.update(obj.tobytes())
+    else:
+        raise TypeError(f"cannot digest a {type(obj).__name__} in a chaos job's state")
+
+
+def state_digest(step: int, state: Any) -> str:
     """
-    Run one attempt of the built-in job; return its exit code.
+    The digest a chaos job stores next to its state, and checks on loading.
+    """
+    digest = hashlib.sha256()
+    _feed(digest, {"step": step, "state": state})
+    return digest.hexdigest()
+
+
+class _Task(Protocol):
+    """One chaos job's computation, one step at a time."""
+
+    @property
+    def total(self) -> int:
+        """The steps the job has to compute."""
+
+    @property
+    def step(self) -> int:
+        """The steps computed so far."""
+
+    def advance(self) -> None:
+        """Compute the next step."""
+
+    def state(self) -> Any:
+        """Everything the next step depends on (the checkpoint's state)."""
+
+    def restore(self, state: Any) -> None:
+        """Continue from a state that ``state()`` returned."""
+
+    def result(self) -> str:
+        """The job's result, once every step is done."""
+
+
+def _run_job(make: Callable[[Mapping[str, str]], _Task]) -> int:
+    """
+    Run one attempt of a chaos job: resume, compute, checkpoint, log, write.
     """
     register_fault_fs()
     log = EventLog()
-    total = _int_env("CHAOS_STEPS", 12)
     every = _int_env("CHAOS_EVERY", 3)
-    work = _int_env("CHAOS_WORK", 200)
     pause = float(os.environ.get("CHAOS_STEP_S") or 0.2)
-    seed = os.environ.get("CHAOS_SEED", "0")
     sabotage = os.environ.get("CHAOS_SABOTAGE", "")
     out_dir = Path(os.environ.get("RESULT_DIR") or os.environ["OUTPUT_DIR"])
 
+    task = make(os.environ)
     ckpt = checkpoint.Checkpointer(every_steps=every, keep_last=2)
     latest = _retry(ckpt.latest_step)
-    value = _seed_value(seed)
-    start = 0
     if latest is not None and sabotage != "no-resume":
-        state = _retry(ckpt.load)
-        loaded = ckpt.loaded_step
-        if (
-            not isinstance(state, dict)
-            or state.get("step") != loaded
-            or state.get("digest") != _state_digest(loaded or 0, state.get("value", ""))
-        ):
+        saved = _retry(ckpt.load)
+        loaded = ckpt.loaded_step if ckpt.loaded_step is not None else latest
+        try:
+            if not isinstance(saved, dict):
+                raise TypeError("it holds no chaos job state")
+            if saved.get("step") != loaded:
+                raise ValueError(f"it says it is step {saved.get('step')}")
+            if saved.get("digest") != state_digest(loaded, saved.get("state")):
+                raise ValueError("its state does not match its digest")
+            task.restore(saved["state"])
+            if task.step != loaded:
+                raise ValueError(f"its state is at step {task.step}")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             log.event("corrupt", step=loaded, latest=latest)
-            sys.stderr.write(f"checkpoint step {loaded} fails its own check\n")
+            sys.stderr.write(f"checkpoint step {loaded} fails its own check: {exc}\n")
             return 3
         if loaded != latest:
             log.event("fallback", step=loaded, latest=latest)
-        value = bytes.fromhex(state["value"])
-        start = int(state["step"])
-    log.event("start", step=start)
-    for step in range(start, total):
+    log.event("start", step=task.step)
+    while task.step < task.total:
         deadline = time.monotonic() + pause
-        value = _advance(value, step, work)
+        task.advance()
         time.sleep(max(deadline - time.monotonic(), 0.0))
-        log.event("step", step=step + 1)
-        if (step + 1) % every == 0 or step + 1 == total:
-            hexed = value.hex()
-            state = {
-                "step": step + 1,
-                "value": hexed,
-                "digest": _state_digest(step + 1, hexed),
-            }
-            _save(ckpt, state, step + 1)
-            log.event("saved", step=step + 1)
-        checkpoint.report_progress(step + 1, total)
+        step = task.step
+        log.event("step", step=step)
+        if step % every == 0 or step == task.total:
+            state = task.state()
+            saved = {"step": step, "state": state, "digest": state_digest(step, state)}
+            _save(ckpt, saved, step)
+            log.event("saved", step=step)
+        checkpoint.report_progress(step, task.total)
     ckpt.close()
-    result = value.hex()
+    result = task.result()
     if sabotage == "wrong-result" and log.attempt > 1:
-        result = hashlib.sha256(value).hexdigest()
+        result = hashlib.sha256(result.encode()).hexdigest()
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / ".result.json.tmp"
     tmp.write_text(json.dumps({"result": result, "attempt": log.attempt}))
@@ -231,21 +303,270 @@ def run_sum_job() -> int:
     return 0
 
 
+def _params(env: Mapping[str, str]) -> tuple[str, int, int]:
+    """A job's seed, steps and work per step."""
+    return (
+        env.get("CHAOS_SEED", "0"),
+        int(env.get("CHAOS_STEPS") or 12),
+        int(env.get("CHAOS_WORK") or 200),
+    )
+
+
+def _int_seed(seed: str) -> int:
+    """A job's seed as a number for the examples' generators (below 2**31)."""
+    return int.from_bytes(_seed_value(seed)[:4], "big") >> 1
+
+
+# -- the built-in job: a SHA-256 chain ------------------------------------------
+
+
+@attrs.define
+class _SumTask:
+    total: int
+    work: int
+    value: bytes
+    step: int = 0
+
+    def advance(self) -> None:
+        self.value = _advance(self.value, self.step, self.work)
+        self.step += 1
+
+    def state(self) -> Any:
+        return {"step": self.step, "value": self.value.hex()}
+
+    def restore(self, state: Any) -> None:
+        self.value = bytes.fromhex(state["value"])
+        self.step = int(state["step"])
+
+    def result(self) -> str:
+        return self.value.hex()
+
+
+def _sum_task(env: Mapping[str, str]) -> _SumTask:
+    seed, steps, work = _params(env)
+    return _SumTask(total=steps, work=work, value=_seed_value(seed))
+
+
+def run_sum_job() -> int:
+    """
+    Run one attempt of the built-in job; return its exit code.
+    """
+    return _run_job(_sum_task)
+
+
 def _sum_argv(params: Mapping[str, str]) -> list[str]:
     return [sys.executable, "-m", "kelpie_sdk.chaos_jobs", "sum"]
 
 
 def _sum_expected(params: Mapping[str, str]) -> str:
-    return sum_chain(
-        params.get("CHAOS_SEED", "0"),
-        int(params.get("CHAOS_STEPS") or 12),
-        int(params.get("CHAOS_WORK") or 200),
-    )
+    return sum_chain(*_params(params))
 
 
 register_job_kind(JobKind(name="sum", argv=_sum_argv, expected=_sum_expected))
 
 _MAINS: dict[str, Callable[[], int]] = {"sum": run_sum_job}
+
+
+# -- the examples: Monte Carlo (numpy) and PyTorch training ----------------------
+
+
+def example_path(file: str) -> Path | None:
+    """
+    Where an example script (``monte_carlo.py`` or ``train.py``) is: the copy
+    the wheel carries (``kelpie_sdk/_examples/``), or the checkout's
+    ``examples/`` next to this package; None when neither is there.
+    """
+    here = Path(__file__).resolve().parent
+    stem = file.removesuffix(".py")
+    folder = {"monte_carlo": "monte_carlo", "train": "pytorch_training"}[stem]
+    for candidate in (
+        here / "_examples" / file,
+        here.parent / "examples" / folder / file,
+    ):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@functools.cache
+def _example(file: str) -> ModuleType:
+    """Import an example script as a module (once)."""
+    path = example_path(file)
+    if path is None:
+        raise FileNotFoundError(
+            f"the example {file} is not installed with kelpie_sdk; reinstall "
+            "kelpie-sdk from its wheel or run from a checkout"
+        )
+    name = f"kelpie_sdk._examples_{file.removesuffix('.py')}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import the example {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+@functools.cache
+def _imports(*modules: str) -> bool:
+    try:
+        for module in modules:
+            importlib.import_module(module)
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+def _monte_carlo_params(params: Mapping[str, str]) -> Any:
+    seed, steps, work = _params(params)
+    mc = _example("monte_carlo.py")
+    return mc.Params(batches=steps, paths_per_batch=20 * work, seed=_int_seed(seed))
+
+
+class _MonteCarloTask:
+    """The Monte Carlo example's batches, one step each."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.mc = _example("monte_carlo.py")
+        self.params = _monte_carlo_params(env)
+        self._state: dict[str, Any] = self.mc.initial_state(self.params)
+        self._rng = self.mc.generator(self._state)
+
+    @property
+    def total(self) -> int:
+        return int(self.params.batches)
+
+    @property
+    def step(self) -> int:
+        return int(self._state["batch"])
+
+    def advance(self) -> None:
+        self.mc.run_batch(self._state, self._rng, self.params)
+
+    def state(self) -> Any:
+        return self._state
+
+    def restore(self, state: Any) -> None:
+        if state["params"] != dataclasses.asdict(self.params):
+            raise ValueError(
+                f"it is from a run with other parameters ({state['params']})"
+            )
+        self._state = state
+        self._rng = self.mc.generator(state)
+
+    def result(self) -> str:
+        return str(self.mc.dumps(self.mc.summarize(self._state, self.params)))
+
+
+def _monte_carlo_expected(params: Mapping[str, str]) -> str:
+    mc = _example("monte_carlo.py")
+    return str(mc.dumps(mc.expected_result(_monte_carlo_params(params))))
+
+
+def _torch_config(params: Mapping[str, str]) -> Any:
+    seed, steps, _work = _params(params)
+    train = _example("train.py")
+    # Two or three epochs when the steps divide evenly, so that some interruptions
+    # fall in the middle of an epoch and some at an epoch's end.
+    epochs = next(e for e in (2, 3, 1) if steps % e == 0)
+    batch_size = 16
+    return train.Config(
+        epochs=epochs,
+        samples=steps // epochs * batch_size,
+        batch_size=batch_size,
+        seed=_int_seed(seed),
+    )
+
+
+class _TorchTask:
+    """The PyTorch example's training, one optimizer step each."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        import torch
+
+        # As in the example: one thread, the same sums in the same order.
+        torch.set_num_threads(1)
+        self.train = _example("train.py")
+        self.config = _torch_config(env)
+        self.run = self.train.build(self.config)
+        self._steps: Iterator[None] | None = None
+
+    def _loop(self) -> Iterator[None]:
+        # The example's training loop, paused after every step.
+        run = self.run
+        while run.epoch < self.config.epochs:
+            for x, y in self.train.batches(run):
+                self.train.train_step(run, x, y)
+                yield
+            run.epoch += 1
+            run.batch = 0
+
+    @property
+    def total(self) -> int:
+        return int(self.config.total_steps)
+
+    @property
+    def step(self) -> int:
+        return int(self.run.step)
+
+    def advance(self) -> None:
+        if self._steps is None:
+            self._steps = self._loop()
+        next(self._steps)
+
+    def state(self) -> Any:
+        return self.train.state_of(self.run)
+
+    def restore(self, state: Any) -> None:
+        if state["config"] != dataclasses.asdict(self.config):
+            raise ValueError("it is from a run with another configuration")
+        self.train.restore(self.run, state)
+
+    def result(self) -> str:
+        return str(self.train.dumps(self.train.summarize(self.run)))
+
+
+def _torch_expected(params: Mapping[str, str]) -> str:
+    train = _example("train.py")
+    # The example says where it starts; that is no business of the harness's.
+    with contextlib.redirect_stdout(io.StringIO()):
+        result, _weights = train.expected_result(_torch_config(params))
+    return str(train.dumps(result))
+
+
+def _example_argv(kind: str) -> Callable[[Mapping[str, str]], list[str]]:
+    def argv(params: Mapping[str, str]) -> list[str]:
+        return [sys.executable, "-m", "kelpie_sdk.chaos_jobs", kind]
+
+    return argv
+
+
+if example_path("monte_carlo.py") is not None:
+    register_job_kind(
+        JobKind(
+            name="monte_carlo",
+            argv=_example_argv("monte_carlo"),
+            expected=_monte_carlo_expected,
+            available=lambda: _imports("numpy"),
+            needs="numpy (pip install numpy)",
+        )
+    )
+    _MAINS["monte_carlo"] = lambda: _run_job(_MonteCarloTask)
+if example_path("train.py") is not None:
+    register_job_kind(
+        JobKind(
+            name="pytorch",
+            argv=_example_argv("pytorch"),
+            expected=_torch_expected,
+            available=lambda: _imports("numpy", "torch"),
+            needs="torch and numpy (pip install torch numpy)",
+        )
+    )
+    _MAINS["pytorch"] = lambda: _run_job(_TorchTask)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -127,6 +127,14 @@ class ChaosConfig:
                 raise UsageError(
                     f"unknown job kind {name!r}; choose from {', '.join(JOB_KINDS)}"
                 )
+        for name in self.kinds:
+            kind = JOB_KINDS.get(name)
+            if kind is not None and not kind.available():
+                raise UsageError(
+                    f"job kind {name!r} cannot run here: it needs "
+                    f"{kind.needs or 'extras that are not installed'}; install "
+                    "them or choose other --kinds"
+                )
 
 
 @attrs.define
@@ -144,6 +152,7 @@ class ChaosReport:
 
     Attributes:
         jobs: Jobs submitted.
+        kinds: Jobs submitted, by job kind.
         completed: Jobs that completed.
         faults: The faults injected, by kind (storage faults included).
         interruptions: Attempts the queue took back from a lost machine
@@ -159,6 +168,7 @@ class ChaosReport:
     """
 
     jobs: int = 0
+    kinds: Counter[str] = attrs.Factory(Counter)
     completed: int = 0
     faults: Counter[str] = attrs.Factory(Counter)
     interruptions: int = 0
@@ -193,8 +203,10 @@ class ChaosReport:
         storage = sum(v for k, v in self.faults.items() if k.startswith("storage-"))
         by_kind = ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items()))
         total_lost = sum(lost)
+        kinds = ", ".join(f"{k} {v}" for k, v in self.kinds.items())
         lines = [
-            f"Jobs:                  {self.completed}/{self.jobs} completed",
+            f"Jobs:                  {self.completed}/{self.jobs} completed"
+            + (f" ({kinds})" if kinds else ""),
             f"Faults injected:       {process} process faults, {storage} storage "
             f"faults ({by_kind or 'none'})",
             f"Interruptions survived: {self.interruptions} "
@@ -463,8 +475,20 @@ class _Run:
     def _make_specs(self) -> None:
         cfg = self.config
         (self.root / "events").mkdir(parents=True, exist_ok=True)
-        names = list(JOB_KINDS) if "all" in cfg.kinds else list(cfg.kinds)
-        kinds = [k for k in names if JOB_KINDS[k].available()]
+        names = (
+            list(JOB_KINDS) if "all" in cfg.kinds else list(dict.fromkeys(cfg.kinds))
+        )
+        kinds: list[str] = []
+        for name in names:
+            if JOB_KINDS[name].available():
+                kinds.append(name)
+            else:
+                self.out.print(
+                    f"Skipping job kind {name!r}: it needs "
+                    f"{JOB_KINDS[name].needs or 'extras that are not installed'}.",
+                    highlight=False,
+                    soft_wrap=True,
+                )
         if not kinds:
             raise UsageError(
                 f"none of the job kinds {', '.join(names)} can run here "
@@ -711,6 +735,7 @@ class _Run:
     def _render(self) -> Group:
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
         table.add_column("Job", no_wrap=True)
+        table.add_column("Kind", no_wrap=True)
         table.add_column("Status")
         table.add_column("Step", justify="right")
         table.add_column("Attempts", justify="right")
@@ -728,6 +753,7 @@ class _Run:
             )
             table.add_row(
                 spec.name,
+                spec.kind,
                 Text(status, style=_STATUS_STYLES[status]),
                 f"{step}/{self.config.steps}",
                 str(job.attempt or 0),
@@ -746,6 +772,7 @@ class _Run:
     def _verify(self, left: Sequence[str], timed_out: bool) -> ChaosReport:
         cfg = self.config
         report = ChaosReport(jobs=len(self.specs))
+        report.kinds.update(spec.kind for spec in self.specs)
         report.faults.update(f.kind for f in self.faults)
         for kind, count in _storage_faults(self.cluster.control).items():
             report.faults[f"storage-{kind}"] += count
@@ -799,7 +826,7 @@ class _Run:
         if stored and stored.get("result") != spec.expected:
             fail(
                 f"{spec.name}: the output differs from an uninterrupted run "
-                f"({str(stored.get('result'))[:16]}... != {spec.expected[:16]}...)"
+                f"({_difference(str(stored.get('result')), spec.expected)})"
             )
         if stored and stored.get("attempt") != final:
             fail(
@@ -856,6 +883,17 @@ class _Run:
                     f"{spec.name}: attempt {attempt} went on for {after} steps "
                     f"after attempt {nxt['a']} took over (allowed: {allowed_late})"
                 )
+
+
+def _difference(got: str, expected: str) -> str:
+    """Where two results part, briefly: ``at character 40: '12...' != '13...'``."""
+    at = next(
+        (i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b),
+        min(len(got), len(expected)),
+    )
+    return (
+        f"at character {at}: {got[at : at + 16]!r}... != {expected[at : at + 16]!r}..."
+    )
 
 
 def _read_events(path: Path) -> list[dict[str, Any]]:
@@ -1086,6 +1124,7 @@ def _chaos(args: argparse.Namespace, ctx: Context) -> int:
 
 def _demo(args: argparse.Namespace, ctx: Context) -> int:
     config = _config(args, live=True)
+    config.check()
     ctx.console.print(
         f"Starting a local cluster: the API server, {config.workers} workers and "
         f"file storage. {config.jobs} jobs will run while {config.faults} faults "

@@ -141,6 +141,97 @@ def test_demo_shows_jobs_finishing_while_machines_die(tmp_path: Path) -> None:
     assert "All checks held." in out
 
 
+@pytest.mark.timeout(320)
+def test_the_example_jobs_survive_faults(tmp_path: Path) -> None:
+    """Monte Carlo and PyTorch jobs, killed also mid-save and mid-upload: all checks hold."""
+    proc = _kelpie(
+        "chaos",
+        "--kinds",
+        "monte_carlo,pytorch",
+        "--jobs",
+        "4",
+        "--workers",
+        "2",
+        "--faults",
+        "4",
+        "--seed",
+        "1",
+        "--storage",
+        str(tmp_path / "run"),
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert 0 == proc.returncode, out
+    assert "All checks held." in out
+    assert "4/4 completed (monte_carlo 2, pytorch 2)" in out
+    assert int(_figure(r"Faults injected:\s+(\d+) process faults", out)) >= 4
+    assert re.search(r"\bkill-save [1-9]", out), out
+    assert int(_figure(r"max (\d+)", out)) <= 3
+
+
+# Without numpy and torch: what `pip install '.[all]'` alone gives.
+_WITHOUT_EXTRAS = (
+    "import sys; sys.modules.update(numpy=None, torch=None); "
+    "from kelpie_sdk.cli import main; sys.exit(main())"
+)
+
+
+@pytest.mark.timeout(200)
+def test_demo_without_numpy_and_torch_says_so_and_runs_the_pure_python_jobs(
+    tmp_path: Path,
+) -> None:
+    """`--kinds all` skips the kinds whose extras are missing, with a note each."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _WITHOUT_EXTRAS,
+            *[
+                "demo",
+                "--jobs",
+                "2",
+                "--workers",
+                "1",
+                "--faults",
+                "0",
+                "--steps",
+                "4",
+                "--step-seconds",
+                "0.1",
+            ],
+            *("--storage", str(tmp_path / "demo")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    out = proc.stdout + proc.stderr
+    assert 0 == proc.returncode, out
+    assert "Skipping job kind 'monte_carlo': it needs numpy (pip install numpy)." in out
+    assert (
+        "Skipping job kind 'pytorch': it needs torch and numpy "
+        "(pip install torch numpy)." in out
+    )
+    assert "2/2 completed (sum 2)" in out
+    assert "All checks held." in out
+
+
+def test_chaos_refuses_a_named_kind_whose_extras_are_missing() -> None:
+    """Naming a kind that cannot run here is a usage error (exit 2), up front."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_EXTRAS, "chaos", "--kinds", "sum,pytorch"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert 2 == proc.returncode, proc.stdout + proc.stderr
+    assert (
+        "Error: job kind 'pytorch' cannot run here: it needs torch and numpy "
+        "(pip install torch numpy); install them or choose other --kinds\n"
+    ) in proc.stderr
+    assert "" == proc.stdout
+
+
 def test_demo_rejects_nonsense_sizes() -> None:
     """Zero workers is a usage error (exit 2), before anything starts."""
     proc = _kelpie("demo", "--workers", "0", timeout=60)
@@ -178,6 +269,23 @@ def test_report_summarises_lost_work_and_failures() -> None:
     assert "6 steps (~3.0 s of compute)" in text
     assert "  - job-0001: broken" in text
     assert not report.ok
+
+
+def test_report_counts_jobs_by_kind_and_shows_where_an_output_differs() -> None:
+    """The jobs line says how many jobs of each kind ran; a wrong output, where."""
+    from collections import Counter
+
+    from kelpie_sdk.cli._chaos import _difference
+
+    report = ChaosReport(jobs=3, completed=3, kinds=Counter(sum=2, pytorch=1))
+    assert (
+        "Jobs:                  3/3 completed (sum 2, pytorch 1)\n" in report.summary()
+    )
+    got, expected = '{"price": 7.125, "x": 1}', '{"price": 7.25, "x": 1}'
+    assert "at character 12: '125, \"x\": 1}'... != '25, \"x\": 1}'..." == (
+        _difference(got, expected)
+    )
+    assert "at character 2: ''... != 'c'..." == _difference("ab", "abc")
 
 
 def _checked(
