@@ -49,6 +49,7 @@ def run_server(
     database_url: str | None = None,
     admin_key: str | None = None,
     clock: Callable[[], float] = time.time,
+    log_limit: int | None = None,
 ) -> Iterator[ServerHandle]:
     """
     Run the API server on 127.0.0.1 on a free port until the block ends.
@@ -59,6 +60,7 @@ def run_server(
         admin_key: The admin key; default: a random one.
         clock: The server's clock (seconds since the epoch); tests pass a fake
             clock to expire leases without sleeping.
+        log_limit: Bytes of job output kept per attempt; default 1 MiB.
     """
     import uvicorn
 
@@ -74,7 +76,9 @@ def run_server(
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         config = uvicorn.Config(
-            create_app(store),
+            create_app(store)
+            if log_limit is None
+            else create_app(store, log_limit=log_limit),
             log_level="warning",
             access_log=False,
             lifespan="off",

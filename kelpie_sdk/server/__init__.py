@@ -20,6 +20,7 @@ from kelpie_sdk.errors import ConfigError
 from kelpie_sdk.server._access import AccessLog
 from kelpie_sdk.server._app import HTTPProblem, create_app, validate_submission
 from kelpie_sdk.server._db import ADMIN_ID, make_engine, upgrade
+from kelpie_sdk.server._logs import DEFAULT_LOG_LIMIT
 from kelpie_sdk.server._store import Principal, Store
 
 __all__ = [
@@ -80,6 +81,7 @@ def serve(
     admin_key: str | None = None,
     log_level: str = "info",
     access_log: bool = False,
+    log_limit: int = DEFAULT_LOG_LIMIT,
 ) -> None:
     """
     Run the server in the foreground until interrupted.
@@ -93,6 +95,7 @@ def serve(
             is generated at first start and printed once.
         log_level: The level of uvicorn's and the server's log messages.
         access_log: Log each request with its status and duration.
+        log_limit: Bytes of job output kept per attempt (the oldest lines go).
     """
     import uvicorn
 
@@ -103,7 +106,7 @@ def serve(
             f"Generated the admin API key (shown only once): {generated}",
             file=sys.stderr,
         )
-    app: Any = create_app(store)
+    app: Any = create_app(store, log_limit=log_limit)
     if access_log:
         app = AccessLog(app)
     uvicorn.run(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import difflib
 import logging
 import re
@@ -51,6 +52,12 @@ from kelpie_sdk.models import (
     SyncSpec,
     User,
     WorkerReport,
+    format_timestamp,
+)
+from kelpie_sdk.server._logs import (
+    DEFAULT_LOG_LIMIT,
+    IncomingLine,
+    JobLogs,
 )
 from kelpie_sdk.server._store import Principal, ReportOutcome, Store
 
@@ -379,6 +386,15 @@ class _State:
     #: Wakes ``GET /jobs/{id}/status`` long polls when a job changes.
     jobs: _Waker = attrs.field(factory=_Waker)
     keys: dict[str, tuple[Principal, float]] = attrs.field(factory=dict)
+    #: The job log table; set by ``create_app``.
+    logs: JobLogs | None = None
+    #: Wakes ``GET /jobs/{id}/logs?follow=true`` when lines arrive.
+    log_waker: _Waker = attrs.field(factory=_Waker)
+
+    @property
+    def job_logs(self) -> JobLogs:
+        assert self.logs is not None  # noqa: S101 - set by create_app
+        return self.logs
 
 
 def _state(request: Request[Any, Any, Any]) -> _State:
@@ -855,6 +871,179 @@ async def holder_status(
             gone.cancel()
 
 
+# Job logs (optional addition) -----------------------------------------------------
+
+#: The most lines one ``POST /jobs/{id}/logs`` may carry.
+MAX_LOG_BATCH = 10_000
+#: The most lines one ``GET /jobs/{id}/logs`` returns.
+MAX_LOG_PAGE = 10_000
+#: How long ``GET /jobs/{id}/logs?follow=true`` waits for a line by default.
+DEFAULT_LOG_WAIT = 20.0
+
+
+@attrs.frozen
+class ShippedLine:
+    """
+    One line of a log batch: ``stream`` is ``stdout`` or ``stderr``,
+    ``time`` seconds since the epoch.
+    """
+
+    stream: str
+    time: float
+    line: str
+
+
+@attrs.frozen
+class LogBatch:
+    """
+    The body of ``POST /jobs/{id}/logs``: lines of one attempt, from its holder.
+
+    ``offset`` is the worker's number for the first line (it numbers every
+    line of the attempt from 0, counting the lines it dropped).
+    """
+
+    machine_id: str
+    attempt: int
+    offset: int
+    lines: list[ShippedLine]
+    container_group_id: str = ""
+
+
+@post("/jobs/{job_id:str}/logs", status_code=200)
+async def ship_logs(
+    request: Request[Any, Any, Any],
+    job_id: FromPath[str],
+    data: JSONBody[LogBatch],
+    principal: NamedDependency[Principal],
+) -> Response[dict[str, int]]:
+    """
+    The holder appends a batch of its attempt's output lines.
+
+    Accepted from the machine and attempt that the job names, whatever its
+    status (the last lines may follow the final report); 409 from anyone else.
+    A batch already stored (same ``offset``) is not stored twice.
+    """
+    batch = _strict(await _raw_json(request), LogBatch)
+    if not batch.machine_id:
+        raise HTTPProblem(400, "Bad Request", "machine_id must not be empty")
+    if batch.offset < 0 or batch.attempt < 1:
+        raise HTTPProblem(400, "Bad Request", "offset must be >= 0 and attempt >= 1")
+    if len(batch.lines) > MAX_LOG_BATCH:
+        raise HTTPProblem(
+            400,
+            "Bad Request",
+            f"a batch carries at most {MAX_LOG_BATCH} lines; send more batches",
+        )
+    for item in batch.lines:
+        if item.stream not in ("stdout", "stderr"):
+            raise HTTPProblem(
+                400,
+                "Bad Request",
+                f"stream must be 'stdout' or 'stderr', got {item.stream!r}",
+            )
+    state = _state(request)
+    outcome = state.job_logs.append(
+        job_id=job_id,
+        user_id=principal.user_id,
+        machine_id=batch.machine_id,
+        attempt=batch.attempt,
+        offset=batch.offset,
+        lines=[
+            IncomingLine(item.stream, int(item.time * 1000), item.line)
+            for item in batch.lines
+        ],
+    )
+    if outcome == "not_found":
+        raise _not_found()
+    if outcome == "not_holder":
+        raise HTTPProblem(
+            409,
+            "Conflict",
+            "cannot store logs: this machine and attempt are not the job's latest",
+        )
+    state.log_waker.notify(job_id)
+    return _json({"accepted": len(batch.lines)})
+
+
+@get("/jobs/{job_id:str}/logs")
+async def read_logs(
+    request: Request[Any, Any, Any],
+    job_id: FromPath[str],
+    principal: NamedDependency[Principal],
+    attempt: FromQuery[int | None] = None,
+    since: FromQuery[int] = 0,
+    limit: FromQuery[int] = 1000,
+    follow: FromQuery[bool] = False,
+    wait: FromQuery[float | None] = None,
+) -> Response[dict[str, Any]]:
+    """
+    A job's output lines after the cursor ``since``, oldest first:
+    ``{"lines": [{"seq", "attempt", "stream", "time", "line"}], "next": cursor,
+    "more": bool, "finished": bool}``.
+
+    Pass ``next`` as ``since`` to read on. ``more`` says that lines are left
+    now; ``finished`` that the job is in a final state and every line has
+    been returned. With ``follow=true`` an empty answer is held up to
+    ``wait`` seconds (default 20, up to 60) until lines arrive or the job
+    ends.
+    """
+    if limit < 1 or limit > MAX_LOG_PAGE:
+        raise HTTPProblem(
+            400, "Bad Request", f"limit must be between 1 and {MAX_LOG_PAGE}"
+        )
+    if since < 0:
+        raise HTTPProblem(400, "Bad Request", "since must not be negative")
+    if wait is not None and not 0 <= wait <= MAX_LONG_POLL:
+        raise HTTPProblem(
+            400, "Bad Request", f"wait must be between 0 and {MAX_LONG_POLL:g} seconds"
+        )
+    state = _state(request)
+    deadline = time.monotonic() + (
+        (DEFAULT_LOG_WAIT if wait is None else wait) if follow else 0.0
+    )
+    gone: asyncio.Task[None] | None = None
+    try:
+        while True:
+            job = state.store.get_job(principal, job_id)
+            if job is None:
+                raise _not_found()
+            lines = state.job_logs.read(
+                job_id, attempt=attempt, since=since, limit=limit
+            )
+            remaining = deadline - time.monotonic()
+            if lines or job.finished or remaining <= 0:
+                break
+            gone = gone or asyncio.ensure_future(_disconnect(request))
+            wake = asyncio.ensure_future(state.log_waker.wait((job_id,), remaining))
+            await asyncio.wait({gone, wake}, return_when=asyncio.FIRST_COMPLETED)
+            if gone.done():
+                wake.cancel()
+                break
+    finally:
+        if gone is not None:
+            gone.cancel()
+    more = len(lines) == limit
+    return _json(
+        {
+            "lines": [
+                {
+                    "seq": line.seq,
+                    "attempt": line.attempt,
+                    "stream": line.stream,
+                    "time": format_timestamp(
+                        dt.datetime.fromtimestamp(line.time_ms / 1000, dt.UTC)
+                    ),
+                    "line": line.line,
+                }
+                for line in lines
+            ],
+            "next": lines[-1].seq if lines else since,
+            "more": more,
+            "finished": job.finished and not more,
+        }
+    )
+
+
 # Scaling rules -------------------------------------------------------------------
 
 
@@ -1137,13 +1326,16 @@ def _openapi_config() -> OpenAPIConfig:
     )
 
 
-def create_app(store: Store, *, debug: bool = False) -> Litestar:
+def create_app(
+    store: Store, *, debug: bool = False, log_limit: int = DEFAULT_LOG_LIMIT
+) -> Litestar:
     """
     Build the Kelpie API application around a store.
 
     Args:
         store: The store (schema already migrated).
         debug: Litestar debug mode (tracebacks in responses).
+        log_limit: Bytes of output lines kept per job attempt (the oldest go).
     """
     handlers: Sequence[Any] = [
         submit_job,
@@ -1160,6 +1352,8 @@ def create_app(store: Store, *, debug: bool = False) -> Litestar:
         release,
         report_progress,
         holder_status,
+        ship_logs,
+        read_logs,
         create_rule,
         list_rules,
         get_rule,
@@ -1188,6 +1382,9 @@ def create_app(store: Store, *, debug: bool = False) -> Litestar:
         openapi_config=_openapi_config(),
         debug=debug,
     )
-    app.state.kelpie = state = _State(store=store)
+    app.state.kelpie = state = _State(
+        store=store,
+        logs=JobLogs(store.engine, limit=log_limit),
+    )
     store.on_available(state.waker.notify)
     return app

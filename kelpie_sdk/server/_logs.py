@@ -1,0 +1,285 @@
+"""
+Job logs: the lines each attempt of a job wrote, as the worker ships them.
+
+The worker sends batches of lines (``POST /jobs/{id}/logs``); each line gets a
+``seq`` that orders all lines and is the reader's cursor. Each attempt keeps at
+most ``limit`` bytes of lines: on insert, its oldest lines beyond the bound are
+deleted. Lines go when their job does (the store's delete paths remove them).
+
+Each batch carries ``offset``, the worker's number for its first line (the
+worker numbers every line of an attempt, including lines it had to drop). The
+server skips lines it already has (a batch sent again after a lost answer) and
+records a gap as a ``kelpie`` line saying how many lines the worker dropped.
+
+Portable SQLAlchemy Core: runs the same on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import attrs
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from kelpie_sdk.server._db import JOB_LOG_ATTEMPTS, JOB_LOGS, JOBS
+
+__all__ = [
+    "DEFAULT_LOG_LIMIT",
+    "MAX_LINE_CHARS",
+    "STREAMS",
+    "IncomingLine",
+    "JobLogs",
+    "StoredLine",
+    "delete_all_logs",
+    "delete_logs_of",
+]
+
+#: Bytes of lines kept per attempt unless configured otherwise (1 MiB).
+DEFAULT_LOG_LIMIT = 1024 * 1024
+#: Longer lines are cut to this many characters.
+MAX_LINE_CHARS = 16 * 1024
+#: The streams a line may come from; ``kelpie`` lines are the system's notes.
+STREAMS = frozenset({"stdout", "stderr", "kelpie"})
+
+#: What a shipped batch found: stored, unknown job, or not from the attempt's holder.
+ShipOutcome = Literal["ok", "not_found", "not_holder"]
+
+
+@attrs.frozen
+class IncomingLine:
+    """
+    One line of a shipped batch.
+    """
+
+    stream: str
+    time_ms: int
+    line: str
+
+
+@attrs.frozen
+class StoredLine:
+    """
+    One stored line.
+    """
+
+    seq: int
+    attempt: int
+    stream: str
+    time_ms: int
+    line: str
+
+
+def delete_logs_of(conn: sa.Connection, job_ids: sa.Select[tuple[str]]) -> None:
+    """
+    Delete the logs of the jobs a subquery selects (inside the caller's
+    transaction, before the jobs themselves go).
+    """
+    conn.execute(JOB_LOGS.delete().where(JOB_LOGS.c.job_id.in_(job_ids)))
+    conn.execute(
+        JOB_LOG_ATTEMPTS.delete().where(JOB_LOG_ATTEMPTS.c.job_id.in_(job_ids))
+    )
+
+
+def delete_all_logs(conn: sa.Connection) -> None:
+    """
+    Delete every job's logs (inside the caller's transaction).
+    """
+    conn.execute(JOB_LOGS.delete())
+    conn.execute(JOB_LOG_ATTEMPTS.delete())
+
+
+class JobLogs:
+    """
+    The job log table's queries.
+
+    Args:
+        engine: The store's engine (schema migrated).
+        limit: Bytes of lines kept per attempt.
+    """
+
+    def __init__(self, engine: Engine, *, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"the log limit must be at least 1 byte, got {limit}")
+        self.engine = engine
+        self.limit = limit
+
+    def append(
+        self,
+        *,
+        job_id: str,
+        user_id: str,
+        machine_id: str,
+        attempt: int,
+        offset: int,
+        lines: Sequence[IncomingLine],
+    ) -> ShipOutcome:
+        """
+        Store a batch from the machine that holds (or last held) the attempt.
+
+        A batch is accepted from the machine and attempt the job names, in any
+        status: the last lines of an attempt may arrive just after the worker
+        reported its end. A canceled job, or one claimed again, refuses it.
+        """
+        with self.engine.begin() as conn:
+            job = (
+                conn.execute(
+                    sa.select(JOBS.c.machine_id, JOBS.c.attempt).where(
+                        JOBS.c.id == job_id, JOBS.c.user_id == user_id
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            if job is None:
+                return "not_found"
+            if job["machine_id"] != machine_id or job["attempt"] != attempt:
+                return "not_holder"
+            key = (JOB_LOG_ATTEMPTS.c.job_id == job_id) & (
+                JOB_LOG_ATTEMPTS.c.attempt == attempt
+            )
+            counters = (
+                conn.execute(
+                    sa.select(
+                        JOB_LOG_ATTEMPTS.c.bytes,
+                        JOB_LOG_ATTEMPTS.c.next_line,
+                        JOB_LOG_ATTEMPTS.c.dropped,
+                        JOB_LOG_ATTEMPTS.c.trimmed,
+                    )
+                    .where(key)
+                    .with_for_update()
+                )
+                .mappings()
+                .first()
+            )
+            if counters is None:
+                size, next_line, dropped, trimmed = 0, 0, 0, 0
+                conn.execute(
+                    JOB_LOG_ATTEMPTS.insert().values(
+                        job_id=job_id,
+                        attempt=attempt,
+                        bytes=0,
+                        next_line=0,
+                        dropped=0,
+                        trimmed=0,
+                    )
+                )
+            else:
+                size, next_line, dropped, trimmed = (
+                    counters["bytes"],
+                    counters["next_line"],
+                    counters["dropped"],
+                    counters["trimmed"],
+                )
+            fresh = lines[max(0, next_line - offset) :]
+            end = offset + len(lines)
+            if not fresh:
+                return "ok"
+            rows = []
+            gap = offset - next_line
+            if gap > 0:
+                note = (
+                    f"[kelpie] {gap} line{'s' if gap != 1 else ''} dropped on the "
+                    "worker (the server was slow or unreachable)"
+                )
+                rows.append(
+                    self._row(job_id, attempt, "kelpie", fresh[0].time_ms, note)
+                )
+                dropped += gap
+            rows.extend(
+                self._row(job_id, attempt, item.stream, item.time_ms, item.line)
+                for item in fresh
+            )
+            conn.execute(JOB_LOGS.insert(), rows)
+            size += sum(int(r["size"]) for r in rows)
+            if size > self.limit:
+                removed, freed = self._trim(conn, job_id, attempt, size - self.limit)
+                size -= freed
+                trimmed += removed
+            conn.execute(
+                JOB_LOG_ATTEMPTS.update()
+                .where(key)
+                .values(
+                    bytes=size,
+                    next_line=max(next_line, end),
+                    dropped=dropped,
+                    trimmed=trimmed,
+                )
+            )
+        return "ok"
+
+    @staticmethod
+    def _row(
+        job_id: str, attempt: int, stream: str, time_ms: int, line: str
+    ) -> dict[str, Any]:
+        line = line[:MAX_LINE_CHARS]
+        return {
+            "job_id": job_id,
+            "attempt": attempt,
+            "stream": stream,
+            "time": time_ms,
+            "line": line,
+            "size": len(line.encode("utf-8", errors="replace")) + 1,
+        }
+
+    @staticmethod
+    def _trim(
+        conn: sa.Connection, job_id: str, attempt: int, excess: int
+    ) -> tuple[int, int]:
+        """
+        Delete an attempt's oldest lines until ``excess`` bytes are freed.
+
+        Returns:
+            (lines deleted, bytes freed).
+        """
+        where = (JOB_LOGS.c.job_id == job_id) & (JOB_LOGS.c.attempt == attempt)
+        removed = freed = 0
+        cut: int | None = None
+        result = conn.execute(
+            sa.select(JOB_LOGS.c.seq, JOB_LOGS.c.size)
+            .where(where)
+            .order_by(JOB_LOGS.c.seq)
+            .execution_options(yield_per=2000)
+        )
+        for seq, size in result:
+            cut = seq
+            removed += 1
+            freed += size
+            if freed >= excess:
+                break
+        result.close()
+        if cut is not None:
+            conn.execute(JOB_LOGS.delete().where(where, JOB_LOGS.c.seq <= cut))
+        return removed, freed
+
+    def read(
+        self,
+        job_id: str,
+        *,
+        attempt: int | None,
+        since: int,
+        limit: int,
+    ) -> list[StoredLine]:
+        """
+        Up to ``limit`` lines of a job after the cursor ``since``, oldest first.
+        """
+        query = sa.select(
+            JOB_LOGS.c.seq,
+            JOB_LOGS.c.attempt,
+            JOB_LOGS.c.stream,
+            JOB_LOGS.c.time,
+            JOB_LOGS.c.line,
+        ).where(JOB_LOGS.c.job_id == job_id, JOB_LOGS.c.seq > since)
+        if attempt is not None:
+            query = query.where(JOB_LOGS.c.attempt == attempt)
+        query = query.order_by(JOB_LOGS.c.seq).limit(limit)
+        with (
+            self.engine.connect().execution_options(readonly=True) as conn,
+            conn.begin(),
+        ):
+            rows = conn.execute(query).all()
+        return [
+            StoredLine(seq=r[0], attempt=r[1], stream=r[2], time_ms=r[3], line=r[4])
+            for r in rows
+        ]
