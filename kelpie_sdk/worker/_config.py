@@ -28,6 +28,7 @@ Setting                        Environment variable             Default
 ``slots``                      ``KELPIE_SLOTS``                 1
 ``slot_gpus``                  ``KELPIE_SLOT_GPUS``             none
 ``log_level``                  ``KELPIE_LOG_LEVEL``             ``info``
+``ship_logs``                  ``KELPIE_SHIP_LOGS``             true
 =============================  ===============================  ==================
 """
 
@@ -133,6 +134,17 @@ def _float_env(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _bool_env(env: Mapping[str, str], name: str, *, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
 @attrs.frozen(kw_only=True)
 class SlotConfig:
     """
@@ -186,6 +198,8 @@ class WorkerConfig:
     slot_gpus: tuple[str, ...] | None = None
     log_level: str = "info"
     work_root: Path | None = None
+    #: Send each job's output to the server (``GET /jobs/{id}/logs``).
+    ship_logs: bool = True
 
     def __attrs_post_init__(self) -> None:
         if not self.container_group_id:
@@ -253,6 +267,7 @@ class WorkerConfig:
             "slots": _int_env(env, "KELPIE_SLOTS", 1, 1),
             "slot_gpus": parse_slot_gpus(env.get("KELPIE_SLOT_GPUS")),
             "log_level": env.get("KELPIE_LOG_LEVEL") or "info",
+            "ship_logs": _bool_env(env, "KELPIE_SHIP_LOGS", default=True),
         }
         for key, value in overrides.items():
             if key not in attrs.fields_dict(cls):

@@ -46,6 +46,7 @@ _FIELDS = {
     "slots": "slots",
     "slot_gpus": "slot_gpus",
     "log_level": "log_level",
+    "ship_logs": "ship_logs",
 }
 
 
@@ -118,6 +119,13 @@ def add_arguments(parser: argparse.ArgumentParser, *, api_options: bool = True) 
         "(KELPIE_SLOT_GPUS)",
     )
     a("--log-level", help="debug, info, warning, error (KELPIE_LOG_LEVEL, info)")
+    a(
+        "--ship-logs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="send each job's output to the server, for `kelpie jobs logs` "
+        "(KELPIE_SHIP_LOGS, true)",
+    )
 
 
 def build_parser(prog: str = "kelpie worker") -> argparse.ArgumentParser:
