@@ -713,3 +713,57 @@ def test_jobs_list_piped_is_readable(
         )
     assert 0 == result.returncode, result.stderr
     _assert_rows_readable((tmp_path / "out.txt").read_text(), ids, 80)
+
+
+def _ship(client: Client, job_id: str, attempt: int, *lines: tuple[str, str]) -> None:
+    client.ship_logs(
+        job_id,
+        machine_id="m",
+        attempt=attempt,
+        offset=0,
+        lines=[{"stream": s, "time": 1.7e9, "line": text} for s, text in lines],
+    )
+
+
+def test_jobs_logs_prints_each_stream_where_it_belongs(
+    kelpie: Run,
+    client: Client,
+    container_group_id: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """stdout lines on stdout, stderr lines and attempt headers on stderr."""
+    [job_id] = submit(client, container_group_id)
+    claimed = client.claim_work(machine_id="m", container_group_id=container_group_id)
+    assert claimed is not None
+    _ship(client, job_id, 1, ("stdout", "out 1"), ("stderr", "err 1"))
+    client.release(
+        job_id, WorkerReport(machine_id="m", container_group_id=container_group_id)
+    )
+    client.claim_work(machine_id="m", container_group_id=container_group_id)
+    _ship(client, job_id, 2, ("stdout", "out 2"))
+    assert 0 == kelpie("jobs", "logs", job_id)
+    assert "out 1\nout 2\n" == kelpie.out
+    assert "--- attempt 1 ---\nerr 1\n--- attempt 2 ---\n" == capsys.readouterr().err
+    assert 0 == kelpie("jobs", "logs", job_id, "--attempt", "2", "--timestamps")
+    assert "2023-11-14 22:13:20 out 2\n" == kelpie.out
+    assert 0 == kelpie("jobs", "logs", job_id, "--json")
+    assert [(1, "stdout", "out 1"), (1, "stderr", "err 1"), (2, "stdout", "out 2")] == [
+        (x["attempt"], x["stream"], x["line"])
+        for x in map(json.loads, kelpie.out.splitlines())
+    ]
+
+
+def test_jobs_logs_follow_ends_with_the_job(
+    kelpie: Run, client: Client, container_group_id: str
+) -> None:
+    """-f returns once the job is final; an unknown job is an error."""
+    [job_id] = submit(client, container_group_id)
+    client.claim_work(machine_id="m", container_group_id=container_group_id)
+    _ship(client, job_id, 1, ("stdout", "done soon"))
+    client.report_completed(
+        job_id,
+        WorkerReport(machine_id="m", container_group_id=container_group_id, attempt=1),
+    )
+    assert 0 == kelpie("jobs", "logs", "-f", job_id)
+    assert "done soon\n" == kelpie.out
+    assert 0 != kelpie("jobs", "logs", str(uuid.uuid4()))
