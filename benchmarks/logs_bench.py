@@ -1,0 +1,322 @@
+"""
+What shipping job logs costs, each figure beside a baseline from the same run.
+
+    .venv/bin/python benchmarks/logs_bench.py [--runs 3] [--seconds 3] \
+        [--jobs 3000] [--json out.json]
+
+1. ``job``: a job that computes and prints 10,000 lines/s (100 lines every
+   ~10 ms of CPU work, 80 characters each), run by a worker with log shipping
+   on and by one with it off (``KELPIE_SHIP_LOGS=false``), alternately,
+   ``--runs`` times each. The figure is the job's own wall time, on over off
+   (medians).
+2. ``claim+complete``: the server's claim+complete throughput over HTTP (as in
+   ``server_bench.py``), without and with 50 running jobs shipping 100 lines
+   each per second (5,000 lines/s, one batch per job per second, as workers
+   send them) from another process. The figure is with over without.
+
+The server runs as its own process (SQLite); everything is on 127.0.0.1 and
+shares this machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from server_bench import (
+    ADMIN_KEY,
+    GROUP,
+    Conn,
+    _claim_complete_loop,
+    _free_port,
+    _run_clients,
+    _submit,
+)
+
+PY = sys.executable
+
+#: The job: CPU work with 100 printed lines per ~10 ms tick (its own
+#: calibration, before its clock starts).
+JOB = r"""
+import os, sys, time
+
+def calibrate():
+    # Loop iterations for about 8 ms of work here (printing 100 lines takes
+    # most of the rest of a 10 ms tick).
+    spin = 10_000
+    while True:
+        t0 = time.perf_counter()
+        acc = 0
+        for i in range(spin):
+            acc += i * i
+        took = time.perf_counter() - t0
+        if took > 0.02:
+            return max(1, int(spin * 0.008 / took))
+        spin *= 2
+
+def main(ticks, spin):
+    out = sys.stdout
+    pad = "x" * 70
+    n = 0
+    for tick in range(ticks):
+        acc = 0
+        for i in range(spin):
+            acc += i * i
+        for _ in range(100):
+            out.write(f"{n:08d} {pad}\n")
+            n += 1
+        out.flush()
+
+spin = calibrate()
+t0 = time.perf_counter()
+main(int(sys.argv[1]), spin)
+elapsed = time.perf_counter() - t0
+with open(os.environ["BENCH_RESULT"], "w") as f:
+    f.write(f"{elapsed:.6f}")
+"""
+
+
+@contextmanager
+def _server(tmp: Path) -> Iterator[tuple[int, str]]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "kelpie_sdk.server",
+            "--port",
+            str(port),
+            "--database",
+            f"sqlite:///{tmp}/server.db",
+        ],
+        env={**os.environ, "KELPIE_ADMIN_KEY": ADMIN_KEY},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield port, f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@contextmanager
+def _worker(url: str, home: Path, group: str, ship: bool) -> Iterator[None]:
+    home.mkdir(parents=True, exist_ok=True)
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("KELPIE_", "SALAD_"))
+    }
+    env.update(
+        KELPIE_API_URL=url,
+        KELPIE_API_KEY=ADMIN_KEY,
+        SALAD_CONTAINER_GROUP_ID=group,
+        SALAD_MACHINE_ID=f"bench-{home.name}",
+        KELPIE_STATE_FILE=str(home / "state.json"),
+        INPUT_DIR=str(home / "in"),
+        OUTPUT_DIR=str(home / "out"),
+        CHECKPOINT_DIR=str(home / "ck"),
+        KELPIE_LOG_LEVEL="warning",
+        KELPIE_SHIP_LOGS="true" if ship else "false",
+    )
+    with (home / "worker.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [PY, "-m", "kelpie_sdk.worker"], env=env, stdout=log, stderr=log, cwd=home
+        )
+    try:
+        time.sleep(2.0)
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def bench_job(runs: int, seconds: float, tmp: Path) -> dict[str, Any]:
+    """The printing job's wall time with shipping on and off."""
+    from kelpie_sdk.client import Client
+
+    ticks = int(seconds * 100)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    lines: dict[bool, int] = {True: 0, False: 0}
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    with (
+        _server(tmp) as (_, url),
+        Client(url, ADMIN_KEY) as client,
+        _worker(url, tmp / "on", "g-on", ship=True),
+        _worker(url, tmp / "off", "g-off", ship=False),
+    ):
+        for run in range(runs * 2):
+            ship = run % 2 == 1
+            result = tmp / f"result-{run}"
+            job = client.submit_job(
+                command=PY,
+                arguments=["-c", JOB, str(ticks)],
+                environment={"BENCH_RESULT": str(result)},
+                container_group_id="g-on" if ship else "g-off",
+                sync={},
+                heartbeat_interval=30,
+            )
+            client.wait(job, timeout=300, poll_interval=0.2)
+            times[ship].append(float(result.read_text()))
+            rates[ship].append(ticks * 100 / times[ship][-1])
+            lines[ship] = sum(1 for _ in client.logs(job.id))
+    on, off = statistics.median(times[True]), statistics.median(times[False])
+    return {
+        "lines_per_s_off": statistics.median(rates[False]),
+        "job_seconds_on": times[True],
+        "job_seconds_off": times[False],
+        "lines_stored_per_job_on": lines[True],
+        "ratio": on / off,
+    }
+
+
+def _ship_loop(
+    port: int, jobs: list[tuple[str, str]], lines: int, stop: Any, out: Any
+) -> None:
+    conn = Conn(port)
+    pad = "y" * 70
+    offsets = dict.fromkeys((j for j, _ in jobs), 0)
+    sent = 0
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        for job_id, machine in jobs:
+            batch = [
+                {"stream": "stdout", "time": time.time(), "line": f"{i:08d} {pad}"}
+                for i in range(offsets[job_id], offsets[job_id] + lines)
+            ]
+            status, _ = conn.call(
+                "POST",
+                f"/jobs/{job_id}/logs",
+                {
+                    "machine_id": machine,
+                    "attempt": 1,
+                    "offset": offsets[job_id],
+                    "lines": batch,
+                },
+            )
+            assert status == 200, status
+            offsets[job_id] += lines
+            sent += lines
+        stop.wait(max(0.0, 1.0 - (time.perf_counter() - t0)))
+    out.put(sent)
+
+
+def _claim_complete(port: int, jobs: int, clients: int) -> float:
+    _submit(port, jobs)
+    done, t = _run_clients(
+        _claim_complete_loop, [(port, f"m{i}") for i in range(clients)]
+    )
+    assert done == jobs, done
+    return done / t
+
+
+def bench_server(jobs: int, clients: int, tmp: Path) -> dict[str, Any]:
+    """claim+complete jobs/s without and with 50 jobs shipping logs."""
+    with _server(tmp) as (port, _):
+        base = _claim_complete(port, jobs, clients)
+        conn = Conn(port)
+        _submit(port, 50, heartbeat_interval=3600)
+        running = []
+        for i in range(50):
+            machine = f"ship{i}"
+            _, got = conn.call(
+                "GET", f"/work?machine_id={machine}&container_group_id={GROUP}"
+            )
+            running.append((got[0]["id"], machine))
+        ctx = multiprocessing.get_context("spawn")
+        stop, out = ctx.Event(), ctx.Queue()
+        shipper = ctx.Process(target=_ship_loop, args=(port, running, 100, stop, out))
+        shipper.start()
+        time.sleep(2.0)
+        started = time.perf_counter()
+        loaded = _claim_complete(port, jobs, clients)
+        stop.set()
+        shipped = out.get(timeout=60)
+        shipping_s = time.perf_counter() - started
+        shipper.join()
+        base2 = _claim_complete(port, jobs, clients)
+    baseline = (base + base2) / 2
+    return {
+        "claim_complete_without": [base, base2],
+        "claim_complete_with_logs": loaded,
+        "lines_shipped_per_s": shipped / (shipping_s + 2.0),
+        "ratio": loaded / baseline,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--jobs", type=int, default=3000)
+    parser.add_argument("--clients", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+        job = bench_job(args.runs, args.seconds, Path(a))
+        server = bench_server(args.jobs, args.clients, Path(b))
+    print("logs benchmark (SQLite, all on 127.0.0.1)")
+    print(
+        f"  job printing 10,000 lines/s, wall time shipping on / off "
+        f"(median of {args.runs}):  {job['ratio']:.3f}"
+    )
+    print(f"    the job printed {job['lines_per_s_off']:.0f} lines/s without shipping")
+    print(
+        "    on:  " + ", ".join(f"{t:.2f}" for t in job["job_seconds_on"]) + " s;"
+        " off: " + ", ".join(f"{t:.2f}" for t in job["job_seconds_off"]) + " s"
+    )
+    print(
+        f"  claim+complete with 50 jobs shipping logs / without:     "
+        f"{server['ratio']:.3f}"
+    )
+    print(
+        f"    without: {server['claim_complete_without'][0]:.0f} and "
+        f"{server['claim_complete_without'][1]:.0f} jobs/s; with: "
+        f"{server['claim_complete_with_logs']:.0f} jobs/s while "
+        f"{server['lines_shipped_per_s']:.0f} lines/s were shipped"
+    )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "benchmark": "logs",
+                    "machine": f"{platform.machine()} {os.cpu_count()} cpu",
+                    "python": platform.python_version(),
+                    "job": job,
+                    "server": server,
+                },
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
