@@ -158,9 +158,11 @@ class LogShipper:
         Send what is left (waiting at most ``timeout`` seconds), then stop.
 
         Call once the child's output is drained. Lines still unsent after the
-        timeout are dropped.
+        timeout are dropped. Calling it again does nothing.
         """
         with self._lock:
+            if self._closed and self._done.is_set():
+                return
             self._closed = True
         self._stopped.set()
         self._wake.set()
