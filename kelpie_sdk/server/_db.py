@@ -132,8 +132,10 @@ JOB_BANS = sa.Table(
     sa.Column("created", sa.BigInteger, nullable=False),
 )
 
-#: Each job attempt's output, one row per line; ``seq`` orders all lines and is
-#: the cursor of ``GET /jobs/{id}/logs``.
+#: Each job attempt's output: one row per batch the worker sent (thousands of
+#: lines a second cost a few rows, not thousands). ``data`` is a JSON array of
+#: ``[stream, time_ms, line]``; line ``i`` of a row is number ``skip + i`` in
+#: it, and ``seq * 65536 + skip + i`` is its cursor in ``GET /jobs/{id}/logs``.
 JOB_LOGS = sa.Table(
     "job_logs",
     METADATA,
@@ -145,11 +147,12 @@ JOB_LOGS = sa.Table(
     ),
     sa.Column("job_id", sa.String(36), nullable=False),
     sa.Column("attempt", sa.Integer, nullable=False),
-    sa.Column("stream", sa.String(8), nullable=False),
-    sa.Column("time", sa.BigInteger, nullable=False),
-    sa.Column("line", sa.Text, nullable=False),
-    # The line's length in UTF-8 bytes, summed to keep each attempt's bound.
+    # Lines trimmed from the front of this batch (the oldest of the attempt).
+    sa.Column("skip", sa.Integer, nullable=False),
+    sa.Column("count", sa.Integer, nullable=False),
+    # The lines' UTF-8 bytes, each plus one, summed to keep each attempt's bound.
     sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("data", sa.Text, nullable=False),
     sa.Index("ix_job_logs_job_seq", "job_id", "seq"),
     sa.Index("ix_job_logs_job_attempt_seq", "job_id", "attempt", "seq"),
 )

@@ -1,10 +1,13 @@
 """
 Job logs: the lines each attempt of a job wrote, as the worker ships them.
 
-The worker sends batches of lines (``POST /jobs/{id}/logs``); each line gets a
-``seq`` that orders all lines and is the reader's cursor. Each attempt keeps at
-most ``limit`` bytes of lines: on insert, its oldest lines beyond the bound are
-deleted. Lines go when their job does (the store's delete paths remove them).
+The worker sends batches of lines (``POST /jobs/{id}/logs``); each batch is
+stored as one row (its lines as a JSON array), which keeps thousands of lines a
+second cheap. Each line gets a ``seq`` (its row's number times 65,536 plus its
+place in the row) that orders all lines and is the reader's cursor. Each
+attempt keeps at most ``limit`` bytes of lines: on insert, its oldest lines
+beyond the bound are deleted (whole rows, and the front of the oldest row
+kept). Lines go when their job does (the store's delete paths remove them).
 
 Each batch carries ``offset``, the worker's number for its first line (the
 worker numbers every line of an attempt, including lines it had to drop). The
@@ -17,9 +20,10 @@ Portable SQLAlchemy Core: runs the same on SQLite and PostgreSQL.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import attrs
+import msgspec
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
@@ -69,15 +73,6 @@ class StoredLine:
     stream: str
     time_ms: int
     line: str
-
-
-def _insert_sql(paramstyle: str) -> str:
-    mark = "?" if paramstyle == "qmark" else "%s"
-    marks = ", ".join([mark] * 6)
-    return (
-        "INSERT INTO job_logs (job_id, attempt, stream, time, line, size) "  # noqa: S608
-        f"VALUES ({marks})"
-    )
 
 
 def delete_logs_of(conn: sa.Connection, job_ids: sa.Select[tuple[str]]) -> None:
@@ -184,29 +179,33 @@ class JobLogs:
             end = offset + len(lines)
             if not fresh:
                 return "ok"
-            rows: list[tuple[Any, ...]] = []
+            data: list[tuple[str, int, str]] = []
             gap = offset - next_line
             if gap > 0:
                 note = (
                     f"[kelpie] {gap} line{'s' if gap != 1 else ''} dropped on the "
                     "worker (the server was slow or unreachable)"
                 )
-                rows.append(
-                    self._row(job_id, attempt, "kelpie", fresh[0].time_ms, note)
-                )
+                data.append(("kelpie", fresh[0].time_ms, note))
                 dropped += gap
-            rows.extend(
-                self._row(job_id, attempt, item.stream, item.time_ms, item.line)
+            data.extend(
+                (item.stream, item.time_ms, item.line[:MAX_LINE_CHARS])
                 for item in fresh
             )
-            # Straight to the driver: SQLAlchemy's per-row parameter handling
-            # costs more than the insert itself at thousands of lines a second.
-            conn.exec_driver_sql(_insert_sql(conn.dialect.paramstyle), rows)
-            size += sum(row[5] for row in rows)
-            if size > self.limit:
-                removed, freed = self._trim(
-                    conn, job_id, attempt, size - self.limit, len(rows)
+            added = sum(_size(line) for _, _, line in data)
+            conn.execute(
+                JOB_LOGS.insert().values(
+                    job_id=job_id,
+                    attempt=attempt,
+                    skip=0,
+                    count=len(data),
+                    size=added,
+                    data=_encode(data),
                 )
+            )
+            size += added
+            if size > self.limit:
+                removed, freed = self._trim(conn, job_id, attempt, size - self.limit)
                 size -= freed
                 trimmed += removed
             conn.execute(
@@ -222,22 +221,12 @@ class JobLogs:
         return "ok"
 
     @staticmethod
-    def _row(
-        job_id: str, attempt: int, stream: str, time_ms: int, line: str
-    ) -> tuple[Any, ...]:
-        line = line[:MAX_LINE_CHARS]
-        size = len(line.encode("utf-8", errors="replace")) + 1
-        return (job_id, attempt, stream, time_ms, line, size)
-
-    @staticmethod
     def _trim(
-        conn: sa.Connection, job_id: str, attempt: int, excess: int, hint: int
+        conn: sa.Connection, job_id: str, attempt: int, excess: int
     ) -> tuple[int, int]:
         """
-        Delete an attempt's oldest lines until ``excess`` bytes are freed.
-
-        Reads the oldest lines in slices of about ``hint`` (the lines just
-        added, about as many as go in the steady state).
+        Delete an attempt's oldest lines until ``excess`` bytes are freed:
+        whole rows first, then the front of the oldest row kept.
 
         Returns:
             (lines deleted, bytes freed).
@@ -245,25 +234,52 @@ class JobLogs:
         where = (JOB_LOGS.c.job_id == job_id) & (JOB_LOGS.c.attempt == attempt)
         removed = freed = 0
         cut = -1
-        step = max(hint + 16, 64)
-        while freed < excess:
+        partial: int | None = None
+        while freed < excess and partial is None:
             rows = conn.execute(
-                sa.select(JOB_LOGS.c.seq, JOB_LOGS.c.size)
+                sa.select(JOB_LOGS.c.seq, JOB_LOGS.c.count, JOB_LOGS.c.size)
                 .where(where, JOB_LOGS.c.seq > cut)
                 .order_by(JOB_LOGS.c.seq)
-                .limit(step)
+                .limit(16)
             ).all()
             if not rows:
                 break
-            for seq, size in rows:
-                cut = seq
-                removed += 1
-                freed += size
+            for seq, count, size in rows:
                 if freed >= excess:
                     break
-            step *= 2
-        if removed:
+                if freed + size <= excess:
+                    cut, removed, freed = seq, removed + count, freed + size
+                else:
+                    partial = seq
+                    break
+        if cut >= 0:
             conn.execute(JOB_LOGS.delete().where(where, JOB_LOGS.c.seq <= cut))
+        if partial is not None:
+            row = conn.execute(
+                sa.select(JOB_LOGS.c.skip, JOB_LOGS.c.data).where(
+                    JOB_LOGS.c.seq == partial
+                )
+            ).one()
+            data = _decode(row[1])
+            drop = 0
+            while freed < excess and drop < len(data):
+                freed += _size(data[drop][2])
+                drop += 1
+            removed += drop
+            rest = data[drop:]
+            if not rest:
+                conn.execute(JOB_LOGS.delete().where(JOB_LOGS.c.seq == partial))
+                return removed, freed
+            conn.execute(
+                JOB_LOGS.update()
+                .where(JOB_LOGS.c.seq == partial)
+                .values(
+                    skip=row[0] + drop,
+                    count=len(rest),
+                    size=sum(_size(line) for _, _, line in rest),
+                    data=_encode(rest),
+                )
+            )
         return removed, freed
 
     def read(
@@ -277,22 +293,50 @@ class JobLogs:
         """
         Up to ``limit`` lines of a job after the cursor ``since``, oldest first.
         """
-        query = sa.select(
-            JOB_LOGS.c.seq,
-            JOB_LOGS.c.attempt,
-            JOB_LOGS.c.stream,
-            JOB_LOGS.c.time,
-            JOB_LOGS.c.line,
-        ).where(JOB_LOGS.c.job_id == job_id, JOB_LOGS.c.seq > since)
-        if attempt is not None:
-            query = query.where(JOB_LOGS.c.attempt == attempt)
-        query = query.order_by(JOB_LOGS.c.seq).limit(limit)
+        out: list[StoredLine] = []
+        first = since >> _SEQ_BITS
         with (
             self.engine.connect().execution_options(readonly=True) as conn,
             conn.begin(),
         ):
-            rows = conn.execute(query).all()
-        return [
-            StoredLine(seq=r[0], attempt=r[1], stream=r[2], time_ms=r[3], line=r[4])
-            for r in rows
-        ]
+            while len(out) < limit:
+                query = sa.select(
+                    JOB_LOGS.c.seq,
+                    JOB_LOGS.c.attempt,
+                    JOB_LOGS.c.skip,
+                    JOB_LOGS.c.data,
+                ).where(JOB_LOGS.c.job_id == job_id, JOB_LOGS.c.seq >= first)
+                if attempt is not None:
+                    query = query.where(JOB_LOGS.c.attempt == attempt)
+                rows = conn.execute(query.order_by(JOB_LOGS.c.seq).limit(8)).all()
+                if not rows:
+                    break
+                for seq, row_attempt, skip, data in rows:
+                    base = (seq << _SEQ_BITS) + skip
+                    for i, (stream, time_ms, line) in enumerate(_decode(data)):
+                        if base + i > since and len(out) < limit:
+                            out.append(
+                                StoredLine(base + i, row_attempt, stream, time_ms, line)
+                            )
+                    first = seq + 1
+        return out
+
+
+#: Lines per row at most, as bits: a line's seq is its row's seq shifted by these.
+_SEQ_BITS = 16
+
+_ENCODER = msgspec.json.Encoder()
+_DECODER = msgspec.json.Decoder(list[tuple[str, int, str]])
+
+
+def _encode(data: list[tuple[str, int, str]]) -> str:
+    return _ENCODER.encode(data).decode()
+
+
+def _decode(text: str) -> list[tuple[str, int, str]]:
+    return _DECODER.decode(text)
+
+
+def _size(line: str) -> int:
+    """A line's cost against the bound: its UTF-8 bytes plus its line break."""
+    return len(line.encode("utf-8", errors="replace")) + 1

@@ -115,6 +115,11 @@ def test_append_dedupes_reports_gaps_and_trims(engine: sa.Engine) -> None:
     ] == [(x.stream, x.line) for x in kept]
     with engine.connect() as conn:
         row = conn.execute(sa.select(JOB_LOG_ATTEMPTS)).mappings().one()
+        stored = conn.execute(
+            sa.select(sa.func.sum(JOB_LOGS.c.size), sa.func.count())
+        ).one()
+    # The first batch ("aaaa", "bbbb") went whole; no empty row is left.
+    assert (117, 3) == tuple(stored)
     assert (7, 2, 2, 117) == (
         row["next_line"],
         row["dropped"],

@@ -1,5 +1,6 @@
 """
-Job logs: each attempt's output lines, and per-attempt counters.
+Job logs: each attempt's output, one row per shipped batch, and per-attempt
+counters.
 
 Revision ID: 0003_job_logs
 Revises: 0001
@@ -28,10 +29,10 @@ def upgrade() -> None:
         ),
         sa.Column("job_id", sa.String(36), nullable=False),
         sa.Column("attempt", sa.Integer, nullable=False),
-        sa.Column("stream", sa.String(8), nullable=False),
-        sa.Column("time", sa.BigInteger, nullable=False),
-        sa.Column("line", sa.Text, nullable=False),
+        sa.Column("skip", sa.Integer, nullable=False),
+        sa.Column("count", sa.Integer, nullable=False),
         sa.Column("size", sa.Integer, nullable=False),
+        sa.Column("data", sa.Text, nullable=False),
     )
     op.create_index("ix_job_logs_job_seq", "job_logs", ["job_id", "seq"])
     op.create_index(
