@@ -878,6 +878,8 @@ async def holder_status(
 MAX_LOG_BATCH = 10_000
 #: The most lines one ``GET /jobs/{id}/logs`` returns.
 MAX_LOG_PAGE = 10_000
+#: Line times from the year 5000 on are mistakes (seconds since the epoch).
+_MAX_LOG_TIME = 95_617_584_000.0
 #: How long ``GET /jobs/{id}/logs?follow=true`` waits for a line by default.
 DEFAULT_LOG_WAIT = 20.0
 
@@ -984,8 +986,12 @@ async def ship_logs(
         raise HTTPProblem(400, "Bad Request", f"malformed JSON: {exc}") from exc
     if not batch.machine_id:
         raise HTTPProblem(400, "Bad Request", "machine_id must not be empty")
-    if batch.offset < 0 or batch.attempt < 1:
-        raise HTTPProblem(400, "Bad Request", "offset must be >= 0 and attempt >= 1")
+    if not 0 <= batch.offset < 2**53 or not 1 <= batch.attempt < 2**31:
+        raise HTTPProblem(
+            400,
+            "Bad Request",
+            "offset must be between 0 and 2**53 - 1, attempt between 1 and 2**31 - 1",
+        )
     if len(batch.lines) > MAX_LOG_BATCH:
         raise HTTPProblem(
             400,
@@ -998,6 +1004,12 @@ async def ship_logs(
                 400,
                 "Bad Request",
                 f"stream must be 'stdout' or 'stderr', got {item.stream!r}",
+            )
+        if not 0 <= item.time < _MAX_LOG_TIME:
+            raise HTTPProblem(
+                400,
+                "Bad Request",
+                f"time must be seconds since the epoch, got {item.time!r}",
             )
     state = _state(request)
     outcome = state.job_logs.append(

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kelpie_sdk.client import Client
 from kelpie_sdk.errors import ConflictError, NotFoundError
@@ -322,3 +324,43 @@ def test_logs_go_with_their_job() -> None:
             _count(server.store, JOB_LOGS, jobs[1].id),
             _count(server.store, JOB_LOG_ATTEMPTS, jobs[1].id),
         )
+
+
+_odd_numbers = (
+    st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from([2**63, -(2**63) - 1, 1e308, -1e308])
+)
+
+
+@settings(max_examples=80, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    offset=st.just(0) | _odd_numbers,
+    attempt=st.just(1) | _odd_numbers,
+    lines=st.lists(
+        st.fixed_dictionaries(
+            {
+                "stream": st.sampled_from(["stdout", "stderr", "kelpie", ""]),
+                "time": _odd_numbers,
+                "line": st.text(max_size=20),
+            }
+        ),
+        max_size=3,
+    ),
+)
+def test_odd_batches_for_a_real_job_are_never_5xx(
+    api: Any, holder_job: str, offset: Any, attempt: Any, lines: Any
+) -> None:
+    """Huge, negative or fractional numbers in a batch are 4xx (or stored), never 5xx."""
+    r = api.post(
+        f"/jobs/{holder_job}/logs",
+        json={"machine_id": "m1", "attempt": attempt, "offset": offset, "lines": lines},
+    )
+    assert r.status_code < 500, r.text
+    assert r.status_code in (200, 400, 409), r.text
+
+
+@pytest.fixture
+def holder_job(api: Any, container_group_id: str) -> str:
+    """A job claimed by m1 (attempt 1)."""
+    return claimed_job(api, container_group_id)
