@@ -8,12 +8,14 @@ What shipping job logs costs, each figure beside a baseline from the same run.
    ~10 ms of CPU work, 80 characters each), run by a worker with log shipping
    on and by one with it off (``KELPIE_SHIP_LOGS=false``), alternately,
    ``--runs`` times each. The figure is the job's own wall time, on over off
-   (medians).
+   (medians), and the CPU time the worker and the server use meanwhile.
 2. ``claim+complete``: the server's claim+complete throughput over HTTP (as in
    ``server_bench.py``), without and with 50 running jobs shipping 100 lines
    each per second (5,000 lines/s, one batch per job per second, as workers
    send them) from another process, alternately, ``--runs`` times each. The
-   figure is with over without (medians).
+   figure is with over without (medians). As throughput on a shared machine
+   is noisy, the server's CPU time is also measured (``/proc``): the share of
+   its core that shipping takes is what a saturated server loses.
 
 The server runs as its own process (SQLite); everything is on 127.0.0.1 and
 shares this machine's cores.
@@ -94,7 +96,7 @@ with open(os.environ["BENCH_RESULT"], "w") as f:
 
 
 @contextmanager
-def _server(tmp: Path) -> Iterator[tuple[int, str]]:
+def _server(tmp: Path) -> Iterator[tuple[int, str, int]]:
     port = _free_port()
     proc = subprocess.Popen(
         [
@@ -120,14 +122,14 @@ def _server(tmp: Path) -> Iterator[tuple[int, str]]:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
-        yield port, f"http://127.0.0.1:{port}"
+        yield port, f"http://127.0.0.1:{port}", proc.pid
     finally:
         proc.terminate()
         proc.wait(timeout=30)
 
 
 @contextmanager
-def _worker(url: str, home: Path, group: str, ship: bool) -> Iterator[None]:
+def _worker(url: str, home: Path, group: str, ship: bool) -> Iterator[int]:
     home.mkdir(parents=True, exist_ok=True)
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("KELPIE_", "SALAD_"))
@@ -150,7 +152,7 @@ def _worker(url: str, home: Path, group: str, ship: bool) -> Iterator[None]:
         )
     try:
         time.sleep(2.0)
-        yield
+        yield proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -168,15 +170,19 @@ def bench_job(runs: int, seconds: float, tmp: Path) -> dict[str, Any]:
     times: dict[bool, list[float]] = {True: [], False: []}
     lines: dict[bool, int] = {True: 0, False: 0}
     rates: dict[bool, list[float]] = {True: [], False: []}
+    #: CPU seconds of the worker and the server per second of the job.
+    cpu: dict[bool, list[float]] = {True: [], False: []}
     with (
-        _server(tmp) as (_, url),
+        _server(tmp) as (_, url, server_pid),
         Client(url, ADMIN_KEY) as client,
-        _worker(url, tmp / "on", "g-on", ship=True),
-        _worker(url, tmp / "off", "g-off", ship=False),
+        _worker(url, tmp / "on", "g-on", ship=True) as on_pid,
+        _worker(url, tmp / "off", "g-off", ship=False) as off_pid,
     ):
         for run in range(runs * 2):
             ship = run % 2 == 1
             result = tmp / f"result-{run}"
+            pids = (on_pid if ship else off_pid, server_pid)
+            cpu0 = sum(_cpu_seconds(p) for p in pids)
             job = client.submit_job(
                 command=PY,
                 arguments=["-c", JOB, str(ticks)],
@@ -187,6 +193,9 @@ def bench_job(runs: int, seconds: float, tmp: Path) -> dict[str, Any]:
             )
             client.wait(job, timeout=300, poll_interval=0.2)
             times[ship].append(float(result.read_text()))
+            cpu[ship].append(
+                (sum(_cpu_seconds(p) for p in pids) - cpu0) / times[ship][-1]
+            )
             rates[ship].append(ticks * 100 / times[ship][-1])
             lines[ship] = sum(1 for _ in client.logs(job.id))
     on, off = statistics.median(times[True]), statistics.median(times[False])
@@ -196,6 +205,8 @@ def bench_job(runs: int, seconds: float, tmp: Path) -> dict[str, Any]:
         "job_seconds_off": times[False],
         "lines_stored_per_job_on": lines[True],
         "ratio": on / off,
+        "worker_and_server_cpu_on": statistics.median(cpu[True]),
+        "worker_and_server_cpu_off": statistics.median(cpu[False]),
     }
 
 
@@ -230,6 +241,12 @@ def _ship_loop(
     out.put(sent)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _claim_complete(port: int, jobs: int, clients: int) -> float:
     _submit(port, jobs)
     done, t = _run_clients(
@@ -244,7 +261,7 @@ def bench_server(jobs: int, clients: int, rounds: int, tmp: Path) -> dict[str, A
     without: list[float] = []
     with_logs: list[float] = []
     shipped_rates: list[float] = []
-    with _server(tmp) as (port, _):
+    with _server(tmp) as (port, _, pid):
         conn = Conn(port)
         _submit(port, 50, heartbeat_interval=3600)
         running = []
@@ -255,6 +272,21 @@ def bench_server(jobs: int, clients: int, rounds: int, tmp: Path) -> dict[str, A
             )
             running.append((got[0]["id"], machine))
         ctx = multiprocessing.get_context("spawn")
+        # CPU cost on the server, which contention from other processes does
+        # not change much: per claim+complete job, and per second of shipping.
+        cpu0 = _cpu_seconds(pid)
+        _claim_complete(port, jobs, clients)
+        cpu_per_job = (_cpu_seconds(pid) - cpu0) / jobs
+        stop, out = ctx.Event(), ctx.Queue()
+        shipper = ctx.Process(target=_ship_loop, args=(port, running, 100, stop, out))
+        shipper.start()
+        time.sleep(1.5)
+        cpu0, t0 = _cpu_seconds(pid), time.perf_counter()
+        time.sleep(10.0)
+        ship_cpu, ship_s = _cpu_seconds(pid) - cpu0, time.perf_counter() - t0
+        stop.set()
+        shipped_alone = out.get(timeout=60)
+        shipper.join()
         for _ in range(rounds):
             without.append(_claim_complete(port, jobs, clients))
             stop, out = ctx.Event(), ctx.Queue()
@@ -270,7 +302,14 @@ def bench_server(jobs: int, clients: int, rounds: int, tmp: Path) -> dict[str, A
                 out.get(timeout=60) / (time.perf_counter() - started + 1.5)
             )
             shipper.join()
+    ship_fraction = ship_cpu / ship_s
     return {
+        "server_cpu_ms_per_claim_complete": cpu_per_job * 1000,
+        "server_cpu_fraction_shipping": ship_fraction,
+        "server_cpu_us_per_line": ship_cpu
+        / (shipped_alone * ship_s / (ship_s + 1.5))
+        * 1e6,
+        "ratio_from_cpu": 1 - ship_fraction,
         "claim_complete_without": without,
         "claim_complete_with_logs": with_logs,
         "lines_shipped_per_s": statistics.median(shipped_rates),
@@ -300,6 +339,11 @@ def main() -> None:
         " off: " + ", ".join(f"{t:.2f}" for t in job["job_seconds_off"]) + " s"
     )
     print(
+        "    worker + server CPU per second of the job: "
+        f"{job['worker_and_server_cpu_on']:.3f} s with shipping, "
+        f"{job['worker_and_server_cpu_off']:.3f} s without"
+    )
+    print(
         f"  claim+complete with 50 jobs shipping logs / without (medians of "
         f"{args.runs}): "
         f"{server['ratio']:.3f}"
@@ -310,6 +354,12 @@ def main() -> None:
         + " jobs/s; with: "
         + ", ".join(f"{r:.0f}" for r in server["claim_complete_with_logs"])
         + f" jobs/s, while {server['lines_shipped_per_s']:.0f} lines/s were shipped"
+    )
+    print(
+        f"  from CPU time: shipping took {server['server_cpu_fraction_shipping']:.3f} "
+        f"of the server's core ({server['server_cpu_us_per_line']:.1f} us per line); "
+        f"a claim+complete {server['server_cpu_ms_per_claim_complete']:.2f} ms: "
+        f"a saturated server keeps {server['ratio_from_cpu']:.3f} of its throughput"
     )
     if args.json:
         args.json.write_text(
