@@ -216,11 +216,10 @@ class JobProcess:
                     except (OSError, ValueError):
                         pass
                 if on_line is not None:
+                    # A failing hook must not stop the pump (or the job with it).
                     try:
                         on_line(name, line)
-                    except (
-                        Exception
-                    ):  # pragma: no cover - a hook must not kill the pump
+                    except Exception:
                         logger.exception("job %s: the output hook failed", self.label)
         finally:
             stream.close()
