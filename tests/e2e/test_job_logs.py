@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from kelpie_sdk.client import Client
 from kelpie_sdk.models import JobStatus, LogLine
 
 from .conftest import GROUP, StartWorker, wait_for
+from .test_resilience import _Server
 
 pytestmark = pytest.mark.slow
 
@@ -138,3 +140,52 @@ def test_follow_from_another_thread_sees_the_worker_log_too(
     t.join(timeout=60)
     assert ["both places"] == got
     wait_for(lambda: f"[{job.id}] both places" in worker.log())
+
+
+@pytest.fixture
+def restartable(tmp_path: Path) -> Iterator[_Server]:
+    """A server subprocess that the test can kill and start again."""
+    server = _Server(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+    server.log.close()
+
+
+def test_an_api_outage_never_blocks_the_job_and_its_lines_arrive_later(
+    restartable: _Server, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    """The server is down for 4 s while the job prints: it prints on, nothing is lost."""
+    gaps = tmp_path / "max-gap"
+    script = f"""
+import time
+last = time.monotonic()
+worst = 0.0
+for n in range(200):
+    print(f"line {{n}}", flush=True)
+    now = time.monotonic()
+    worst, last = max(worst, now - last), now
+    time.sleep(0.05)
+open({str(gaps)!r}, "w").write(str(worst))
+"""
+    start_worker(KELPIE_API_URL=restartable.url, KELPIE_API_KEY=restartable.key)
+    with Client(restartable.url, restartable.key) as client:
+        job = client.submit_job(
+            command=PY,
+            arguments=["-c", script],
+            container_group_id=GROUP,
+            sync={},
+            heartbeat_interval=8,
+        )
+        wait_for(lambda: list(client.logs(job.id)))
+        restartable.stop()
+        time.sleep(4)
+        restartable.start()
+        done = wait_for(
+            lambda: (j := client.get_job(job.id)).status.finished and j, timeout=60
+        )
+        lines = [x.line for x in client.logs(job.id)]
+    assert JobStatus.COMPLETED == done.status
+    assert [f"line {n}" for n in range(200)] == lines
+    # The job's own loop never waited on the server (it sleeps 0.05 s a line).
+    assert float(gaps.read_text()) < 1.0
