@@ -767,3 +767,40 @@ def test_jobs_logs_follow_ends_with_the_job(
     assert 0 == kelpie("jobs", "logs", "-f", job_id)
     assert "done soon\n" == kelpie.out
     assert 0 != kelpie("jobs", "logs", str(uuid.uuid4()))
+
+
+def test_jobs_logs_into_a_closed_pipe_ends_quietly(
+    api_server: Any, user_key: str, client: Client, container_group_id: str
+) -> None:
+    """`kelpie jobs logs JOB | head -1` prints one line and no error."""
+    [job_id] = submit(client, container_group_id)
+    client.claim_work(machine_id="m", container_group_id=container_group_id)
+    client.ship_logs(
+        job_id,
+        machine_id="m",
+        attempt=1,
+        offset=0,
+        lines=[
+            {"stream": "stdout", "time": 1.7e9, "line": f"line {i} " + "x" * 200}
+            for i in range(4000)  # about 800 KiB: more than a pipe holds
+        ],
+    )
+    proc = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f"set -o pipefail; {sys.executable} -m kelpie_sdk jobs logs {job_id} "
+            "| head -1",
+        ],
+        env=dict(
+            os.environ,
+            KELPIE_API_URL=api_server.url,
+            KELPIE_API_KEY=user_key,
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (0, "line 0 " + "x" * 200 + "\n") == (proc.returncode, proc.stdout)
+    assert "--- attempt 1 ---\n" == proc.stderr

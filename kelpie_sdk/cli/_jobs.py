@@ -5,8 +5,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import os
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -471,9 +473,21 @@ def _logs(args: argparse.Namespace, ctx: Context) -> int:
     """
     Raw lines, so that they can be piped; ``--- attempt N ---`` goes to stderr
     where the attempt changes. With ``--json``: one JSON object per line.
+    A reader that goes away (``| head``) ends the command quietly.
     """
-    attempt: int | None = None
     stdout = ctx.console.file
+    try:
+        _print_logs(args, ctx, stdout)
+    except BrokenPipeError:
+        # Nothing more can be written; keep the interpreter's final flush quiet.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stdout.fileno())
+    return EXIT_OK
+
+
+def _print_logs(args: argparse.Namespace, ctx: Context, stdout: Any) -> None:
+    attempt: int | None = None
     lines = ctx.client().logs(args.job_id, follow=args.follow, attempt=args.attempt)
     for line in lines:
         if args.json:
@@ -488,4 +502,3 @@ def _logs(args: argparse.Namespace, ctx: Context) -> int:
         stamp = f"{format_time(line.time)} " if args.timestamps else ""
         out.write(f"{stamp}{line.line}\n")
         out.flush()
-    return EXIT_OK
