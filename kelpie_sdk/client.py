@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Self
 
 from kelpie_sdk._pagination import Paginator
@@ -38,6 +38,7 @@ from kelpie_sdk.models import (
     JobStatus,
     JobSubmission,
     JSONValue,
+    LogLine,
     ScalingRule,
     ScalingRuleSubmission,
     ScalingRuleUpdate,
@@ -52,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 #: Extra read time on top of a long-poll ``wait`` for ``claim_work``.
 CLAIM_WAIT_MARGIN = 5.0
+#: How long one ``GET /jobs/{id}/logs?follow=true`` may be held by the server.
+LOG_FOLLOW_WAIT = 20.0
 
 
 def _quote(segment: str) -> str:
@@ -572,6 +575,72 @@ class Client:
             if display is not None:
                 display.close()
 
+    def logs(
+        self,
+        job_id: str | Job,
+        *,
+        follow: bool = False,
+        attempt: int | None = None,
+        since: int = 0,
+        timeout: Timeout | None = None,
+    ) -> Iterator[LogLine]:
+        """
+        The lines the job's command wrote, oldest first, with their attempt,
+        stream and time.
+
+        The server keeps the last part of each attempt's output (1 MiB by
+        default); older lines are gone.
+
+        Args:
+            job_id: The job or its id.
+            follow: Keep yielding new lines as the worker sends them (about a
+                second behind the job), until the job reaches a final state.
+            attempt: Only this attempt's lines.
+            since: Only lines after this ``seq`` (a line's ``seq`` is a cursor).
+            timeout: Per request; a follow's long polls get 5 s more than the
+                server may hold them.
+
+        Yields:
+            :class:`~kelpie_sdk.models.LogLine` objects.
+
+        Raises:
+            NotFoundError: No such job (or not yours).
+        """
+        path = f"/jobs/{_quote(job_id.id if isinstance(job_id, Job) else job_id)}/logs"
+        limits = normalize_timeout(self.timeout if timeout is None else timeout)
+        if follow:
+            limits = (limits[0], max(limits[1], LOG_FOLLOW_WAIT + CLAIM_WAIT_MARGIN))
+        cursor = since
+        while True:
+            params: dict[str, str | int | float] = {"since": cursor}
+            if attempt is not None:
+                params["attempt"] = attempt
+            if follow:
+                params["follow"] = "true"
+                params["wait"] = f"{LOG_FOLLOW_WAIT:g}"
+            data = _expect_mapping(
+                self._request(
+                    "GET", path, params=params, idempotent=True, timeout=limits
+                ),
+                "GET /jobs/{id}/logs",
+            )
+            lines = [
+                LogLine.from_json(item)
+                for item in _expect_list(
+                    data.get("lines"), "GET /jobs/{id}/logs: lines"
+                )
+            ]
+            yield from lines
+            nxt = data.get("next")
+            if isinstance(nxt, int) and not isinstance(nxt, bool):
+                cursor = max(cursor, nxt)
+            elif lines:
+                cursor = lines[-1].seq
+            if data.get("more"):
+                continue
+            if not follow or data.get("finished"):
+                return
+
     def purge_container_group(
         self,
         container_group_id: str,
@@ -1014,6 +1083,52 @@ class Client:
             max_retries=max_retries,
         )
         return _job_status(data, "POST /jobs/{id}/progress")
+
+    def ship_logs(
+        self,
+        job_id: str,
+        *,
+        machine_id: str,
+        attempt: int,
+        offset: int,
+        lines: Sequence[Mapping[str, JSONValue]],
+        container_group_id: str = "",
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> int:
+        """
+        Worker: append a batch of the attempt's output lines.
+
+        Args:
+            machine_id: This machine (it must hold, or have last held, the job).
+            attempt: The claim's attempt.
+            offset: The number of the batch's first line among all the lines
+                this attempt wrote (counting lines dropped before sending).
+            lines: ``{"stream": "stdout"|"stderr", "time": <epoch seconds>,
+                "line": text}`` each.
+
+        Returns:
+            How many lines the server accepted.
+
+        Raises:
+            ConflictError: This machine and attempt no longer hold the job.
+        """
+        data = self._request(
+            "POST",
+            f"/jobs/{_quote(job_id)}/logs",
+            json_body={
+                "machine_id": machine_id,
+                "container_group_id": container_group_id,
+                "attempt": attempt,
+                "offset": offset,
+                "lines": list(lines),
+            },
+            idempotent=True,
+            timeout=timeout,
+            max_retries=max_retries,
+        )
+        accepted = _expect_mapping(data, "POST /jobs/{id}/logs").get("accepted")
+        return accepted if isinstance(accepted, int) else 0
 
     def holder_status(
         self,

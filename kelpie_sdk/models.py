@@ -33,6 +33,7 @@ __all__ = [
     "JobList",
     "JobStatus",
     "JobSubmission",
+    "LogLine",
     "ScalingRule",
     "ScalingRuleSubmission",
     "ScalingRuleUpdate",
@@ -950,4 +951,55 @@ class User:
             id=_req_str("User", m, "id"),
             username=_req_str("User", m, "username"),
             created=_req_time("User", m, "created"),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class LogLine:
+    """
+    One line a job's command wrote, as ``GET /jobs/{id}/logs`` returns it.
+
+    Attributes:
+        seq: The line's place among all the job's lines (the read cursor).
+        attempt: The attempt (claim) whose process wrote it.
+        stream: ``stdout``, ``stderr``, or ``kelpie`` for a note from the
+            system (for example, how many lines the worker had to drop).
+        time: When the worker read the line.
+        line: The text, without its line break.
+    """
+
+    seq: int
+    attempt: int
+    stream: str
+    time: dt.datetime
+    line: str
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """
+        The wire form.
+        """
+        return {
+            "seq": self.seq,
+            "attempt": self.attempt,
+            "stream": self.stream,
+            "time": format_timestamp(self.time),
+            "line": self.line,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> Self:
+        """
+        Parse a log line.
+
+        Raises:
+            ResponseValidationError: A field is missing or mistyped.
+        """
+        name = "LogLine"
+        m = _mapping(name, data)
+        return cls(
+            seq=_int(name, m, "seq", None),
+            attempt=_int(name, m, "attempt", None),
+            stream=_req_str(name, m, "stream"),
+            time=_req_time(name, m, "time"),
+            line=_req_str(name, m, "line"),
         )

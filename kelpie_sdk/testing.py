@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 import attrs
 
 from kelpie_sdk.server import Store, create_app, open_store
+from kelpie_sdk.server._logs import DEFAULT_LOG_LIMIT
 
 __all__ = ["ServerHandle", "run_server"]
 
@@ -50,6 +51,7 @@ def run_server(
     admin_key: str | None = None,
     clock: Callable[[], float] = time.time,
     metrics_public: bool = False,
+    log_limit: int | None = None,
 ) -> Iterator[ServerHandle]:
     """
     Run the API server on 127.0.0.1 on a free port until the block ends.
@@ -62,6 +64,7 @@ def run_server(
         clock: The server's clock (seconds since the epoch); tests pass a fake
             clock to expire leases without sleeping.
         metrics_public: Serve ``GET /metrics`` without a key.
+        log_limit: Bytes of job output kept per attempt; default 1 MiB.
     """
     import uvicorn
 
@@ -77,7 +80,11 @@ def run_server(
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         config = uvicorn.Config(
-            create_app(store, metrics_public=metrics_public),
+            create_app(
+                store,
+                metrics_public=metrics_public,
+                log_limit=DEFAULT_LOG_LIMIT if log_limit is None else log_limit,
+            ),
             log_level="warning",
             access_log=False,
             lifespan="off",

@@ -713,3 +713,94 @@ def test_jobs_list_piped_is_readable(
         )
     assert 0 == result.returncode, result.stderr
     _assert_rows_readable((tmp_path / "out.txt").read_text(), ids, 80)
+
+
+def _ship(client: Client, job_id: str, attempt: int, *lines: tuple[str, str]) -> None:
+    client.ship_logs(
+        job_id,
+        machine_id="m",
+        attempt=attempt,
+        offset=0,
+        lines=[{"stream": s, "time": 1.7e9, "line": text} for s, text in lines],
+    )
+
+
+def test_jobs_logs_prints_each_stream_where_it_belongs(
+    kelpie: Run,
+    client: Client,
+    container_group_id: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """stdout lines on stdout, stderr lines and attempt headers on stderr."""
+    [job_id] = submit(client, container_group_id)
+    claimed = client.claim_work(machine_id="m", container_group_id=container_group_id)
+    assert claimed is not None
+    _ship(client, job_id, 1, ("stdout", "out 1"), ("stderr", "err 1"))
+    client.release(
+        job_id, WorkerReport(machine_id="m", container_group_id=container_group_id)
+    )
+    client.claim_work(machine_id="m", container_group_id=container_group_id)
+    _ship(client, job_id, 2, ("stdout", "out 2"))
+    assert 0 == kelpie("jobs", "logs", job_id)
+    assert "out 1\nout 2\n" == kelpie.out
+    assert "--- attempt 1 ---\nerr 1\n--- attempt 2 ---\n" == capsys.readouterr().err
+    assert 0 == kelpie("jobs", "logs", job_id, "--attempt", "2", "--timestamps")
+    assert "2023-11-14 22:13:20 out 2\n" == kelpie.out
+    assert 0 == kelpie("jobs", "logs", job_id, "--json")
+    assert [(1, "stdout", "out 1"), (1, "stderr", "err 1"), (2, "stdout", "out 2")] == [
+        (x["attempt"], x["stream"], x["line"])
+        for x in map(json.loads, kelpie.out.splitlines())
+    ]
+
+
+def test_jobs_logs_follow_ends_with_the_job(
+    kelpie: Run, client: Client, container_group_id: str
+) -> None:
+    """-f returns once the job is final; an unknown job is an error."""
+    [job_id] = submit(client, container_group_id)
+    client.claim_work(machine_id="m", container_group_id=container_group_id)
+    _ship(client, job_id, 1, ("stdout", "done soon"))
+    client.report_completed(
+        job_id,
+        WorkerReport(machine_id="m", container_group_id=container_group_id, attempt=1),
+    )
+    assert 0 == kelpie("jobs", "logs", "-f", job_id)
+    assert "done soon\n" == kelpie.out
+    assert 0 != kelpie("jobs", "logs", str(uuid.uuid4()))
+
+
+def test_jobs_logs_into_a_closed_pipe_ends_quietly(
+    api_server: Any, user_key: str, client: Client, container_group_id: str
+) -> None:
+    """`kelpie jobs logs JOB | head -1` prints one line and no error."""
+    [job_id] = submit(client, container_group_id)
+    client.claim_work(machine_id="m", container_group_id=container_group_id)
+    client.ship_logs(
+        job_id,
+        machine_id="m",
+        attempt=1,
+        offset=0,
+        lines=[
+            {"stream": "stdout", "time": 1.7e9, "line": f"line {i} " + "x" * 200}
+            for i in range(4000)  # about 800 KiB: more than a pipe holds
+        ],
+    )
+    proc = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f"set -o pipefail; {sys.executable} -m kelpie_sdk jobs logs {job_id} "
+            "| head -1",
+        ],
+        env=dict(
+            os.environ,
+            KELPIE_API_URL=api_server.url,
+            KELPIE_API_KEY=user_key,
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (0, "line 0 " + "x" * 200 + "\n") == (proc.returncode, proc.stdout)
+    assert "--- attempt 1 ---\n" == proc.stderr

@@ -1,5 +1,5 @@
 """
-``kelpie submit`` and ``kelpie jobs list|get|cancel|wait|purge``.
+``kelpie submit`` and ``kelpie jobs list|get|cancel|wait|purge|logs``.
 
 Job ids may be given by any unique prefix (``kelpie jobs get 3f2a``).
 """
@@ -7,8 +7,10 @@ Job ids may be given by any unique prefix (``kelpie jobs get 3f2a``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -129,6 +131,30 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="seconds between polls (default: 2)",
     )
     wait.set_defaults(handler=_wait)
+
+    logs = _leaf(
+        actions,
+        "logs",
+        "print a job's output: stdout lines on stdout, stderr lines on stderr",
+    )
+    logs.add_argument("job_id", metavar="JOB_ID")
+    logs.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="keep printing new lines until the job reaches a final state",
+    )
+    logs.add_argument(
+        "--attempt",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="only this attempt's lines (default: every attempt's)",
+    )
+    logs.add_argument(
+        "--timestamps", action="store_true", help="start each line with its time"
+    )
+    logs.set_defaults(handler=_logs)
 
 
 def _leaf(
@@ -531,3 +557,38 @@ def _purge(args: argparse.Namespace, ctx: Context) -> int:
     else:
         ctx.console.print(Text(f"Purged {count} job(s) of container group {group}"))
     return EXIT_OK
+
+
+def _logs(args: argparse.Namespace, ctx: Context) -> int:
+    """
+    Raw lines, so that they can be piped; ``--- attempt N ---`` goes to stderr
+    where the attempt changes. With ``--json``: one JSON object per line.
+    A reader that goes away (``| head``) ends the command quietly.
+    """
+    stdout = ctx.console.file
+    try:
+        _print_logs(args, ctx, stdout)
+    except BrokenPipeError:
+        # Nothing more can be written; keep the interpreter's final flush quiet.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stdout.fileno())
+    return EXIT_OK
+
+
+def _print_logs(args: argparse.Namespace, ctx: Context, stdout: Any) -> None:
+    attempt: int | None = None
+    lines = ctx.client().logs(args.job_id, follow=args.follow, attempt=args.attempt)
+    for line in lines:
+        if args.json:
+            stdout.write(json.dumps(line.to_json()) + "\n")
+            stdout.flush()
+            continue
+        if line.attempt != attempt:
+            attempt = line.attempt
+            stdout.flush()
+            sys.stderr.write(f"--- attempt {attempt} ---\n")
+        out = stdout if line.stream == "stdout" else sys.stderr
+        stamp = f"{format_time(line.time)} " if args.timestamps else ""
+        out.write(f"{stamp}{line.line}\n")
+        out.flush()

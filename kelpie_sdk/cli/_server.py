@@ -73,12 +73,39 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "group (default: the admin's key is required)"
         ),
     )
+    parser.add_argument(
+        "--log-limit",
+        metavar="BYTES",
+        type=_log_limit,
+        default=None,
+        help=(
+            "bytes of job output kept per attempt, the oldest lines going first; "
+            "accepts K/M/G suffixes (default: 1M)"
+        ),
+    )
     parser.set_defaults(handler=_serve)
+
+
+def _log_limit(text: str) -> int:
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+    raw = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = units.get(raw[-1:], 1)
+    number = raw[:-1] if raw[-1:] in units else raw
+    try:
+        value = int(float(number) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a size in bytes such as 1048576 or 1M, got {text!r}"
+        ) from None
+    if value < 1024:
+        raise argparse.ArgumentTypeError(f"must be at least 1K, got {text!r}")
+    return value
 
 
 def _serve(args: argparse.Namespace, ctx: Context) -> int:
     from kelpie_sdk.server import default_database_url, serve
     from kelpie_sdk.server._autoscale import autoscale_settings
+    from kelpie_sdk.server._logs import DEFAULT_LOG_LIMIT
 
     autoscale = autoscale_settings(args)
     database = args.database or default_database_url()
@@ -96,6 +123,7 @@ def _serve(args: argparse.Namespace, ctx: Context) -> int:
         autoscale=autoscale,
         migrate=args.migrate,
         metrics_public=args.metrics_public,
+        log_limit=args.log_limit or DEFAULT_LOG_LIMIT,
     )
     return EXIT_OK
 

@@ -27,6 +27,7 @@ from kelpie_sdk.server._db import (
     normalise_url,
     upgrade,
 )
+from kelpie_sdk.server._logs import DEFAULT_LOG_LIMIT
 from kelpie_sdk.server._store import Principal, Store
 
 __all__ = [
@@ -118,6 +119,7 @@ def serve(
     autoscale: AutoscaleSettings | None = None,
     migrate: bool = True,
     metrics_public: bool = False,
+    log_limit: int = DEFAULT_LOG_LIMIT,
 ) -> None:
     """
     Run the server in the foreground until interrupted.
@@ -137,6 +139,7 @@ def serve(
             unless the schema is current (``kelpie db upgrade`` applies them).
         metrics_public: Serve ``GET /metrics`` without a key (default: only
             with the admin's key).
+        log_limit: Bytes of job output kept per attempt (the oldest lines go).
     """
     import uvicorn
 
@@ -147,7 +150,7 @@ def serve(
             f"Generated the admin API key (shown only once): {generated}",
             file=sys.stderr,
         )
-    app: Any = create_app(store, metrics_public=metrics_public)
+    app: Any = create_app(store, metrics_public=metrics_public, log_limit=log_limit)
     if access_log:
         app = AccessLog(app)
     log_config = _log_config(log_level)

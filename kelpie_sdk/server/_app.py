@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import datetime as dt
 import difflib
 import logging
 import re
@@ -32,7 +34,7 @@ from litestar.exceptions import (
 )
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
-from litestar.openapi.spec import Components, SecurityScheme
+from litestar.openapi.spec import Components, Operation, SecurityScheme
 from litestar.params import BodyKwarg, FromPath, FromQuery, JSONBody
 from litestar.plugins.attrs import AttrsSchemaPlugin
 
@@ -51,6 +53,12 @@ from kelpie_sdk.models import (
     SyncSpec,
     User,
     WorkerReport,
+    format_timestamp,
+)
+from kelpie_sdk.server._logs import (
+    DEFAULT_LOG_LIMIT,
+    IncomingLine,
+    JobLogs,
 )
 from kelpie_sdk.server._metrics import METRICS_PATH, MetricsMiddleware, ServerMetrics
 from kelpie_sdk.server._store import (
@@ -409,6 +417,15 @@ class _State:
     #: Wakes ``GET /jobs/{id}/status`` long polls when a job changes.
     jobs: _Waker = attrs.field(factory=_Waker)
     keys: dict[str, tuple[Principal, float]] = attrs.field(factory=dict)
+    #: The job log table; set by ``create_app``.
+    logs: JobLogs | None = None
+    #: Wakes ``GET /jobs/{id}/logs?follow=true`` when lines arrive.
+    log_waker: _Waker = attrs.field(factory=_Waker)
+
+    @property
+    def job_logs(self) -> JobLogs:
+        assert self.logs is not None  # noqa: S101 - set by create_app
+        return self.logs
 
 
 def _state(request: Request[Any, Any, Any]) -> _State:
@@ -918,6 +935,248 @@ async def holder_status(
             gone.cancel()
 
 
+# Job logs (optional addition) -----------------------------------------------------
+
+#: The most lines one ``POST /jobs/{id}/logs`` may carry.
+MAX_LOG_BATCH = 10_000
+#: The most lines one ``GET /jobs/{id}/logs`` returns.
+MAX_LOG_PAGE = 10_000
+#: Line times from the year 5000 on are mistakes (seconds since the epoch).
+_MAX_LOG_TIME = 95_617_584_000.0
+#: How long ``GET /jobs/{id}/logs?follow=true`` waits for a line by default.
+DEFAULT_LOG_WAIT = 20.0
+
+
+class ShippedLine(msgspec.Struct):
+    """
+    One line of a log batch: ``stream`` is ``stdout`` or ``stderr``,
+    ``time`` seconds since the epoch.
+    """
+
+    stream: str
+    time: float
+    line: str
+
+
+class LogBatch(msgspec.Struct):
+    """
+    The body of ``POST /jobs/{id}/logs``: lines of one attempt, from its holder.
+
+    ``offset`` is the worker's number for the first line (it numbers every
+    line of the attempt from 0, counting the lines it dropped).
+    """
+
+    machine_id: str
+    attempt: int
+    offset: int
+    lines: list[ShippedLine]
+    container_group_id: str = ""
+
+
+#: Decodes a batch in one strict pass, straight from the body's bytes: with
+#: thousands of lines a second, Litestar's own body handling cost more than
+#: storing the lines.
+_LOG_BATCH = msgspec.json.Decoder(LogBatch)
+
+
+def _log_batch_schema() -> Any:
+    from litestar.openapi.spec import OpenAPIType, Schema
+
+    def typed(kind: OpenAPIType, description: str) -> Schema:
+        return Schema(type=kind, description=description)
+
+    line = Schema(
+        type=OpenAPIType.OBJECT,
+        required=["stream", "time", "line"],
+        properties={
+            "stream": Schema(type=OpenAPIType.STRING, enum=["stdout", "stderr"]),
+            "time": typed(OpenAPIType.NUMBER, "seconds since the epoch"),
+            "line": typed(OpenAPIType.STRING, "the text, without its line break"),
+        },
+    )
+    return Schema(
+        type=OpenAPIType.OBJECT,
+        required=["machine_id", "attempt", "offset", "lines"],
+        properties={
+            "machine_id": typed(OpenAPIType.STRING, "the holder"),
+            "container_group_id": typed(OpenAPIType.STRING, "optional"),
+            "attempt": typed(OpenAPIType.INTEGER, "the claim's attempt"),
+            "offset": typed(
+                OpenAPIType.INTEGER,
+                "the number of the first line among all the attempt's lines",
+            ),
+            "lines": Schema(
+                type=OpenAPIType.ARRAY, items=line, max_items=MAX_LOG_BATCH
+            ),
+        },
+    )
+
+
+@dataclasses.dataclass
+class _LogBatchOperation(Operation):
+    """Documents the body that ``ship_logs`` decodes itself."""
+
+    def __post_init__(self) -> None:
+        from litestar.openapi.spec import OpenAPIMediaType, RequestBody
+
+        self.request_body = RequestBody(
+            required=True,
+            content={_JSON: OpenAPIMediaType(schema=_log_batch_schema())},
+        )
+
+
+@post("/jobs/{job_id:str}/logs", status_code=200, operation_class=_LogBatchOperation)
+async def ship_logs(
+    request: Request[Any, Any, Any],
+    job_id: FromPath[str],
+    principal: NamedDependency[Principal],
+) -> Response[dict[str, int]]:
+    """
+    The holder appends a batch of its attempt's output lines.
+
+    Accepted from the machine and attempt that the job names, whatever its
+    status (the last lines may follow the final report); 409 from anyone else.
+    A batch already stored (same ``offset``) is not stored twice.
+    """
+    body = await request.body()
+    if not body.strip():
+        raise HTTPProblem(400, "Bad Request", "request body is empty; expected JSON")
+    try:
+        batch = _LOG_BATCH.decode(body)
+    except msgspec.ValidationError as exc:
+        raise HTTPProblem(400, "Bad Request", f"invalid body: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise HTTPProblem(400, "Bad Request", f"malformed JSON: {exc}") from exc
+    if not batch.machine_id:
+        raise HTTPProblem(400, "Bad Request", "machine_id must not be empty")
+    if not 0 <= batch.offset < 2**53 or not 1 <= batch.attempt < 2**31:
+        raise HTTPProblem(
+            400,
+            "Bad Request",
+            "offset must be between 0 and 2**53 - 1, attempt between 1 and 2**31 - 1",
+        )
+    if len(batch.lines) > MAX_LOG_BATCH:
+        raise HTTPProblem(
+            400,
+            "Bad Request",
+            f"a batch carries at most {MAX_LOG_BATCH} lines; send more batches",
+        )
+    for item in batch.lines:
+        if item.stream not in ("stdout", "stderr"):
+            raise HTTPProblem(
+                400,
+                "Bad Request",
+                f"stream must be 'stdout' or 'stderr', got {item.stream!r}",
+            )
+        if not 0 <= item.time < _MAX_LOG_TIME:
+            raise HTTPProblem(
+                400,
+                "Bad Request",
+                f"time must be seconds since the epoch, got {item.time!r}",
+            )
+    state = _state(request)
+    outcome = state.job_logs.append(
+        job_id=job_id,
+        user_id=principal.user_id,
+        machine_id=batch.machine_id,
+        attempt=batch.attempt,
+        offset=batch.offset,
+        lines=[
+            IncomingLine(item.stream, int(item.time * 1000), item.line)
+            for item in batch.lines
+        ],
+    )
+    if outcome == "not_found":
+        raise _not_found()
+    if outcome == "not_holder":
+        raise HTTPProblem(
+            409,
+            "Conflict",
+            "cannot store logs: this machine and attempt are not the job's latest",
+        )
+    state.log_waker.notify(job_id)
+    return _json({"accepted": len(batch.lines)})
+
+
+@get("/jobs/{job_id:str}/logs")
+async def read_logs(
+    request: Request[Any, Any, Any],
+    job_id: FromPath[str],
+    principal: NamedDependency[Principal],
+    attempt: FromQuery[int | None] = None,
+    since: FromQuery[int] = 0,
+    limit: FromQuery[int] = 1000,
+    follow: FromQuery[bool] = False,
+    wait: FromQuery[float | None] = None,
+) -> Response[dict[str, Any]]:
+    """
+    A job's output lines after the cursor ``since``, oldest first:
+    ``{"lines": [{"seq", "attempt", "stream", "time", "line"}], "next": cursor,
+    "more": bool, "finished": bool}``.
+
+    Pass ``next`` as ``since`` to read on. ``more`` says that lines are left
+    now; ``finished`` that the job is in a final state and every line has
+    been returned. With ``follow=true`` an empty answer is held up to
+    ``wait`` seconds (default 20, up to 60) until lines arrive or the job
+    ends.
+    """
+    if limit < 1 or limit > MAX_LOG_PAGE:
+        raise HTTPProblem(
+            400, "Bad Request", f"limit must be between 1 and {MAX_LOG_PAGE}"
+        )
+    if since < 0:
+        raise HTTPProblem(400, "Bad Request", "since must not be negative")
+    if wait is not None and not 0 <= wait <= MAX_LONG_POLL:
+        raise HTTPProblem(
+            400, "Bad Request", f"wait must be between 0 and {MAX_LONG_POLL:g} seconds"
+        )
+    state = _state(request)
+    deadline = time.monotonic() + (
+        (DEFAULT_LOG_WAIT if wait is None else wait) if follow else 0.0
+    )
+    gone: asyncio.Task[None] | None = None
+    try:
+        while True:
+            job = state.store.get_job(principal, job_id)
+            if job is None:
+                raise _not_found()
+            lines = state.job_logs.read(
+                job_id, attempt=attempt, since=since, limit=limit
+            )
+            remaining = deadline - time.monotonic()
+            if lines or job.finished or remaining <= 0:
+                break
+            gone = gone or asyncio.ensure_future(_disconnect(request))
+            wake = asyncio.ensure_future(state.log_waker.wait((job_id,), remaining))
+            await asyncio.wait({gone, wake}, return_when=asyncio.FIRST_COMPLETED)
+            if gone.done():
+                wake.cancel()
+                break
+    finally:
+        if gone is not None:
+            gone.cancel()
+    more = len(lines) == limit
+    return _json(
+        {
+            "lines": [
+                {
+                    "seq": line.seq,
+                    "attempt": line.attempt,
+                    "stream": line.stream,
+                    "time": format_timestamp(
+                        dt.datetime.fromtimestamp(line.time_ms / 1000, dt.UTC)
+                    ),
+                    "line": line.line,
+                }
+                for line in lines
+            ],
+            "next": lines[-1].seq if lines else since,
+            "more": more,
+            "finished": job.finished and not more,
+        }
+    )
+
+
 # Scaling rules -------------------------------------------------------------------
 
 
@@ -1263,7 +1522,11 @@ def _openapi_config() -> OpenAPIConfig:
 
 
 def create_app(
-    store: Store, *, debug: bool = False, metrics_public: bool = False
+    store: Store,
+    *,
+    debug: bool = False,
+    metrics_public: bool = False,
+    log_limit: int = DEFAULT_LOG_LIMIT,
 ) -> Litestar:
     """
     Build the Kelpie API application around a store.
@@ -1273,6 +1536,7 @@ def create_app(
         debug: Litestar debug mode (tracebacks in responses).
         metrics_public: Serve ``GET /metrics`` without a key (default: the
             admin's key is required).
+        log_limit: Bytes of output lines kept per job attempt (the oldest go).
     """
     handlers: Sequence[Any] = [
         submit_job,
@@ -1289,6 +1553,8 @@ def create_app(
         release,
         report_progress,
         holder_status,
+        ship_logs,
+        read_logs,
         create_rule,
         list_rules,
         get_rule,
@@ -1326,6 +1592,7 @@ def create_app(
         waker=_Waker(store.wake_recheck_seconds),
         metrics=ServerMetrics(store.engine),
         metrics_public=metrics_public,
+        logs=JobLogs(store.engine, limit=log_limit),
     )
     store.on_available(state.waker.notify)
     # Outside the router, as Litestar wraps its own CORS middleware, so that

@@ -26,6 +26,8 @@ __all__ = [
     "API_KEYS",
     "JOBS",
     "JOB_BANS",
+    "JOB_LOGS",
+    "JOB_LOG_ATTEMPTS",
     "LEADER_LEASES",
     "METADATA",
     "SCALING_RULES",
@@ -135,6 +137,44 @@ JOB_BANS = sa.Table(
     sa.Column("job_id", sa.String(36), primary_key=True),
     sa.Column("machine_id", sa.Text, primary_key=True),
     sa.Column("created", sa.BigInteger, nullable=False),
+)
+
+#: Each job attempt's output: one row per batch the worker sent (thousands of
+#: lines a second cost a few rows, not thousands). ``data`` is a JSON array of
+#: ``[stream, time_ms, line]``; line ``i`` of a row is number ``skip + i`` in
+#: it, and ``seq * 65536 + skip + i`` is its cursor in ``GET /jobs/{id}/logs``.
+JOB_LOGS = sa.Table(
+    "job_logs",
+    METADATA,
+    sa.Column(
+        "seq",
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column("job_id", sa.String(36), nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    # Lines trimmed from the front of this batch (the oldest of the attempt).
+    sa.Column("skip", sa.Integer, nullable=False),
+    sa.Column("count", sa.Integer, nullable=False),
+    # The lines' UTF-8 bytes, each plus one, summed to keep each attempt's bound.
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("data", sa.Text, nullable=False),
+    sa.Index("ix_job_logs_job_seq", "job_id", "seq"),
+    sa.Index("ix_job_logs_job_attempt_seq", "job_id", "attempt", "seq"),
+)
+
+#: Per attempt: the bytes kept, the worker's next line number (to skip a batch
+#: sent twice and to count lines the worker dropped), and what was dropped.
+JOB_LOG_ATTEMPTS = sa.Table(
+    "job_log_attempts",
+    METADATA,
+    sa.Column("job_id", sa.String(36), primary_key=True),
+    sa.Column("attempt", sa.Integer, primary_key=True),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("next_line", sa.BigInteger, nullable=False),
+    sa.Column("dropped", sa.BigInteger, nullable=False),
+    sa.Column("trimmed", sa.BigInteger, nullable=False),
 )
 
 SCALING_RULES = sa.Table(

@@ -59,6 +59,7 @@ from kelpie_sdk.server._db import (
     current_revision,
     head_revision,
 )
+from kelpie_sdk.server._logs import delete_all_logs, delete_logs_of
 
 if TYPE_CHECKING:
     from kelpie_sdk.server._pg import PgHotPath, PgListener
@@ -800,6 +801,7 @@ class Store:
         with self._write() as conn:
             deleted_ids = sa.select(JOBS.c.id).where(mine, JOBS.c.status == "pending")
             conn.execute(JOB_BANS.delete().where(JOB_BANS.c.job_id.in_(deleted_ids)))
+            delete_logs_of(conn, deleted_ids)
             deleted = conn.execute(
                 JOBS.delete().where(mine, JOBS.c.status == "pending")
             ).rowcount
@@ -817,6 +819,7 @@ class Store:
         """
         with self._write() as conn:
             conn.execute(JOB_BANS.delete())
+            delete_all_logs(conn)
             conn.execute(JOBS.delete())
 
     # -- jobs: the worker protocol --------------------------------------------

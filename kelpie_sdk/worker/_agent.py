@@ -56,6 +56,7 @@ from kelpie_sdk.worker._imds import (
     Imds,
     deletion_cost_after_heartbeats,
 )
+from kelpie_sdk.worker._logship import LogShipper
 from kelpie_sdk.worker._metrics import WorkerMetrics
 from kelpie_sdk.worker._runner import JobProcess, SpawnError, describe_exit
 from kelpie_sdk.worker._snapshot import DirSnapshot, SyncResult
@@ -788,6 +789,7 @@ class _JobRun:
         self._lease_confirmed_at: float | None = None
         self._lease_lock = threading.Lock()
         self.process: JobProcess | None = None
+        self.logs: LogShipper | None = None
         self.plan = _Plan()
         self._snapshots_ready = False
         self._abandoned: list[threading.Thread] = []
@@ -1178,6 +1180,8 @@ class _JobRun:
             self._stop_heartbeat(hb, snap)
             outcome, details = self._fail(f"worker error: {exc!r}")
         finally:
+            if self.logs is not None:
+                self.logs.stop()
             watch.stop()
             self._stop_heartbeat(hb, snap)
             state.finish(outcome.value, **details)
@@ -1216,6 +1220,20 @@ class _JobRun:
             ),
             on_lost=on_lost,
         )
+
+    def _log_shipper(self) -> LogShipper | None:
+        """The job's output, sent to the server (see ``_logship.py``)."""
+        if not self.config.ship_logs or self.attempt is None:
+            return None
+        shipper = LogShipper(
+            make_client=self.worker.make_client,
+            job_id=self.job.id,
+            machine_id=self.config.machine_id,
+            attempt=self.attempt,
+            container_group_id=self.config.container_group_id,
+        )
+        shipper.start()
+        return shipper
 
     def _stop_heartbeat(self, *threads: threading.Thread) -> None:
         self._hb_stop.set()
@@ -1333,6 +1351,7 @@ class _JobRun:
 
         # The command.
         argv = [job.command, *job.arguments]
+        self.logs = self._log_shipper()
         try:
             self.process = JobProcess(
                 argv,
@@ -1340,6 +1359,7 @@ class _JobRun:
                 label=job.id,
                 stdout=self.worker.stdout,
                 stderr=self.worker.stderr,
+                on_line=None if self.logs is None else self.logs.add,
             )
             self.process.start()
         except SpawnError as exc:
@@ -1366,6 +1386,8 @@ class _JobRun:
         # One write for "exited, now uploading" (each write is an fsync).
         state.update(phase="uploading", pid=None)
         self._info("process exited: %s", describe_exit(code))
+        if self.logs is not None:
+            self.logs.stop()  # the last lines reach the server before the report
 
         if self.lost.is_set():
             return self._canceled()

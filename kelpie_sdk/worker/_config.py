@@ -33,6 +33,7 @@ Setting                        Environment variable             Default
 ``reallocate_wait_s``          ``KELPIE_REALLOCATE_WAIT_S``     60
 ``metrics_port``               ``KELPIE_METRICS_PORT``          none (off)
 ``metrics_host``               ``KELPIE_METRICS_HOST``          ``127.0.0.1``
+``ship_logs``                  ``KELPIE_SHIP_LOGS``             true
 =============================  ===============================  ==================
 
 ``imds_enabled`` is derived: ``on`` and ``off`` say it; ``auto`` is on only where
@@ -142,6 +143,17 @@ def _float_env(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _bool_env(env: Mapping[str, str], name: str, *, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
 @attrs.frozen(kw_only=True)
 class SlotConfig:
     """
@@ -202,6 +214,8 @@ class WorkerConfig:
     #: Serve Prometheus metrics on this port (0: any free port); None: off.
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    #: Send each job's output to the server (``GET /jobs/{id}/logs``).
+    ship_logs: bool = True
 
     def __attrs_post_init__(self) -> None:
         if not self.container_group_id:
@@ -293,6 +307,7 @@ class WorkerConfig:
                 else None
             ),
             "metrics_host": env.get("KELPIE_METRICS_HOST") or "127.0.0.1",
+            "ship_logs": _bool_env(env, "KELPIE_SHIP_LOGS", default=True),
         }
         for key, value in overrides.items():
             if key not in attrs.fields_dict(cls):

@@ -51,6 +51,7 @@ _FIELDS = {
     "reallocate_wait": "reallocate_wait_s",
     "metrics_port": "metrics_port",
     "metrics_host": "metrics_host",
+    "ship_logs": "ship_logs",
 }
 
 
@@ -152,6 +153,13 @@ def add_arguments(parser: argparse.ArgumentParser, *, api_options: bool = True) 
         "--metrics-host",
         metavar="ADDRESS",
         help="address the metrics port binds (KELPIE_METRICS_HOST, 127.0.0.1)",
+    )
+    a(
+        "--ship-logs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="send each job's output to the server, for `kelpie jobs logs` "
+        "(KELPIE_SHIP_LOGS, true)",
     )
 
 

@@ -6,7 +6,8 @@ process group; signals go to the whole group, so a shell wrapper's children stop
 too (the original signalled only the PID, W-10). Its stdout and stderr are read
 line by line by two threads and written to the worker's own stdout and stderr,
 each line prefixed with ``[<job id>] ``; the last lines of stderr are kept for
-the failure report.
+the failure report. An ``on_line`` hook also gets every line (the log shipper,
+``_logship.py``), and must not block.
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ class JobProcess:
         tail_lines: How many lines of stderr to keep.
         stdout: Where the child's stdout goes; ``sys.stdout`` when ``None``.
         stderr: Where the child's stderr goes; ``sys.stderr`` when ``None``.
+        on_line: Called with ``("stdout" | "stderr", line)`` for every line,
+            from the reading threads; must return at once.
     """
 
     def __init__(
@@ -115,6 +118,7 @@ class JobProcess:
         tail_lines: int = DEFAULT_TAIL_LINES,
         stdout: IO[str] | None = None,
         stderr: IO[str] | None = None,
+        on_line: Callable[[str, str], None] | None = None,
     ) -> None:
         if not argv or not argv[0]:
             raise SpawnError("the job has no command")
@@ -125,6 +129,7 @@ class JobProcess:
         self._tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
         self._out = stdout
         self._err = stderr
+        self._on_line = on_line
         self._proc: subprocess.Popen[bytes] | None = None
         self._readers: list[threading.Thread] = []
         self._terminated_by_us = False
@@ -194,6 +199,8 @@ class JobProcess:
 
     def _pump(self, stream: IO[bytes], is_err: bool) -> None:
         prefix = f"[{self.label}] "
+        name = "stderr" if is_err else "stdout"
+        on_line = self._on_line
         try:
             for raw in iter(stream.readline, b""):
                 line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
@@ -208,6 +215,12 @@ class JobProcess:
                         target.flush()
                     except (OSError, ValueError):
                         pass
+                if on_line is not None:
+                    # A failing hook must not stop the pump (or the job with it).
+                    try:
+                        on_line(name, line)
+                    except Exception:
+                        logger.exception("job %s: the output hook failed", self.label)
         finally:
             stream.close()
 

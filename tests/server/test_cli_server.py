@@ -140,3 +140,51 @@ def test_metrics_public_flag_serves_metrics_without_a_key(
         assert "kelpie_job_claims_total" in r.text
     with kelpie_server(tmp_path / "e.db", {}) as (url, _):
         assert 401 == requests.get(url + "/metrics", timeout=5).status_code
+
+
+def test_log_limit_bounds_each_attempts_output(tmp_path: pathlib.Path) -> None:
+    """--log-limit 2K keeps about the last 2 KiB of an attempt's lines."""
+    headers = {"X-Kelpie-Key": "sekrit"}
+    with kelpie_server(
+        tmp_path / "l.db", {"KELPIE_ADMIN_KEY": "sekrit"}, "--log-limit", "2K"
+    ) as (url, _):
+        job = requests.post(
+            url + "/jobs",
+            json={"command": "x", "container_group_id": "g", "sync": {}},
+            headers=headers,
+            timeout=5,
+        ).json()
+        requests.get(
+            url + "/work",
+            params={"machine_id": "m", "container_group_id": "g"},
+            headers=headers,
+            timeout=5,
+        )
+        lines = [
+            {"stream": "stdout", "time": 0, "line": f"{i:04d}" + "x" * 95}
+            for i in range(30)
+        ]
+        r = requests.post(
+            f"{url}/jobs/{job['id']}/logs",
+            json={"machine_id": "m", "attempt": 1, "offset": 0, "lines": lines},
+            headers=headers,
+            timeout=5,
+        )
+        assert 200 == r.status_code, r.text
+        kept = requests.get(
+            f"{url}/jobs/{job['id']}/logs", headers=headers, timeout=5
+        ).json()["lines"]
+    assert [f"{i:04d}" for i in range(10, 30)] == [x["line"][:4] for x in kept]
+
+
+def test_log_limit_must_be_a_size() -> None:
+    """A bad --log-limit is a usage error that shows what is expected."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "kelpie_sdk", "server", "--log-limit", "lots"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert 2 == proc.returncode
+    assert "expected a size in bytes such as 1048576 or 1M, got 'lots'" in proc.stderr

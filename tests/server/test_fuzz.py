@@ -46,6 +46,7 @@ paths = st.sampled_from(
         "/jobs/x/completed",
         "/jobs/x/failed",
         "/jobs/x/release",
+        "/jobs/x/logs",
         "/scaling-rules",
         "/users",
     ]

@@ -217,3 +217,28 @@ def test_parse_slot_gpus_rejects_empty_entries() -> None:
     """'0,,1' is a mistake, not an unpinned slot."""
     with pytest.raises(ConfigError):
         parse_slot_gpus("0,,1")
+
+
+@pytest.mark.parametrize(
+    ("env", "argv", "expected"),
+    [
+        ({}, [], True),
+        ({"KELPIE_SHIP_LOGS": "false"}, [], False),
+        ({"KELPIE_SHIP_LOGS": "0"}, ["--ship-logs"], True),
+        ({"KELPIE_SHIP_LOGS": "yes"}, ["--no-ship-logs"], False),
+    ],
+)
+def test_log_shipping_is_on_unless_turned_off(
+    env: dict[str, str], argv: list[str], expected: bool
+) -> None:
+    """KELPIE_SHIP_LOGS and --ship-logs/--no-ship-logs, the flag winning."""
+    args = build_parser().parse_args(["--container-group-id", "g", *argv])
+    assert expected is config_from_args(args, environ=env).ship_logs
+
+
+def test_a_bad_ship_logs_value_is_rejected() -> None:
+    """KELPIE_SHIP_LOGS=maybe names the variable and the values it takes."""
+    with pytest.raises(ConfigError, match="KELPIE_SHIP_LOGS must be true or false"):
+        WorkerConfig.from_env(
+            {"SALAD_CONTAINER_GROUP_ID": "g", "KELPIE_SHIP_LOGS": "maybe"}
+        )

@@ -44,6 +44,28 @@ def test_output_is_streamed_with_the_job_prefix() -> None:
     assert "[job-1] oops\n" == err.getvalue()
 
 
+def test_every_line_also_reaches_the_output_hook() -> None:
+    """on_line gets each line with its stream, and a failing hook stops nothing."""
+    seen: list[tuple[str, str]] = []
+
+    def hook(stream: str, line: str) -> None:
+        seen.append((stream, line))
+        if line == "boom":
+            raise RuntimeError("a broken hook")
+
+    code, _, out, _ = _run(
+        "import sys; print('a'); print('boom'); print('e', file=sys.stderr); "
+        "print('z')",
+        on_line=hook,
+    )
+    assert 0 == code
+    assert "[job-1] a\n[job-1] boom\n[job-1] z\n" == out.getvalue()
+    assert [("stdout", "a"), ("stdout", "boom"), ("stdout", "z")] == [
+        x for x in seen if x[0] == "stdout"
+    ]
+    assert [("stderr", "e")] == [x for x in seen if x[0] == "stderr"]
+
+
 def test_exit_code_and_stderr_tail() -> None:
     """A failing command gives its exit code and its last stderr lines."""
     code, proc, _, _ = _run(
