@@ -38,7 +38,7 @@ def test_upgrade_is_idempotent_and_creates_parent_dirs(tmp_path: pathlib.Path) -
     store = open_store(url)
     with store.engine.connect() as conn:
         assert (
-            "0002"
+            "0004"
             == conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
         )
 
