@@ -55,7 +55,9 @@ def test_interrupted_failed_completed_history(
         return "checkpoint_time" in progress
 
     wait_for(checkpointed, timeout=60)
-    time.sleep(1.5)  # compute after the checkpoint, lost when the node vanishes
+    # Compute after the checkpoint, lost when the node vanishes: counted up to
+    # the last heartbeat (every second), so at least about 2 s of it.
+    time.sleep(3)
     first.kill()
     start_worker("b")
     wait_for(lambda: client.get_job(job.id).num_failures == 1, timeout=60)
@@ -91,3 +93,31 @@ def test_interrupted_failed_completed_history(
     assert done.goodput is not None
     assert 0 < done.goodput < 1
     assert ("diverging", ("e2e",)) == (done.name, done.tags)
+
+
+def test_releases_say_why(client: Client, start_worker: StartWorker) -> None:
+    """Exit 85 and a worker's SIGTERM are released with their reason."""
+    worker = start_worker("a")
+    started = Path(worker.home) / "started"
+    script = (
+        "import os, sys, time\n"
+        "if os.environ['KELPIE_ATTEMPT'] == '1':\n"
+        "    sys.exit(85)\n"
+        f"open({str(started)!r}, 'w').write('x')\n"
+        "time.sleep(120)\n"
+    )
+    job = client.submit_job(
+        command=sys.executable,
+        arguments=["-c", script],
+        container_group_id=GROUP,
+        sync={},
+        heartbeat_interval=30,
+    )
+    wait_for(started.exists, timeout=60)
+    worker.terminate()
+    assert 0 == worker.wait(timeout=30)
+    released = [e for e in client.events(job.id) if e.kind == "released"]
+    assert [1, 2] == [e.attempt for e in released]
+    assert "exited with 85" in released[0].details["reason"]
+    assert "shutting down (received SIGTERM)" in released[1].details["reason"]
+    assert released[1].cause == released[1].details["reason"]
