@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     )
     from kelpie_sdk.models import (
         Job,
+        JobEvent,
         JobStatus,
         JobSubmission,
         ScalingRule,
@@ -54,6 +55,7 @@ __all__ = [
     "ConfigError",
     "ConflictError",
     "Job",
+    "JobEvent",
     "JobStatus",
     "JobSubmission",
     "KelpieError",
@@ -78,6 +80,7 @@ _HOMES = {
     **dict.fromkeys(
         (
             "Job",
+            "JobEvent",
             "JobStatus",
             "JobSubmission",
             "ScalingRule",

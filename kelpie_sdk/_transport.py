@@ -299,7 +299,7 @@ class Transport:
         method: str,
         path: str,
         *,
-        params: Mapping[str, str | int | float] | None = None,
+        params: Mapping[str, str | int | float | list[str]] | None = None,
         json_body: Any = None,
         idempotent: bool | None = None,
         timeout: Timeout | None = None,

@@ -34,6 +34,7 @@ from kelpie_sdk.errors import (
 from kelpie_sdk.models import (
     MAX_BATCH_SIZE,
     Job,
+    JobEvent,
     JobList,
     JobStatus,
     JobSubmission,
@@ -241,7 +242,7 @@ class Client:
         method: str,
         path: str,
         *,
-        params: Mapping[str, str | int | float] | None = None,
+        params: Mapping[str, str | int | float | list[str]] | None = None,
         json_body: Any = None,
         idempotent: bool | None = None,
         timeout: Timeout | None = None,
@@ -277,6 +278,8 @@ class Client:
         webhook: str | None = None,
         compression: bool = False,
         sync: SyncSpec | Mapping[str, Any] | None = None,
+        name: str | None = None,
+        tags: Sequence[str] = (),
         timeout: Timeout | None = None,
         max_retries: int | None = None,
     ) -> Job:
@@ -303,6 +306,10 @@ class Client:
             webhook: A URL told about status changes.
             compression: Whether the worker compresses uploads.
             sync: The managed-storage rules.
+            name: A short name for the job (up to 200 characters), to find
+                it by with ``list_jobs(name=...)``.
+            tags: Up to 20 tags (letters, digits, ``_ . : / = + @ -``; up to
+                64 characters each), to filter by with ``list_jobs(tags=...)``.
             timeout: Overrides the timeout for this call.
             max_retries: Overrides the retries for this call.
 
@@ -310,7 +317,8 @@ class Client:
             The queued job (``pending``).
 
         Raises:
-            ValueError: ``max_failures`` or ``heartbeat_interval`` below 1.
+            ValueError: ``max_failures`` or ``heartbeat_interval`` below 1, or
+                an invalid name or tag.
             BadRequestError: The server rejected the job.
         """
         submission = JobSubmission(
@@ -329,6 +337,8 @@ class Client:
             webhook=webhook,
             compression=compression,
             sync=sync if isinstance(sync, SyncSpec) else None,
+            name=name,
+            tags=tags,
         )
         body = submission.to_json()
         if sync is not None and not isinstance(sync, SyncSpec):
@@ -426,6 +436,8 @@ class Client:
         page_size: int = 100,
         asc: bool = False,
         id_prefix: str | None = None,
+        name: str | None = None,
+        tags: Sequence[str] = (),
         timeout: Timeout | None = None,
         max_retries: int | None = None,
     ) -> Paginator[Job]:
@@ -442,6 +454,8 @@ class Client:
             asc: Oldest first.
             id_prefix: Only jobs whose id starts with this. A server without
                 this filter sends every job; they are then filtered here.
+            name: Only jobs with exactly this name.
+            tags: Only jobs carrying every one of these tags.
             timeout: Overrides the timeout for each page request.
             max_retries: Overrides the retries for each page request.
 
@@ -450,13 +464,20 @@ class Client:
         """
         if status is not None:
             status = JobStatus(status)
-        params: dict[str, str | int | float] = {"asc": "true" if asc else "false"}
+        params: dict[str, str | int | float | list[str]] = {
+            "asc": "true" if asc else "false"
+        }
         if status is not None:
             params["status"] = status.value
         if container_group_id is not None:
             params["container_group_id"] = container_group_id
         if id_prefix:
             params["id_prefix"] = id_prefix
+        if name is not None:
+            params["name"] = name
+        wanted = list(tags)
+        if wanted:
+            params["tag"] = wanted
 
         def fetch(page: int, size: int) -> Sequence[Job]:
             data = self._request(
@@ -468,12 +489,47 @@ class Client:
             )
             return JobList.from_json(data).jobs
 
-        if not id_prefix:
+        if not id_prefix and name is None and not wanted:
             return Paginator(fetch, page_size=page_size)
-        prefix = id_prefix
-        return Paginator(
-            fetch, page_size=page_size, keep=lambda job: job.id.startswith(prefix)
+        prefix = id_prefix or ""
+
+        def keep(job: Job) -> bool:
+            # A server without these filters sends every job.
+            return (
+                job.id.startswith(prefix)
+                and (name is None or job.name == name)
+                and all(t in (job.tags or ()) for t in wanted)
+            )
+
+        return Paginator(fetch, page_size=page_size, keep=keep)
+
+    def events(
+        self,
+        job_id: str,
+        *,
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> list[JobEvent]:
+        """
+        A job's history, oldest first: every transition with its time,
+        attempt, machine and cause (see ``JobEvent``).
+
+        Raises:
+            NotFoundError: No such job (or not yours), or a server without
+                event history (the hosted API).
+        """
+        data = _expect_mapping(
+            self._request(
+                "GET",
+                f"/jobs/{_quote(job_id)}/events",
+                timeout=timeout,
+                max_retries=max_retries,
+            ),
+            "job events",
         )
+        return [
+            JobEvent.from_json(e) for e in _expect_list(data.get("events"), "events")
+        ]
 
     def cancel(
         self,

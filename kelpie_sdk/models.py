@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, NoReturn, Self, TypeAlias
 
@@ -25,11 +26,16 @@ import attrs
 from kelpie_sdk.errors import ResponseValidationError
 
 __all__ = [
+    "EVENT_KINDS",
     "LEGACY_STORAGE_FIELDS",
     "MAX_BATCH_SIZE",
     "MAX_LONG_POLL",
+    "MAX_NAME_LENGTH",
+    "MAX_TAGS",
+    "MAX_TAG_LENGTH",
     "JSONValue",
     "Job",
+    "JobEvent",
     "JobList",
     "JobStatus",
     "JobSubmission",
@@ -42,6 +48,7 @@ __all__ = [
     "SyncSpec",
     "User",
     "WorkerReport",
+    "check_tag",
     "format_progress",
     "format_timestamp",
     "parse_timestamp",
@@ -57,6 +64,30 @@ MAX_BATCH_SIZE = 1000
 
 #: The longest ``wait`` (seconds) that ``GET /work`` accepts (a long poll).
 MAX_LONG_POLL = 60.0
+
+#: The longest job ``name`` accepted, in characters.
+MAX_NAME_LENGTH = 200
+
+#: The most ``tags`` one job may carry.
+MAX_TAGS = 20
+
+#: The longest tag accepted, in characters.
+MAX_TAG_LENGTH = 64
+
+_TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/=+@-]*")
+
+#: The kinds of entries in a job's event history, in the order they can occur.
+EVENT_KINDS = (
+    "submitted",
+    "claimed",
+    "lease_expired",
+    "released",
+    "failed",
+    "banned",
+    "requeued",
+    "canceled",
+    "completed",
+)
 
 #: The flat ("legacy") storage fields of a job, in wire order.
 LEGACY_STORAGE_FIELDS = (
@@ -244,6 +275,15 @@ def _opt_int(model: str, data: Mapping[str, Any], key: str) -> int | None:
     return _int(model, data, key, None)
 
 
+def _opt_float(model: str, data: Mapping[str, Any], key: str) -> float | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        _fail(model, key, "a number", data)
+    return float(value)
+
+
 def _bool(model: str, data: Mapping[str, Any], key: str, default: bool) -> bool:
     value = data.get(key, default)
     if not isinstance(value, bool):
@@ -318,6 +358,44 @@ def _between(low: int, high: int) -> Any:
             )
 
     return check
+
+
+def _check_name(
+    instance: object, attribute: attrs.Attribute[str | None], value: str | None
+) -> None:
+    if value is None:
+        return
+    if not value.strip() or len(value) > MAX_NAME_LENGTH:
+        raise ValueError(
+            f"name must be 1 to {MAX_NAME_LENGTH} characters and not blank, "
+            f"got {len(value)} characters"
+        )
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("name must not contain control characters")
+
+
+def _check_tags(
+    instance: object, attribute: attrs.Attribute[tuple[str, ...]], value: Any
+) -> None:
+    if len(value) > MAX_TAGS:
+        raise ValueError(f"a job may carry at most {MAX_TAGS} tags, got {len(value)}")
+    for tag in value:
+        check_tag(tag)
+
+
+def check_tag(tag: str) -> None:
+    """
+    Check one job tag: 1 to 64 characters among letters, digits and
+    ``_ . : / = + @ -``, starting with a letter or a digit.
+
+    Raises:
+        ValueError: The tag is not valid.
+    """
+    if len(tag) > MAX_TAG_LENGTH or not _TAG_RE.fullmatch(tag):
+        raise ValueError(
+            f"tag {tag!r} is not valid: use 1 to {MAX_TAG_LENGTH} letters, digits "
+            "or _ . : / = + @ - , starting with a letter or a digit"
+        )
 
 
 def _to_tuple(value: Iterable[Any] | None) -> tuple[Any, ...] | None:
@@ -478,6 +556,10 @@ class JobSubmission:
     webhook: str | None = None
     compression: bool = False
     sync: SyncSpec | None = None
+    name: str | None = attrs.field(default=None, validator=_check_name)
+    tags: tuple[str, ...] = attrs.field(
+        default=(), converter=_str_tuple, validator=_check_tags
+    )
 
     def to_json(self) -> dict[str, JSONValue]:
         """
@@ -500,6 +582,10 @@ class JobSubmission:
         out["compression"] = self.compression
         if self.sync is not None:
             out["sync"] = self.sync.to_json()
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tags:
+            out["tags"] = list(self.tags)
         return out
 
     @classmethod
@@ -525,6 +611,8 @@ class JobSubmission:
                 webhook=_opt_str(name, m, "webhook"),
                 compression=_bool(name, m, "compression", False),
                 sync=None if sync is None else SyncSpec.from_json(sync),
+                name=_opt_str(name, m, "name"),
+                tags=_str_list(name, m, "tags"),
             )
         except ValueError as exc:
             raise ResponseValidationError(f"{name}: {exc}") from exc
@@ -544,6 +632,9 @@ class Job:
     releases, never counted as failures), ``lease_expires``, the latest
     ``progress`` record a worker reported, and ``last_error`` (the latest
     failure reason). The hosted API does not send them; they are then ``None``.
+    So are ``name`` and ``tags`` (given at submission), and ``goodput``: the
+    share of the job's compute so far that was not lost to interruptions or
+    failures (``None`` before any attempt ended).
     """
 
     id: str
@@ -578,6 +669,9 @@ class Job:
     lease_expires: dt.datetime | None = None
     progress: dict[str, Any] | None = None
     last_error: str | None = None
+    name: str | None = None
+    tags: tuple[str, ...] | None = attrs.field(default=None, converter=_to_tuple)
+    goodput: float | None = None
 
     def to_json(self) -> dict[str, JSONValue]:
         """
@@ -618,6 +712,12 @@ class Job:
             out["progress"] = self.progress
         if self.last_error is not None:
             out["last_error"] = self.last_error
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tags is not None:
+            out["tags"] = list(self.tags)
+        if self.goodput is not None:
+            out["goodput"] = self.goodput
         return out
 
     @classmethod
@@ -662,6 +762,9 @@ class Job:
             lease_expires=_opt_time(name, m, "lease_expires"),
             progress=progress,
             last_error=_opt_str(name, m, "last_error"),
+            name=_opt_str(name, m, "name"),
+            tags=None if m.get("tags") is None else _str_list(name, m, "tags"),
+            goodput=_opt_float(name, m, "goodput"),
         )
 
     @property
@@ -746,6 +849,87 @@ class JobList:
 
 
 @attrs.frozen(kw_only=True)
+class JobEvent:
+    """
+    One entry of a job's history (``GET /jobs/{id}/events``; this project's
+    addition to the protocol).
+
+    ``kind`` is one of ``EVENT_KINDS``. ``attempt`` and ``machine_id`` name
+    the claim the event concerns (``None`` for ``submitted``). ``details``
+    holds the cause: ``reason`` (released), ``exit_code`` and ``error``
+    (failed), ``by`` (canceled), and for an event that ends an attempt its
+    ``compute_seconds`` and ``lost_seconds`` (compute since the attempt's last
+    committed checkpoint, which a later attempt has to redo).
+    """
+
+    seq: int
+    job_id: str
+    time: dt.datetime
+    kind: str
+    attempt: int | None = None
+    machine_id: str | None = None
+    details: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def cause(self) -> str:
+        """
+        A short human-readable cause, built from ``details`` (may be empty).
+        """
+        d = self.details
+        parts: list[str] = []
+        if d.get("reason"):
+            parts.append(str(d["reason"]))
+        if d.get("exit_code") is not None:
+            parts.append(f"exit code {d['exit_code']}")
+        if d.get("error") and self.kind == "failed":
+            parts.append(str(d["error"]).splitlines()[0])
+        if d.get("by"):
+            parts.append(f"by {d['by']}")
+        if d.get("final"):
+            parts.append("no retries left")
+        if d.get("remaining") is not None:
+            parts.append(f"{d['remaining']} failure(s) left")
+        return "; ".join(parts)
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """
+        The wire form.
+        """
+        return {
+            "seq": self.seq,
+            "job_id": self.job_id,
+            "time": format_timestamp(self.time),
+            "kind": self.kind,
+            "attempt": self.attempt,
+            "machine_id": self.machine_id,
+            "details": dict(self.details),
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> Self:
+        """
+        Parse one event.
+
+        Raises:
+            ResponseValidationError: A field is missing or mistyped.
+        """
+        name = "JobEvent"
+        m = _mapping(name, data)
+        details = m.get("details") or {}
+        if not isinstance(details, dict):
+            _fail(name, "details", "an object", m)
+        return cls(
+            seq=_int(name, m, "seq", None),
+            job_id=_req_str(name, m, "job_id"),
+            time=_req_time(name, m, "time"),
+            kind=_req_str(name, m, "kind"),
+            attempt=_opt_int(name, m, "attempt"),
+            machine_id=_opt_str(name, m, "machine_id"),
+            details=details,
+        )
+
+
+@attrs.frozen(kw_only=True)
 class WorkerReport:
     """
     The body of the worker's heartbeat, completed, failed and release calls.
@@ -753,7 +937,8 @@ class WorkerReport:
     ``machine_id`` and ``container_group_id`` are the original protocol. The
     rest are this project's optional additions, which servers unaware of them
     ignore: ``attempt`` fences a report to one claim; ``progress`` is the job's
-    latest progress record; ``exit_code`` and ``error`` explain a failure.
+    latest progress record; ``exit_code`` and ``error`` explain a failure;
+    ``reason`` says why a job is released (shown in its event history).
     """
 
     machine_id: str
@@ -762,6 +947,7 @@ class WorkerReport:
     progress: dict[str, Any] | None = None
     exit_code: int | None = None
     error: str | None = None
+    reason: str | None = None
 
     def to_json(self) -> dict[str, JSONValue]:
         """
@@ -771,7 +957,7 @@ class WorkerReport:
             "machine_id": self.machine_id,
             "container_group_id": self.container_group_id,
         }
-        for key in ("attempt", "progress", "exit_code", "error"):
+        for key in ("attempt", "progress", "exit_code", "error", "reason"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -797,6 +983,7 @@ class WorkerReport:
             progress=progress,
             exit_code=_opt_int(name, m, "exit_code"),
             error=_opt_str(name, m, "error"),
+            reason=_opt_str(name, m, "reason"),
         )
 
 

@@ -30,6 +30,12 @@ timestamps = st.datetimes(
 ).map(lambda t: t.replace(microsecond=t.microsecond // 1000 * 1000))
 json_scalars = st.none() | st.booleans() | st.integers() | text
 progress = st.dictionaries(text, json_scalars, max_size=4)
+names = st.text(min_size=1, max_size=20).filter(
+    lambda n: n.strip() != "" and not any(ord(c) < 32 or ord(c) == 127 for c in n)
+)
+tags = st.lists(
+    st.from_regex(r"[a-z0-9][a-z0-9_.:/=+@-]{0,10}", fullmatch=True), max_size=4
+)
 
 sync_configs = st.builds(
     SyncConfig,
@@ -80,6 +86,9 @@ def jobs(draw: st.DrawFn) -> Job:
         lease_expires=draw(opt_time),
         progress=draw(st.none() | progress),
         last_error=draw(st.none() | text),
+        name=draw(st.none() | names),
+        tags=draw(st.none() | tags),
+        goodput=draw(st.none() | st.floats(0, 1)),
     )
 
 
@@ -95,6 +104,8 @@ submissions = st.builds(
     webhook=st.none() | text,
     compression=st.booleans(),
     sync=st.none() | sync_specs,
+    name=st.none() | names,
+    tags=tags,
 )
 
 reports = st.builds(
@@ -105,4 +116,5 @@ reports = st.builds(
     progress=st.none() | progress,
     exit_code=st.none() | st.integers(-255, 255),
     error=st.none() | text,
+    reason=st.none() | text,
 )

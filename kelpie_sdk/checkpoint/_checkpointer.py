@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from kelpie_sdk.checkpoint import _codecs, _manifest, _signals
+from kelpie_sdk.checkpoint import _codecs, _manifest, _progress, _signals
 from kelpie_sdk.checkpoint._signals import preempted
 from kelpie_sdk.checkpoint._store import Store, default_url, parallel_map
 from kelpie_sdk.errors import (
@@ -434,6 +434,10 @@ class Checkpointer:
         self._store.create_manifest(step, _manifest.encode(body))
         with self._lock:
             self._manifests[step] = body
+        try:
+            _progress.note_checkpoint(step)
+        except CheckpointError as exc:  # only the history's lost compute suffers
+            log.warning("could not record the checkpoint in the progress file: %s", exc)
         self.last_stats = SaveStats(
             step=step,
             bytes_total=total,

@@ -31,7 +31,9 @@ def report_progress(step: int, total: int | None = None, **metrics: Any) -> None
          "time": "2026-01-01T12:00:00.000000Z", "metrics": {"loss": 0.25}}
 
     ``fraction`` is ``step / total`` (``null`` when ``total`` is ``None`` or 0);
-    ``time`` is UTC in ISO 8601 with a ``Z``.
+    ``time`` is UTC in ISO 8601 with a ``Z``. ``checkpoint_time`` and
+    ``checkpoint_step``, written by each committed checkpoint save (see
+    `note_checkpoint`), are kept.
 
     Args:
         step: The number of steps done.
@@ -50,9 +52,13 @@ def report_progress(step: int, total: int | None = None, **metrics: Any) -> None
         "step": step,
         "total": total,
         "fraction": fraction,
-        "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "time": _now(),
         "metrics": metrics,
     }
+    for key in _CHECKPOINT_KEYS:
+        kept = _read(path).get(key)
+        if kept is not None:
+            record[key] = kept
     try:
         data = json.dumps(record, allow_nan=False).encode()
     except (TypeError, ValueError) as exc:
@@ -61,6 +67,49 @@ def report_progress(step: int, total: int | None = None, **metrics: Any) -> None
         ) from exc
     if fraction is not None and not math.isfinite(fraction):  # pragma: no cover
         raise CheckpointCodecError("progress fraction is not finite")
+    _write(path, data)
+
+
+#: The keys a committed checkpoint adds to the progress record.
+_CHECKPOINT_KEYS = ("checkpoint_time", "checkpoint_step")
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _read(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def note_checkpoint(step: int) -> None:
+    """
+    Add the time of a committed checkpoint to the progress record.
+
+    Sets ``checkpoint_time`` (now, UTC, ISO 8601 with a ``Z``) and
+    ``checkpoint_step`` in the record at ``KELPIE_PROGRESS_FILE``, keeping its
+    other keys; the worker forwards it, and the server counts the compute since
+    then as lost if the attempt is interrupted. Nothing happens when the
+    variable is unset or empty.
+
+    Raises:
+        CheckpointStorageError: The file cannot be written.
+    """
+    path = os.environ.get(PROGRESS_FILE_ENV)
+    if not path:
+        return
+    record = _read(path)
+    record["checkpoint_time"] = _now()
+    record["checkpoint_step"] = step
+    _write(path, json.dumps(record).encode())
+
+
+def _write(path: str, data: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     try:
         fd, tmp = tempfile.mkstemp(prefix=".progress-", suffix=".tmp", dir=directory)

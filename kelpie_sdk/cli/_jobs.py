@@ -1,5 +1,5 @@
 """
-``kelpie submit`` and ``kelpie jobs list|get|cancel|wait|purge|logs``.
+``kelpie submit`` and ``kelpie jobs list|get|events|cancel|wait|purge|logs``.
 
 Job ids may be given by any unique prefix (``kelpie jobs get 3f2a``).
 """
@@ -33,7 +33,13 @@ from kelpie_sdk.cli._common import (
     resolve_job_id,
 )
 from kelpie_sdk.cli._live import JobsView
-from kelpie_sdk.models import LEGACY_STORAGE_FIELDS, Job, JobStatus, JobSubmission
+from kelpie_sdk.models import (
+    LEGACY_STORAGE_FIELDS,
+    Job,
+    JobEvent,
+    JobStatus,
+    JobSubmission,
+)
 
 __all__ = ["register"]
 
@@ -57,6 +63,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--status", choices=[s.value for s in JobStatus], help="only this status"
     )
     listing.add_argument("--container-group-id", metavar="ID", help="only this group")
+    listing.add_argument("--name", help="only jobs with exactly this name")
+    listing.add_argument(
+        "--tag",
+        dest="tags",
+        action="append",
+        default=[],
+        metavar="TAG",
+        help="only jobs carrying this tag (repeat: jobs carrying all of them)",
+    )
     listing.add_argument(
         "--limit",
         type=_non_negative_int,
@@ -88,6 +103,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     get = _leaf(actions, "get", "show one job")
     get.add_argument("job_id", metavar="JOB_ID", help="a job id or a unique prefix")
     get.set_defaults(handler=_get)
+
+    history = _leaf(
+        actions,
+        "events",
+        "show a job's history: every transition with its cause, and the "
+        "compute of each attempt",
+    )
+    history.add_argument("job_id", metavar="JOB_ID", help="a job id or a unique prefix")
+    history.set_defaults(handler=_events)
 
     cancel = _leaf(actions, "cancel", "cancel jobs")
     cancel.add_argument(
@@ -209,6 +233,8 @@ _FLAG_FIELDS = (
     "sync_json",
     "webhook",
     "compression",
+    "name",
+    "tags",
     *LEGACY_STORAGE_FIELDS,
 )
 
@@ -267,6 +293,15 @@ def _register_submit(
         help="the sync block as JSON, e.g. '{\"before\": [...]}'",
     )
     submit.add_argument("--webhook", metavar="URL", help="told about status changes")
+    submit.add_argument("--name", help="a short name for the job (up to 200 chars)")
+    submit.add_argument(
+        "--tag",
+        dest="tags",
+        action="append",
+        default=[],
+        metavar="TAG",
+        help="a tag for the job, e.g. gpu or team=ml (repeat for more; up to 20)",
+    )
     submit.add_argument(
         "--compression", action="store_true", default=None, help="compress uploads"
     )
@@ -345,6 +380,7 @@ def _submission_from_flags(args: argparse.Namespace) -> JobSubmission:
             "heartbeat_interval": args.heartbeat_interval,
             "webhook": args.webhook,
             "compression": args.compression,
+            "name": args.name,
         }.items()
         if v is not None
     }
@@ -353,6 +389,7 @@ def _submission_from_flags(args: argparse.Namespace) -> JobSubmission:
         container_group_id=args.container_group_id,
         arguments=arguments,
         environment=dict(args.env),
+        tags=args.tags,
         sync=sync,
         **legacy,
         **optional,
@@ -432,6 +469,8 @@ def _fetch_list(args: argparse.Namespace, ctx: Context) -> list[Job]:
         container_group_id=args.container_group_id,
         page_size=page_size,
         asc=args.asc,
+        name=args.name,
+        tags=args.tags,
     )
     return list(itertools.islice(paginator, args.limit or None))
 
@@ -453,6 +492,8 @@ def _job_details(job: Job) -> Table:
     table.add_column("Value", overflow="fold")
     rows: list[tuple[str, str]] = [
         ("id", job.id),
+        *([("name", job.name)] if job.name else []),
+        *([("tags", ", ".join(job.tags))] if job.tags else []),
         ("status", job.status.value),
         ("container group", job.container_group_id),
         ("command", " ".join([job.command, *job.arguments])),
@@ -471,6 +512,8 @@ def _job_details(job: Job) -> Table:
         rows.append(("attempt", str(job.attempt)))
     if job.num_interruptions is not None:
         rows.append(("interruptions", str(job.num_interruptions)))
+    if job.goodput is not None:
+        rows.append(("goodput", f"{job.goodput:.0%}"))
     if job.progress:
         rows.append(("progress", format_progress(job.progress)))
     if job.last_error:
@@ -498,6 +541,62 @@ def _get(args: argparse.Namespace, ctx: Context) -> int:
         print_json(ctx.console, job.to_json())
     else:
         ctx.console.print(_job_details(job))
+    return EXIT_OK
+
+
+def _seconds(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return ""
+    if value < 60:
+        return f"{value:.1f} s"
+    minutes, secs = divmod(int(value), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def events_table(events: list[JobEvent]) -> Table:
+    """
+    A job's history: time, event, attempt, machine, cause, and for the event
+    that ends an attempt its compute and the part of it lost.
+    """
+    table = Table(title="Events")
+    table.add_column("Time", no_wrap=True)
+    table.add_column("Event", no_wrap=True)
+    table.add_column("Attempt", justify="right")
+    table.add_column("Machine", overflow="fold")
+    table.add_column("Cause", overflow="fold")
+    table.add_column("Compute", justify="right", no_wrap=True)
+    table.add_column("Lost", justify="right", no_wrap=True)
+    for event in events:
+        table.add_row(
+            format_time(event.time),
+            event.kind.replace("_", " "),
+            "" if event.attempt is None else str(event.attempt),
+            Text(event.machine_id or ""),
+            Text(event.cause),
+            _seconds(event.details.get("compute_seconds")),
+            _seconds(event.details.get("lost_seconds")),
+        )
+    return table
+
+
+def _events(args: argparse.Namespace, ctx: Context) -> int:
+    client = ctx.client()
+    job_id = resolve_job_id(client, args.job_id)
+    events = client.events(job_id)
+    if args.json:
+        print_json(ctx.console, [e.to_json() for e in events])
+        return EXIT_OK
+    ctx.console.print(events_table(events))
+    computed = [e for e in events if "compute_seconds" in e.details]
+    if computed:
+        total = sum(float(e.details["compute_seconds"]) for e in computed)
+        lost = sum(float(e.details.get("lost_seconds") or 0) for e in computed)
+        line = f"Compute {_seconds(total)} over {len(computed)} attempt(s), "
+        line += f"lost {_seconds(lost)}"
+        if total > 0:
+            line += f"; goodput {(total - lost) / total:.0%}"
+        ctx.console.print(line)
     return EXIT_OK
 
 

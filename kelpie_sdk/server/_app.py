@@ -42,6 +42,7 @@ from kelpie_sdk.models import (
     LEGACY_STORAGE_FIELDS,
     MAX_BATCH_SIZE,
     MAX_LONG_POLL,
+    MAX_TAGS,
     Job,
     JobStatus,
     JobSubmission,
@@ -53,6 +54,7 @@ from kelpie_sdk.models import (
     SyncSpec,
     User,
     WorkerReport,
+    check_tag,
     format_timestamp,
 )
 from kelpie_sdk.server._logs import (
@@ -558,12 +560,16 @@ def list_jobs(
     page_size: FromQuery[int] = 100,
     asc: FromQuery[bool] = False,
     id_prefix: FromQuery[str | None] = None,
+    name: FromQuery[str | None] = None,
+    tag: FromQuery[list[str] | None] = None,
 ) -> Response[dict[str, Any]]:
     """
     One page of the caller's jobs: ``{"_count": <jobs on this page>, "jobs": [...]}``.
 
-    ``id_prefix`` (this project's addition) keeps the jobs whose id starts
-    with it; the CLI uses it to accept a short job id.
+    This project's additions: ``id_prefix`` keeps the jobs whose id starts
+    with it (the CLI uses it to accept a short job id); ``name`` keeps the jobs
+    with exactly that name; ``tag`` (repeatable) keeps the jobs carrying every
+    tag given.
     """
     if status is not None and status not in JobStatus._value2member_map_:
         raise HTTPProblem(
@@ -584,6 +590,16 @@ def list_jobs(
             "Bad Request",
             f"id_prefix must be at most {MAX_ID_LENGTH} characters (a job id's length)",
         )
+    tags = tag or []
+    if len(tags) > MAX_TAGS:
+        raise HTTPProblem(
+            400, "Bad Request", f"at most {MAX_TAGS} tag filters may be given"
+        )
+    for one in tags:
+        try:
+            check_tag(one)
+        except ValueError as exc:
+            raise HTTPProblem(400, "Bad Request", str(exc)) from exc
     jobs = _state(request).store.list_jobs(
         principal,
         status=None if status is None else JobStatus(status),
@@ -592,6 +608,8 @@ def list_jobs(
         page_size=page_size,
         asc=asc,
         id_prefix=id_prefix or None,
+        name=name or None,
+        tags=tags,
     )
     return _json({"_count": len(jobs), "jobs": [j.to_json() for j in jobs]})
 
@@ -609,6 +627,24 @@ def get_job(
     if job is None:
         raise _not_found()
     return _job_response(job)
+
+
+@get("/jobs/{job_id:str}/events", sync_to_thread=False)
+def job_events(
+    request: Request[Any, Any, Any],
+    job_id: FromPath[str],
+    principal: NamedDependency[Principal],
+) -> Response[dict[str, Any]]:
+    """
+    The job's history, oldest first: ``{"_count": n, "events": [...]}``.
+
+    Every transition with its time, attempt, machine and cause (this
+    project's addition). Only the job's owner and the admin may read it.
+    """
+    events = _state(request).store.events(principal, job_id)
+    if events is None:
+        raise _not_found()
+    return _json({"_count": len(events), "events": [e.to_json() for e in events]})
 
 
 @delete("/jobs/{job_id:str}", status_code=202, sync_to_thread=False)
@@ -1543,6 +1579,7 @@ def create_app(
         submit_batch,
         list_jobs,
         get_job,
+        job_events,
         cancel_job,
         purge_group,
         delete_all_jobs,

@@ -26,6 +26,7 @@ __all__ = [
     "API_KEYS",
     "JOBS",
     "JOB_BANS",
+    "JOB_EVENTS",
     "JOB_LOGS",
     "JOB_LOG_ATTEMPTS",
     "LEADER_LEASES",
@@ -110,6 +111,13 @@ JOBS = sa.Table(
     sa.Column("lease_expires", sa.BigInteger),
     sa.Column("progress", sa.Text),
     sa.Column("last_error", sa.Text),
+    sa.Column("name", sa.Text),
+    # A JSON list of tags, or NULL for none.
+    sa.Column("tags", sa.Text),
+    # Compute (claim to end) of the job's finished attempts, and the part of it
+    # lost to interruptions and failures, in milliseconds: its goodput.
+    sa.Column("compute_ms", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("lost_ms", sa.BigInteger, nullable=False, server_default="0"),
     sa.Index(
         "ix_jobs_pending",
         "user_id",
@@ -129,6 +137,22 @@ JOBS = sa.Table(
     sa.Index("ix_jobs_user_seq", "user_id", "seq"),
     sa.Index("ix_jobs_user_status_seq", "user_id", "status", "seq"),
     sa.Index("ix_jobs_user_group_seq", "user_id", "container_group_id", "seq"),
+    sa.Index("ix_jobs_user_name_seq", "user_id", "name", "seq"),
+)
+
+#: Every transition of every job, written in the transaction that made it.
+JOB_EVENTS = sa.Table(
+    "job_events",
+    METADATA,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.String(36), nullable=False),
+    sa.Column("time", sa.BigInteger, nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("attempt", sa.Integer),
+    sa.Column("machine_id", sa.Text),
+    # A JSON object: the cause and, for an attempt's end, its compute.
+    sa.Column("details", sa.Text, nullable=False, server_default="{}"),
+    sa.Index("ix_job_events_job_seq", "job_id", "seq"),
 )
 
 JOB_BANS = sa.Table(

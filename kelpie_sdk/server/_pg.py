@@ -193,6 +193,34 @@ class PgHotPath:
         LIMIT 1
     """
     NOTIFY = "SELECT pg_notify(%(channel)s, %(payload)s)"
+    # The event history: run with the transition in one transaction
+    # (``transaction(atomic=True)``).
+    EVENT = """
+        INSERT INTO job_events (job_id, time, kind, attempt, machine_id, details)
+        VALUES (%(job_id)s, %(time)s, %(kind)s, %(attempt)s::integer,
+                %(event_machine)s, %(details)s)
+    """
+    ATTEMPT = """
+        SELECT attempt, machine_id, started, heartbeat, progress,
+            num_failures, max_failures
+        FROM jobs WHERE id = %(id)s AND user_id = %(user_id)s
+        FOR UPDATE
+    """
+    COMPUTE = """
+        UPDATE jobs SET compute_ms = compute_ms + %(compute)s,
+            lost_ms = lost_ms + %(lost)s
+        WHERE id = %(id)s
+    """
+    TAKEOVER = f"""
+        SELECT j.id, j.attempt, j.machine_id, j.started, j.heartbeat, j.progress,
+            j.lease_expires
+        FROM jobs j
+        WHERE j.user_id = %(user_id)s AND j.container_group_id = %(group)s
+          AND j.status = 'running' AND j.lease_expires <= %(now)s
+          AND {_NOT_BANNED}
+        ORDER BY j.lease_expires LIMIT 1
+        FOR UPDATE SKIP LOCKED
+    """  # noqa: S608 - built from constants only
 
     def __init__(self, url: sa.URL) -> None:
         self._conninfo = conninfo(url)
@@ -223,9 +251,13 @@ class PgHotPath:
         conn.close()
 
     @contextmanager
-    def transaction(self, *, write: bool = True, durable: bool = True) -> Iterator[Any]:
+    def transaction(
+        self, *, write: bool = True, durable: bool = True, atomic: bool = False
+    ) -> Iterator[Any]:
         """
-        A cursor; each statement commits on its own (autocommit).
+        A cursor; each statement commits on its own (autocommit), or, with
+        ``atomic=True``, all of them together in one transaction (a
+        transition and the event that records it).
 
         ``durable=False`` runs on a second connection with
         ``synchronous_commit=off``: the commit does not wait for the WAL to
@@ -237,8 +269,12 @@ class PgHotPath:
         name = "conn" if durable else "relaxed"
         conn = self._connection(durable)
         try:
-            with conn.cursor() as cur:
-                yield cur
+            if atomic:
+                with conn.transaction(), conn.cursor() as cur:
+                    yield cur
+            else:
+                with conn.cursor() as cur:
+                    yield cur
         except psycopg.OperationalError:
             # The connection may be unusable (server restarted): open a new
             # one next time.

@@ -40,6 +40,7 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 from kelpie_sdk.models import (
     LEGACY_STORAGE_FIELDS,
     Job,
+    JobEvent,
     JobStatus,
     JobSubmission,
     ScalingRule,
@@ -53,6 +54,7 @@ from kelpie_sdk.server._db import (
     ADMIN_ID,
     API_KEYS,
     JOB_BANS,
+    JOB_EVENTS,
     JOBS,
     SCALING_RULES,
     USERS,
@@ -299,6 +301,113 @@ _PROGRESS_SQL = f"""
 """  # noqa: S608 - built from constants only
 
 
+# -- the event history: statements added to each transition's transaction ---------
+
+_EVENT_SQL = """
+    INSERT INTO job_events (job_id, time, kind, attempt, machine_id, details)
+    VALUES (:job_id, :time, :kind, :attempt, :event_machine, :details)
+"""
+# The holder's attempt as it stands before the transition ends it.
+_ATTEMPT_SQL = """
+    SELECT attempt, machine_id, started, heartbeat, progress,
+        num_failures, max_failures
+    FROM jobs WHERE id = :id AND user_id = :user_id
+"""
+_COMPUTE_SQL = """
+    UPDATE jobs SET compute_ms = compute_ms + :compute, lost_ms = lost_ms + :lost
+    WHERE id = :id
+"""
+# The running job whose lease the claim that follows takes over, if any: the
+# claim's first branch, read in the claim's own transaction.
+_TAKEOVER_SQL = """
+    SELECT id, attempt, machine_id, started, heartbeat, progress, lease_expires
+    FROM jobs INDEXED BY ix_jobs_running
+    WHERE user_id = :user_id AND container_group_id = :group
+      AND status = 'running' AND lease_expires <= :now
+      AND NOT EXISTS (SELECT 1 FROM job_bans b
+                      WHERE b.job_id = jobs.id AND b.machine_id = :machine_id)
+    ORDER BY lease_expires LIMIT 1
+"""
+
+
+def _checkpoint_ms(progress: Any) -> int | None:
+    """
+    When the attempt last committed a checkpoint, from its progress record.
+    """
+    if isinstance(progress, str):
+        try:
+            progress = json.loads(progress)
+        except ValueError:
+            return None
+    if not isinstance(progress, dict):
+        return None
+    value = progress.get("checkpoint_time")
+    if not isinstance(value, str):
+        return None
+    try:
+        when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp() * 1000)
+
+
+def attempt_compute(
+    attempt: Mapping[str, Any] | RowMapping, end: int, *, useful: bool
+) -> tuple[int, int]:
+    """
+    An attempt's compute (claim to ``end``) and the part of it lost, in ms.
+
+    A useful attempt (completed) loses nothing. Otherwise the compute since its
+    last committed checkpoint is lost; all of it if it committed none.
+    """
+    started = attempt.get("started")
+    if started is None:
+        return 0, 0
+    compute = max(0, end - int(started))
+    if useful:
+        return compute, 0
+    checkpoint = _checkpoint_ms(attempt.get("progress"))
+    if checkpoint is None or checkpoint < started:
+        return compute, compute
+    return compute, min(compute, max(0, end - checkpoint))
+
+
+#: How much of a failure's error (the end: the last lines of stderr) an event keeps.
+_EVENT_ERROR_CHARS = 2000
+
+
+def _clip(text: str | None, limit: int = 500) -> str | None:
+    return None if text is None else text[:limit]
+
+
+def _iso(ms: int | None) -> str | None:
+    value = _ms_to_dt(ms)
+    return None if value is None else value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _compute_details(compute: int, lost: int) -> dict[str, Any]:
+    return {"compute_seconds": compute / 1000, "lost_seconds": lost / 1000}
+
+
+def _goodput(compute: int | None, lost: int | None) -> float | None:
+    if not compute:
+        return None
+    return round((compute - (lost or 0)) / compute, 4)
+
+
+def _tag_filter(dialect: str, tag: str) -> Any:
+    """
+    Jobs carrying ``tag``: its JSON form inside the stored JSON list. Tags
+    cannot contain quotes, so the match is a whole tag; ``instr``/``strpos``
+    compare case-sensitively on both backends (SQLite's ``LIKE`` would not).
+    """
+    needle = json.dumps(tag)
+    find = sa.func.strpos if dialect == "postgresql" else sa.func.instr
+    return find(JOBS.c.tags, needle) > 0
+
+
 def _holder_view(
     state: Mapping[str, Any] | None, machine_id: str, attempt: int | None
 ) -> JobStatus | None:
@@ -331,6 +440,10 @@ class _HotPath:
     RELEASE = _RELEASE_SQL
     PROGRESS = _PROGRESS_SQL
     EXPIRED = _EXPIRED_SQL
+    EVENT = _EVENT_SQL
+    ATTEMPT = _ATTEMPT_SQL
+    COMPUTE = _COMPUTE_SQL
+    TAKEOVER = _TAKEOVER_SQL
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -347,8 +460,12 @@ class _HotPath:
         return conn
 
     @contextmanager
-    def transaction(self, *, write: bool = True, durable: bool = True) -> Iterator[Any]:
-        del durable  # SQLite commits the same way either way (WAL, NORMAL).
+    def transaction(
+        self, *, write: bool = True, durable: bool = True, atomic: bool = False
+    ) -> Iterator[Any]:
+        # SQLite commits the same way either way (WAL, NORMAL), and every
+        # write transaction is atomic.
+        del durable, atomic
         conn = self._connection()
         cur = conn.cursor()
         cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
@@ -629,8 +746,20 @@ class Store:
         """
         now = self.now_ms()
         rows = [self._submission_row(user_id, sub, now) for sub in subs]
+        events = [
+            {
+                "job_id": row["id"],
+                "time": now,
+                "kind": "submitted",
+                "attempt": None,
+                "machine_id": None,
+                "details": "{}" if len(rows) == 1 else json.dumps({"batch": len(rows)}),
+            }
+            for row in rows
+        ]
         with self._write() as conn:
             conn.execute(JOBS.insert(), rows)
+            conn.execute(JOB_EVENTS.insert(), events)
         for group in dict.fromkeys(row["container_group_id"] for row in rows):
             self._available(user_id, {"status": "pending", "container_group_id": group})
         return [self._row_to_job(row) for row in rows]
@@ -664,6 +793,10 @@ class Store:
             "lease_expires": None,
             "progress": None,
             "last_error": None,
+            "name": sub.name,
+            "tags": json.dumps(list(sub.tags)) if sub.tags else None,
+            "compute_ms": 0,
+            "lost_ms": 0,
         }
         for key in LEGACY_STORAGE_FIELDS:
             row[key] = getattr(sub, key)
@@ -701,6 +834,9 @@ class Store:
             lease_expires=_ms_to_dt(row["lease_expires"]),
             progress=None if progress is None else json.loads(progress),
             last_error=row["last_error"],
+            name=row["name"],
+            tags=json.loads(row["tags"]) if row["tags"] else (),
+            goodput=_goodput(row["compute_ms"], row["lost_ms"]),
         )
 
     @_resilient
@@ -726,13 +862,17 @@ class Store:
         page_size: int,
         asc: bool,
         id_prefix: str | None = None,
+        name: str | None = None,
+        tags: Sequence[str] = (),
     ) -> list[Job]:
         """
         One page of the caller's jobs (all jobs for the admin), oldest or newest first.
 
         ``id_prefix`` keeps the jobs whose id starts with it (case-sensitive;
         no wildcards), compared with ``substr`` so that SQLite's
-        case-insensitive ``LIKE`` cannot match ``ABC`` to ``abc``.
+        case-insensitive ``LIKE`` cannot match ``ABC`` to ``abc``. ``name``
+        keeps the jobs with exactly that name, ``tags`` those carrying every
+        tag given.
         """
         query = sa.select(*_JOB_COLUMNS)
         if not principal.is_admin:
@@ -745,6 +885,10 @@ class Store:
             query = query.where(
                 sa.func.substr(JOBS.c.id, 1, len(id_prefix)) == id_prefix
             )
+        if name is not None:
+            query = query.where(JOBS.c.name == name)
+        for tag in tags:
+            query = query.where(_tag_filter(self.engine.dialect.name, tag))
         order = JOBS.c.seq.asc() if asc else JOBS.c.seq.desc()
         query = query.order_by(order).limit(page_size).offset((page - 1) * page_size)
         with self._read() as conn:
@@ -769,6 +913,22 @@ class Store:
         if not principal.is_admin:
             owner = owner & (JOBS.c.user_id == principal.user_id)
         with self._write() as conn:
+            before = (
+                conn.execute(
+                    sa.select(
+                        JOBS.c.id,
+                        JOBS.c.status,
+                        JOBS.c.attempt,
+                        JOBS.c.machine_id,
+                        JOBS.c.started,
+                        JOBS.c.progress,
+                    )
+                    .where(owner)
+                    .with_for_update()
+                )
+                .mappings()
+                .first()
+            )
             done = conn.execute(
                 JOBS.update()
                 .where(owner, JOBS.c.status.in_(["pending", "running"]))
@@ -780,7 +940,8 @@ class Store:
                     lease_expires=None,
                 )
             ).rowcount
-            if done:
+            if done and before is not None:
+                self._canceled_events(conn, principal, [before], now, via=None)
                 return "canceled"
             status = conn.execute(sa.select(JOBS.c.status).where(owner)).scalar()
         if status is None:
@@ -802,6 +963,25 @@ class Store:
             deleted_ids = sa.select(JOBS.c.id).where(mine, JOBS.c.status == "pending")
             conn.execute(JOB_BANS.delete().where(JOB_BANS.c.job_id.in_(deleted_ids)))
             delete_logs_of(conn, deleted_ids)
+            conn.execute(
+                JOB_EVENTS.delete().where(JOB_EVENTS.c.job_id.in_(deleted_ids))
+            )
+            running = (
+                conn.execute(
+                    sa.select(
+                        JOBS.c.id,
+                        JOBS.c.status,
+                        JOBS.c.attempt,
+                        JOBS.c.machine_id,
+                        JOBS.c.started,
+                        JOBS.c.progress,
+                    )
+                    .where(mine, JOBS.c.status == "running")
+                    .with_for_update()
+                )
+                .mappings()
+                .all()
+            )
             deleted = conn.execute(
                 JOBS.delete().where(mine, JOBS.c.status == "pending")
             ).rowcount
@@ -810,7 +990,79 @@ class Store:
                 .where(mine, JOBS.c.status == "running")
                 .values(status="canceled", canceled=now, lease_expires=None)
             ).rowcount
+            self._canceled_events(conn, principal, running, now, via="purge")
         return int(deleted) + int(canceled)
+
+    def _canceled_events(
+        self,
+        conn: Connection,
+        principal: Principal,
+        jobs: Sequence[Mapping[str, Any] | RowMapping],
+        now: int,
+        *,
+        via: str | None,
+    ) -> None:
+        """
+        Record the cancellation of each job, in the transaction that made it.
+
+        A running attempt's compute is counted but not as lost: the user ended
+        it, the infrastructure did not.
+        """
+        by = "admin" if principal.is_admin else principal.user_id
+        for job in jobs:
+            details: dict[str, Any] = {"by": by}
+            if via is not None:
+                details["via"] = via
+            attempt = machine = None
+            if job["status"] == "running":
+                attempt, machine = job["attempt"], job["machine_id"]
+                compute, _ = attempt_compute(job, now, useful=True)
+                details.update(_compute_details(compute, 0))
+                conn.execute(
+                    JOBS.update()
+                    .where(JOBS.c.id == job["id"])
+                    .values(compute_ms=JOBS.c.compute_ms + compute)
+                )
+            conn.execute(
+                JOB_EVENTS.insert().values(
+                    job_id=job["id"],
+                    time=now,
+                    kind="canceled",
+                    attempt=attempt,
+                    machine_id=machine,
+                    details=json.dumps(details),
+                )
+            )
+
+    @_resilient
+    def events(self, principal: Principal, job_id: str) -> list[JobEvent] | None:
+        """
+        A job's history, oldest first; ``None`` if the caller may not see the
+        job (admins see all).
+        """
+        owner = JOBS.c.id == job_id
+        if not principal.is_admin:
+            owner = owner & (JOBS.c.user_id == principal.user_id)
+        with self._read() as conn:
+            if conn.execute(sa.select(JOBS.c.id).where(owner)).first() is None:
+                return None
+            rows = conn.execute(
+                sa.select(JOB_EVENTS)
+                .where(JOB_EVENTS.c.job_id == job_id)
+                .order_by(JOB_EVENTS.c.seq)
+            ).all()
+        return [
+            JobEvent(
+                seq=r.seq,
+                job_id=r.job_id,
+                time=_ms_to_dt(r.time),  # type: ignore[arg-type]
+                kind=r.kind,
+                attempt=r.attempt,
+                machine_id=r.machine_id,
+                details=json.loads(r.details),
+            )
+            for r in rows
+        ]
 
     @_resilient
     def delete_all_jobs(self) -> None:
@@ -820,6 +1072,7 @@ class Store:
         with self._write() as conn:
             conn.execute(JOB_BANS.delete())
             delete_all_logs(conn)
+            conn.execute(JOB_EVENTS.delete())
             conn.execute(JOBS.delete())
 
     # -- jobs: the worker protocol --------------------------------------------
@@ -837,15 +1090,80 @@ class Store:
         pending jobs in submission order; jobs that banned this machine are
         skipped. The claim bumps ``attempt`` and starts a new lease.
         """
-        params = {
+        now = self.now_ms()
+        params: dict[str, Any] = {
             "machine_id": machine_id,
             "group": group,
             "user_id": principal.user_id,
-            "now": self.now_ms(),
+            "now": now,
         }
-        with self._hot.transaction() as cur:
+        with self._hot.transaction(atomic=True) as cur:
+            previous = self._hot.fetch_one(cur, self._hot.TAKEOVER, params)
             row = self._hot.fetch_one(cur, self._hot.CLAIM, params)
-        return None if row is None else self._row_to_job(row)
+            if row is None:
+                return None
+            if previous is not None and previous["id"] == row["id"]:
+                # The previous holder's lease ran out: its attempt ends at its
+                # last heartbeat, the last time it was known to be alive.
+                end = previous["heartbeat"] or now
+                compute, lost = attempt_compute(previous, end, useful=False)
+                details = {
+                    "last_heartbeat": _iso(previous["heartbeat"]),
+                    "lease_expired": _iso(previous["lease_expires"]),
+                    **_compute_details(compute, lost),
+                }
+                self._event(
+                    cur,
+                    row["id"],
+                    "lease_expired",
+                    previous["attempt"],
+                    previous["machine_id"],
+                    details,
+                    now,
+                )
+                self._add_compute(cur, row["id"], compute, lost)
+            self._event(cur, row["id"], "claimed", row["attempt"], machine_id, {}, now)
+        return self._row_to_job(row)
+
+    def _event(
+        self,
+        cur: Any,
+        job_id: str,
+        kind: str,
+        attempt: int | None,
+        machine_id: str | None,
+        details: Mapping[str, Any],
+        now: int,
+    ) -> None:
+        self._hot.execute(
+            cur,
+            self._hot.EVENT,
+            {
+                "job_id": job_id,
+                "time": now,
+                "kind": kind,
+                "attempt": attempt,
+                "event_machine": machine_id,
+                "details": json.dumps(details),
+            },
+        )
+
+    def _add_compute(self, cur: Any, job_id: str, compute: int, lost: int) -> None:
+        self._hot.execute(
+            cur, self._hot.COMPUTE, {"id": job_id, "compute": compute, "lost": lost}
+        )
+
+    def _ending(
+        self, cur: Any, params: Mapping[str, Any], report: WorkerReport
+    ) -> dict[str, Any] | None:
+        """
+        The holder's attempt before the transition that ends it (the report's
+        progress record, when it carries one, is the newest).
+        """
+        attempt = self._hot.fetch_one(cur, self._hot.ATTEMPT, params)
+        if attempt is not None and report.progress is not None:
+            attempt["progress"] = report.progress
+        return attempt
 
     @staticmethod
     def _fence(
@@ -908,8 +1226,22 @@ class Store:
         params["progress"] = (
             None if report.progress is None else json.dumps(report.progress)
         )
-        with self._hot.transaction() as cur:
-            if self._hot.execute(cur, self._hot.COMPLETE, params):
+        with self._hot.transaction(atomic=True) as cur:
+            before = self._ending(cur, params, report)
+            if before is not None and self._hot.execute(
+                cur, self._hot.COMPLETE, params
+            ):
+                compute, _ = attempt_compute(before, params["now"], useful=True)
+                self._event(
+                    cur,
+                    job_id,
+                    "completed",
+                    before["attempt"],
+                    report.machine_id,
+                    _compute_details(compute, 0),
+                    params["now"],
+                )
+                self._add_compute(cur, job_id, compute, 0)
                 return "ok"
             state = self._state(cur, principal, job_id)
         if state is None:
@@ -938,13 +1270,43 @@ class Store:
         params = self._fence(principal, job_id, report)
         params["now"] = self.now_ms()
         params["error"] = error
-        with self._hot.transaction() as cur:
-            row = self._hot.fetch_one(cur, self._hot.FAIL, params)
-            if row is None:
+        now = params["now"]
+        with self._hot.transaction(atomic=True) as cur:
+            before = self._ending(cur, params, report)
+            row = (
+                None
+                if before is None
+                else self._hot.fetch_one(cur, self._hot.FAIL, params)
+            )
+            if before is None or row is None:
                 found = self._state(cur, principal, job_id) is not None
                 return "not_holder" if found else "not_found"
             if self._hot.BAN is not None:
                 self._hot.execute(cur, self._hot.BAN, params)
+            attempt = before["attempt"]
+            compute, lost = attempt_compute(before, now, useful=False)
+            final = row["status"] != "pending"
+            details: dict[str, Any] = {
+                "exit_code": report.exit_code,
+                "error": None if error is None else error[-_EVENT_ERROR_CHARS:],
+                **_compute_details(compute, lost),
+            }
+            if final:
+                details["final"] = True
+            self._event(cur, job_id, "failed", attempt, report.machine_id, details, now)
+            self._event(cur, job_id, "banned", attempt, report.machine_id, {}, now)
+            if not final:
+                remaining = before["max_failures"] - before["num_failures"] - 1
+                self._event(
+                    cur,
+                    job_id,
+                    "requeued",
+                    attempt,
+                    report.machine_id,
+                    {"remaining": remaining},
+                    now,
+                )
+            self._add_compute(cur, job_id, compute, lost)
         self._available(principal.user_id, row)
         return "ok"
 
@@ -956,12 +1318,30 @@ class Store:
         Hand the holder's job back to the queue at once, as an interruption.
         """
         params = self._fence(principal, job_id, report)
-        params["now"] = self.now_ms()
-        with self._hot.transaction() as cur:
-            row = self._hot.fetch_one(cur, self._hot.RELEASE, params)
-            if row is None:
+        now = params["now"] = self.now_ms()
+        with self._hot.transaction(atomic=True) as cur:
+            before = self._ending(cur, params, report)
+            row = (
+                None
+                if before is None
+                else self._hot.fetch_one(cur, self._hot.RELEASE, params)
+            )
+            if before is None or row is None:
                 found = self._state(cur, principal, job_id) is not None
                 return "not_holder" if found else "not_found"
+            compute, lost = attempt_compute(before, now, useful=False)
+            details: dict[str, Any] = {"reason": _clip(report.reason)}
+            details.update(_compute_details(compute, lost))
+            self._event(
+                cur,
+                job_id,
+                "released",
+                before["attempt"],
+                report.machine_id,
+                details,
+                now,
+            )
+            self._add_compute(cur, job_id, compute, lost)
         self._available(principal.user_id, row)
         return "ok"
 

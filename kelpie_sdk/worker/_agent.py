@@ -282,6 +282,11 @@ class Worker:
         """
         return self._stop.is_set()
 
+    @property
+    def stop_reason(self) -> str:
+        """Why the worker is stopping (``""`` while it is not)."""
+        return self._stop_reason
+
     def stop(self, reason: str = "stop requested", exit_code: int = EXIT_OK) -> None:
         """
         Ask the worker to stop: no new claims; running jobs get SIGTERM, their
@@ -597,6 +602,7 @@ class _Slot:
                 machine_id=held.machine_id,
                 container_group_id=held.container_group_id,
                 attempt=held.attempt,
+                reason="the worker restarted",
             )
             released = _deliver(
                 lambda: self.client.release(held.id, report),
@@ -703,7 +709,9 @@ class _Slot:
 
     def _release_unstarted(self, job: Job) -> None:
         logger.info("job %s: claimed while shutting down; releasing it", job.id)
-        report = self.report(job.id, job.attempt)
+        report = self.report(
+            job.id, job.attempt, reason="claimed while the worker was shutting down"
+        )
         _deliver(
             lambda: self.client.release(job.id, report),
             what=f"release of job {job.id}",
@@ -1265,11 +1273,15 @@ class _JobRun:
         self._hb_stop.set()
         self._info("releasing to the queue: %s", reason)
         ok = _deliver(
-            lambda: self.slot.client.release(self.job.id, self.report()),
+            lambda: self.slot.client.release(self.job.id, self.report(reason=reason)),
             what=f"release of job {self.job.id}",
             attempts=_RELEASE_ATTEMPTS,
         )
         return (Outcome.RELEASED if ok else Outcome.UNREPORTED), {"reason": reason}
+
+    def _shutdown_reason(self) -> str:
+        why = self.worker.stop_reason
+        return "the worker is shutting down" + (f" ({why})" if why else "")
 
     def _canceled(self) -> tuple[Outcome, dict[str, Any]]:
         return Outcome.CANCELED, {"reason": self.lost_reason}
@@ -1395,7 +1407,7 @@ class _JobRun:
             # Stopped on worker shutdown: keep what it saved, hand it back. (A
             # job that ended on its own meanwhile is reported as usual.)
             self._final_sync(required=False)
-            return self._release("the worker is shutting down")
+            return self._release(self._shutdown_reason())
         if code == RESCHEDULE_EXIT_CODE:
             self._final_sync(required=False)
             return self._release(
@@ -1436,7 +1448,7 @@ class _JobRun:
     def _after_interrupt_before_start(self) -> tuple[Outcome, dict[str, Any]]:
         if self.lost.is_set():
             return self._canceled()
-        return self._release("the worker is shutting down")
+        return self._release(self._shutdown_reason())
 
     def _download_all(self) -> None:
         storage = self.worker.storage

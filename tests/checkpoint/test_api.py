@@ -220,6 +220,28 @@ def test_report_progress_writes_record(
         checkpoint.report_progress(1, 2, loss=float("nan"))
 
 
+def test_committed_save_notes_its_time_in_the_progress_record(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each committed step sets checkpoint_time/step; report_progress keeps them."""
+    path = tmp_path / "progress.json"
+    monkeypatch.setenv("KELPIE_PROGRESS_FILE", str(path))
+    checkpoint.report_progress(1, 10)
+    with Checkpointer(f"file://{tmp_path / 'ck'}") as ckpt:
+        ckpt.save({"w": 1}, step=3, blocking=True)
+    record = json.loads(path.read_text())
+    assert (1, 3) == (record["step"], record["checkpoint_step"])
+    assert record["checkpoint_time"].endswith("Z")
+    noted = record["checkpoint_time"]
+    checkpoint.report_progress(4, 10)
+    record = json.loads(path.read_text())
+    assert (4, 3, noted) == (
+        record["step"],
+        record["checkpoint_step"],
+        record["checkpoint_time"],
+    )
+
+
 def test_report_progress_unwritable(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -2,8 +2,8 @@
 Job logs: each attempt's output, one row per shipped batch, and per-attempt
 counters.
 
-Revision ID: 0003_job_logs
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 Create Date: 2026-11-30
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003_job_logs"
+revision = "0003"
 down_revision = "0002"
 branch_labels = None
 depends_on = None
