@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 
 import attrs
 
-from kelpie_sdk.server import Store, create_app, open_store
+from kelpie_sdk.server import ReputationPolicy, Store, create_app, open_store
 
 __all__ = ["ServerHandle", "run_server"]
 
@@ -50,6 +50,7 @@ def run_server(
     admin_key: str | None = None,
     clock: Callable[[], float] = time.time,
     metrics_public: bool = False,
+    policy: ReputationPolicy | None = None,
 ) -> Iterator[ServerHandle]:
     """
     Run the API server on 127.0.0.1 on a free port until the block ends.
@@ -62,6 +63,7 @@ def run_server(
         clock: The server's clock (seconds since the epoch); tests pass a fake
             clock to expire leases without sleeping.
         metrics_public: Serve ``GET /metrics`` without a key.
+        policy: Quarantine and placement settings (default: the defaults).
     """
     import uvicorn
 
@@ -70,7 +72,9 @@ def run_server(
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="kelpie-"))
             database_url = f"sqlite:///{tmp}/kelpie.db"
         admin_key = admin_key or secrets.token_urlsafe(24)
-        store = open_store(database_url, clock=clock)
+        store = open_store(
+            database_url, clock=clock, policy=policy or ReputationPolicy()
+        )
         store.ensure_admin(admin_key)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
