@@ -209,6 +209,7 @@ def simulate(seed: int, *, policy: bool, machines: int, jobs: int) -> dict[str, 
         "lost_share": lost / useful,
         "interruptions": float(job_interruptions),
         "makespan_hours": now / HOUR,
+        "finished": float(finished),
     }
 
 
