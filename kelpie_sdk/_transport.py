@@ -305,6 +305,7 @@ class Transport:
         timeout: Timeout | None = None,
         max_retries: int | None = None,
         headers: Mapping[str, str] | None = None,
+        response_headers: dict[str, str] | None = None,
     ) -> Any:
         """
         Send a request, retrying where it is safe, and decode the answer.
@@ -320,6 +321,8 @@ class Transport:
             max_retries: Overrides the default retries for this call.
             headers: Extra headers for this call; they win over the defaults
                 (e.g. a ``Content-Type`` other than JSON).
+            response_headers: Filled with the 2xx answer's headers (names in
+                lower case).
 
         Returns:
             The decoded JSON body, or ``None`` for an empty body (e.g. 204).
@@ -413,6 +416,10 @@ class Transport:
                 time.monotonic() - started,
             )
             if 200 <= response.status_code < 300:
+                if response_headers is not None:
+                    response_headers.update(
+                        (k.lower(), v) for k, v in response.headers.items()
+                    )
                 return self._decode(response, method, path, url)
             status_error = self._status_error(
                 response, method, path, url, self.base_url

@@ -28,11 +28,13 @@ from kelpie_sdk.errors import (
     APIStatusError,
     ConfigError,
     KelpieError,
+    MachineQuarantined,
     ResponseValidationError,
     WaitTimeoutError,
 )
 from kelpie_sdk.models import (
     MAX_BATCH_SIZE,
+    QUARANTINE_HEADER,
     Job,
     JobEvent,
     JobList,
@@ -40,6 +42,7 @@ from kelpie_sdk.models import (
     JobSubmission,
     JSONValue,
     LogLine,
+    MachineTable,
     ScalingRule,
     ScalingRuleSubmission,
     ScalingRuleUpdate,
@@ -947,6 +950,21 @@ class Client:
             "DELETE", "/scaling-rules", timeout=timeout, max_retries=max_retries
         )
 
+    # -- machines ---------------------------------------------------------------
+
+    def machines(
+        self, *, timeout: Timeout | None = None, max_retries: int | None = None
+    ) -> MachineTable:
+        """
+        The machines that worked for this user (every user's for the admin),
+        and the container groups with pending jobs but no live machine.
+
+        Not in the original API (a ``NotFoundError`` there).
+        """
+        return MachineTable.from_json(
+            self._request("GET", "/machines", timeout=timeout, max_retries=max_retries)
+        )
+
     # -- worker endpoints --------------------------------------------------------
 
     def claim_work(
@@ -975,6 +993,11 @@ class Client:
 
         Returns:
             The claimed job (now ``running``), or ``None`` if the queue is empty.
+
+        Raises:
+            MachineQuarantined: The server gives this machine no work for now
+                (it answered ``[]`` with the ``Kelpie-Quarantined-Until``
+                header).
         """
         params: dict[str, str | int | float] = {
             "machine_id": machine_id,
@@ -986,18 +1009,23 @@ class Client:
                 raise ValueError(f"wait must not be negative, got {wait}")
             params["wait"] = f"{wait:g}"
             limits = (limits[0], max(limits[1], wait + CLAIM_WAIT_MARGIN))
+        answer_headers: dict[str, str] = {}
         data = _expect_list(
-            self._request(
+            self._transport.request(
                 "GET",
                 "/work",
                 params=params,
                 idempotent=False,
                 timeout=limits,
                 max_retries=max_retries,
+                response_headers=answer_headers,
             ),
             "GET /work",
         )
         if not data:
+            until = answer_headers.get(QUARANTINE_HEADER.lower())
+            if until:
+                raise MachineQuarantined(machine_id, until)
             return None
         if len(data) != 1:
             raise ResponseValidationError(

@@ -17,6 +17,7 @@ The tree::
     │       ├── ConflictError          409
     │       ├── RateLimitError         429
     │       └── ServerError            5xx
+    ├── MachineQuarantined(KelpieError)               this machine gets no work for now
     ├── WaitTimeoutError(KelpieError, TimeoutError)   a caller-given deadline passed
     ├── ProviderError(KelpieError)                    the autoscaler's provider failed
     ├── StorageError(KelpieError, OSError)            a worker transfer failed
@@ -59,6 +60,7 @@ __all__ = [
     "ConfigError",
     "ConflictError",
     "KelpieError",
+    "MachineQuarantined",
     "NotFoundError",
     "PermissionDeniedError",
     "ProviderError",
@@ -243,6 +245,22 @@ class WaitTimeoutError(KelpieError, TimeoutError):
     """
     A deadline that the caller gave (e.g. to ``Client.wait``) passed.
     """
+
+
+class MachineQuarantined(KelpieError):
+    """
+    The server quarantined this machine (too many failures across different
+    jobs) and gives it no work until ``until`` (an ISO 8601 time); the worker
+    should move to another node.
+    """
+
+    def __init__(self, machine_id: str, until: str) -> None:
+        super().__init__(
+            f"the server quarantined machine {machine_id!r} until {until} after "
+            "repeated job failures; move the worker to another node"
+        )
+        self.machine_id = machine_id
+        self.until = until
 
 
 class ProviderError(KelpieError):

@@ -33,6 +33,7 @@ __all__ = [
     "MAX_NAME_LENGTH",
     "MAX_TAGS",
     "MAX_TAG_LENGTH",
+    "QUARANTINE_HEADER",
     "JSONValue",
     "Job",
     "JobEvent",
@@ -40,6 +41,8 @@ __all__ = [
     "JobStatus",
     "JobSubmission",
     "LogLine",
+    "Machine",
+    "MachineTable",
     "ScalingRule",
     "ScalingRuleSubmission",
     "ScalingRuleUpdate",
@@ -88,6 +91,10 @@ EVENT_KINDS = (
     "canceled",
     "completed",
 )
+
+#: The header of a ``GET /work`` answer (``[]``) that tells a quarantined
+#: machine until when it gets no work (ISO 8601); the original worker ignores it.
+QUARANTINE_HEADER = "Kelpie-Quarantined-Until"
 
 #: The flat ("legacy") storage fields of a job, in wire order.
 LEGACY_STORAGE_FIELDS = (
@@ -1102,6 +1109,135 @@ class ScalingRule:
             min_replicas=_int(name, m, "min_replicas", None),
             max_replicas=_int(name, m, "max_replicas", None),
             idle_threshold_seconds=_int(name, m, "idle_threshold_seconds", None),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class Machine:
+    """
+    One machine's record on the server (this project's addition).
+
+    ``uptime_seconds`` is the observed uptime: from its first contact after
+    its last interruption to its latest contact. ``interruptions`` counts its
+    expired leases that another claim took over, and its releases.
+    """
+
+    machine_id: str
+    user_id: str
+    container_group_id: str
+    first_seen: dt.datetime
+    last_seen: dt.datetime
+    job_id: str | None
+    claims: int
+    completions: int
+    failures: int
+    failed_jobs: int
+    interruptions: int
+    uptime_seconds: float
+    quarantined_until: dt.datetime | None
+    live: bool
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """
+        The wire form.
+        """
+        return {
+            "machine_id": self.machine_id,
+            "user_id": self.user_id,
+            "container_group_id": self.container_group_id,
+            "first_seen": format_timestamp(self.first_seen),
+            "last_seen": format_timestamp(self.last_seen),
+            "job_id": self.job_id,
+            "claims": self.claims,
+            "completions": self.completions,
+            "failures": self.failures,
+            "failed_jobs": self.failed_jobs,
+            "interruptions": self.interruptions,
+            "uptime_seconds": self.uptime_seconds,
+            "quarantined_until": None
+            if self.quarantined_until is None
+            else format_timestamp(self.quarantined_until),
+            "live": self.live,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> Self:
+        """
+        Parse a machine record.
+
+        Raises:
+            ResponseValidationError: A field is missing or mistyped.
+        """
+        name = "Machine"
+        m = _mapping(name, data)
+        uptime = m.get("uptime_seconds")
+        if not isinstance(uptime, int | float) or isinstance(uptime, bool):
+            _fail(name, "uptime_seconds", "a number", m)
+        return cls(
+            machine_id=_req_str(name, m, "machine_id"),
+            user_id=_req_str(name, m, "user_id"),
+            container_group_id=_req_str(name, m, "container_group_id"),
+            first_seen=_req_time(name, m, "first_seen"),
+            last_seen=_req_time(name, m, "last_seen"),
+            job_id=_opt_str(name, m, "job_id"),
+            claims=_int(name, m, "claims", 0),
+            completions=_int(name, m, "completions", 0),
+            failures=_int(name, m, "failures", 0),
+            failed_jobs=_int(name, m, "failed_jobs", 0),
+            interruptions=_int(name, m, "interruptions", 0),
+            uptime_seconds=float(uptime),
+            quarantined_until=_opt_time(name, m, "quarantined_until"),
+            live=_bool(name, m, "live", False),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class MachineTable:
+    """
+    ``GET /machines``: the machines, and the container groups that have
+    pending jobs but no live machine (``unserved``: group id -> pending jobs).
+    """
+
+    machines: tuple[Machine, ...]
+    unserved: dict[str, int]
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """
+        The wire form.
+        """
+        return {
+            "machines": [m.to_json() for m in self.machines],
+            "unserved_groups": [
+                {"container_group_id": g, "pending": n}
+                for g, n in self.unserved.items()
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> Self:
+        """
+        Parse the table.
+
+        Raises:
+            ResponseValidationError: A field is missing or mistyped.
+        """
+        name = "MachineTable"
+        m = _mapping(name, data)
+        machines = m.get("machines")
+        groups = m.get("unserved_groups")
+        if not isinstance(machines, list):
+            _fail(name, "machines", "a list", m)
+        if not isinstance(groups, list):
+            _fail(name, "unserved_groups", "a list", m)
+        unserved: dict[str, int] = {}
+        for item in groups:
+            g = _mapping(name, item)
+            unserved[_req_str(name, g, "container_group_id")] = _int(
+                name, g, "pending", 0
+            )
+        return cls(
+            machines=tuple(Machine.from_json(x) for x in machines),
+            unserved=unserved,
         )
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 
 import attrs
 
-from kelpie_sdk.server import Store, create_app, open_store
+from kelpie_sdk.server import ReputationPolicy, Store, create_app, open_store
 from kelpie_sdk.server._logs import DEFAULT_LOG_LIMIT
 
 __all__ = ["ServerHandle", "run_server"]
@@ -52,6 +52,7 @@ def run_server(
     clock: Callable[[], float] = time.time,
     metrics_public: bool = False,
     log_limit: int | None = None,
+    policy: ReputationPolicy | None = None,
 ) -> Iterator[ServerHandle]:
     """
     Run the API server on 127.0.0.1 on a free port until the block ends.
@@ -65,6 +66,7 @@ def run_server(
             clock to expire leases without sleeping.
         metrics_public: Serve ``GET /metrics`` without a key.
         log_limit: Bytes of job output kept per attempt; default 1 MiB.
+        policy: Quarantine and placement settings (default: the defaults).
     """
     import uvicorn
 
@@ -73,7 +75,9 @@ def run_server(
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="kelpie-"))
             database_url = f"sqlite:///{tmp}/kelpie.db"
         admin_key = admin_key or secrets.token_urlsafe(24)
-        store = open_store(database_url, clock=clock)
+        store = open_store(
+            database_url, clock=clock, policy=policy or ReputationPolicy()
+        )
         store.ensure_admin(admin_key)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -23,7 +23,16 @@ from typing import NoReturn
 
 from rich.console import Console
 
-from kelpie_sdk.cli import _admin, _chaos, _db, _jobs, _server, _up, _worker
+from kelpie_sdk.cli import (
+    _admin,
+    _chaos,
+    _db,
+    _jobs,
+    _machines,
+    _server,
+    _up,
+    _worker,
+)
 from kelpie_sdk.cli._common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -42,6 +51,7 @@ _REGISTRARS: list[
     Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]
 ] = [
     _jobs.register,
+    _machines.register,
     _admin.register,
     _server.register,
     _db.register,

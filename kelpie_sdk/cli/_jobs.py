@@ -33,6 +33,7 @@ from kelpie_sdk.cli._common import (
     resolve_job_id,
 )
 from kelpie_sdk.cli._live import JobsView
+from kelpie_sdk.cli._machines import print_unserved
 from kelpie_sdk.models import (
     LEGACY_STORAGE_FIELDS,
     Job,
@@ -455,10 +456,12 @@ def _list(args: argparse.Namespace, ctx: Context) -> int:
     jobs = _fetch_list(args, ctx)
     if args.json:
         print_json(ctx.console, [j.to_json() for j in jobs])
-    elif jobs:
-        ctx.console.print(jobs_table(jobs, width=ctx.console.width))
     else:
-        ctx.console.print("No jobs.")
+        if jobs:
+            ctx.console.print(jobs_table(jobs, width=ctx.console.width))
+        else:
+            ctx.console.print("No jobs.")
+        print_unserved(ctx.console, ctx.client(), group=args.container_group_id)
     return EXIT_OK
 
 

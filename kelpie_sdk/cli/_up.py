@@ -52,6 +52,21 @@ __all__ = ["DEFAULT_BUCKET", "register"]
 #: The bucket ``kelpie up`` creates in its storage root.
 DEFAULT_BUCKET = "local"
 _WORKER_CONFIG_EXIT = 2
+#: The server's quarantine and placement settings (``ReputationPolicy.ENV``).
+_REPUTATION_SETTINGS = frozenset(
+    {
+        "KELPIE_QUARANTINE_FAILURES",
+        "KELPIE_QUARANTINE_JOBS",
+        "KELPIE_QUARANTINE_RATE",
+        "KELPIE_QUARANTINE_SECONDS",
+        "KELPIE_FLAKY_INTERRUPTIONS",
+        "KELPIE_FLAKY_RATE",
+        "KELPIE_PLACEMENT_WINDOW",
+        "KELPIE_LIVE_SECONDS",
+    }
+)
+#: The server quarantined the worker's machine: its replacement is a new machine.
+_WORKER_QUARANTINED_EXIT = 5
 #: The workers' long poll: a claim in flight ends within this many seconds,
 #: which bounds how long a stop waits for the workers to stop claiming.
 _WORKER_LONG_POLL_S = 5
@@ -292,6 +307,8 @@ class _Cluster:
     def start_server(self) -> None:
         env = _clean_env()
         env["KELPIE_ADMIN_KEY"] = self.key
+        # The quarantine and placement settings are the server's: pass them on.
+        env.update((k, v) for k, v in os.environ.items() if k in _REPUTATION_SETTINGS)
         self.server = _Child(
             "server",
             [
@@ -325,7 +342,7 @@ class _Cluster:
                 return True
         return False
 
-    def worker(self, index: int) -> _Child:
+    def worker(self, index: int, machine: str | None = None) -> _Child:
         home = self.root / "workers" / str(index)
         home.mkdir(parents=True, exist_ok=True)
         env = _clean_env()
@@ -334,7 +351,7 @@ class _Cluster:
             KELPIE_API_URL=self.url,
             KELPIE_API_KEY=self.key,
             SALAD_CONTAINER_GROUP_ID=self.group,
-            SALAD_MACHINE_ID=f"local-{index}",
+            SALAD_MACHINE_ID=machine or f"local-{index}",
             KELPIE_STORAGE_URL=self.storage_url,
             KELPIE_STATE_FILE=str(home / "state.json"),
             INPUT_DIR=str(home / "input"),
@@ -493,6 +510,7 @@ def _up(args: argparse.Namespace, ctx: Context) -> int:
             "Press Ctrl-C to stop.\n"
         )
         out.flush()
+        renamed = 0
         while not stopping:
             time.sleep(0.2)
             if cluster.server is not None and cluster.server.poll() is not None:
@@ -516,9 +534,22 @@ def _up(args: argparse.Namespace, ctx: Context) -> int:
                     )
                     cluster.stop(out)
                     return 1
-                out.write(f"{child.name} exited with code {code}; starting a new one\n")
+                machine = None
+                if code == _WORKER_QUARANTINED_EXIT:
+                    # The same machine id would stay quarantined: start the
+                    # replacement as a new machine, as a reallocation would.
+                    renamed += 1
+                    machine = f"local-{i}-{renamed}"
+                    out.write(
+                        f"{child.name} was quarantined by the server (failures on "
+                        f"several jobs); starting a new one as machine {machine}\n"
+                    )
+                else:
+                    out.write(
+                        f"{child.name} exited with code {code}; starting a new one\n"
+                    )
                 out.flush()
-                replacement = cluster.worker(i)
+                replacement = cluster.worker(i, machine)
                 replacement.start()
                 cluster.worker_children[i] = replacement
     except KeyboardInterrupt:

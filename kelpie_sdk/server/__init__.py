@@ -28,7 +28,7 @@ from kelpie_sdk.server._db import (
     upgrade,
 )
 from kelpie_sdk.server._logs import DEFAULT_LOG_LIMIT
-from kelpie_sdk.server._store import Principal, Store
+from kelpie_sdk.server._store import Principal, ReputationPolicy, Store
 
 __all__ = [
     "ADMIN_ID",
@@ -36,6 +36,7 @@ __all__ = [
     "AutoscaleSettings",
     "HTTPProblem",
     "Principal",
+    "ReputationPolicy",
     "Store",
     "create_app",
     "default_database_url",
@@ -63,6 +64,7 @@ def open_store(
     *,
     clock: Callable[[], float] = time.time,
     migrate: bool = True,
+    policy: ReputationPolicy | None = None,
 ) -> Store:
     """
     Connect to a database, create or upgrade its schema, and return the store.
@@ -74,12 +76,18 @@ def open_store(
         clock: The store's clock (seconds since the epoch).
         migrate: Apply pending migrations; if false, refuse a schema that is
             not current instead.
+        policy: Quarantine and placement settings; default: from the
+            ``KELPIE_QUARANTINE_*``, ``KELPIE_FLAKY_*``,
+            ``KELPIE_PLACEMENT_WINDOW`` and ``KELPIE_LIVE_SECONDS`` environment
+            variables, else the defaults.
 
     Raises:
         ConfigError: The URL is malformed or names an unsupported database, or
             the schema is newer than this version knows (or not current, with
             ``migrate=False``).
     """
+    if policy is None:
+        policy = ReputationPolicy.from_env(os.environ)
     url = normalise_url(database_url or default_database_url())
     try:
         backend = sa.make_url(url).get_backend_name()
@@ -105,7 +113,7 @@ def open_store(
     except BaseException:
         engine.dispose()
         raise
-    return Store(engine, clock=clock)
+    return Store(engine, clock=clock, policy=policy)
 
 
 def serve(

@@ -43,6 +43,7 @@ from kelpie_sdk.models import (
     MAX_BATCH_SIZE,
     MAX_LONG_POLL,
     MAX_TAGS,
+    QUARANTINE_HEADER,
     Job,
     JobStatus,
     JobSubmission,
@@ -689,6 +690,20 @@ def delete_all_jobs(
     _state(request).store.delete_all_jobs()
 
 
+@get("/machines", sync_to_thread=False)
+def list_machines(
+    request: Request[Any, Any, Any], principal: NamedDependency[Principal]
+) -> Response[dict[str, Any]]:
+    """
+    The machines that worked for the caller (every user's for the admin):
+    group, last seen, the job each runs, its claims, completions, failures
+    (and on how many jobs), interruptions, observed uptime and quarantine;
+    and ``unserved_groups``, the caller's groups with pending jobs but no live
+    machine. Not in the original API.
+    """
+    return _json(_state(request).store.list_machines(principal).to_json())
+
+
 # Worker protocol ------------------------------------------------------------------
 
 
@@ -706,6 +721,10 @@ async def get_work(
     ``wait`` (seconds, up to 60) makes an idle call wait for a job to arrive
     instead of answering ``[]`` at once; without it the call behaves as the
     original.
+
+    A quarantined machine gets ``[]`` at once, with the header
+    ``Kelpie-Quarantined-Until`` (an ISO 8601 time): it should move to
+    another node.
     """
     if not machine_id or not container_group_id:
         raise HTTPProblem(
@@ -735,6 +754,12 @@ async def get_work(
                     state.metrics.lease_expiries.inc()
                 state.jobs.notify(job.id)  # a reclaim: the old holder's poll
                 return _json([job.to_json()])
+            until = state.store.quarantined_until(principal, machine_id)
+            if until is not None:
+                # No work, and a hint the original worker ignores: move on.
+                answer = _json([])
+                answer.headers[QUARANTINE_HEADER] = format_timestamp(until)
+                return answer
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return _json([])
@@ -1584,6 +1609,7 @@ def create_app(
         purge_group,
         delete_all_jobs,
         get_work,
+        list_machines,
         heartbeat,
         completed,
         failed,

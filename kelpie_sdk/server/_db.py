@@ -30,6 +30,7 @@ __all__ = [
     "JOB_LOGS",
     "JOB_LOG_ATTEMPTS",
     "LEADER_LEASES",
+    "MACHINES",
     "METADATA",
     "SCALING_RULES",
     "USERS",
@@ -225,6 +226,30 @@ LEADER_LEASES = sa.Table(
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("holder", sa.Text, nullable=False),
     sa.Column("expires", sa.BigInteger, nullable=False),
+)
+
+#: Each machine's record, per tenant: what it claimed, finished, failed and
+#: lost, and whether it is quarantined. Updated in the same transactions as
+#: the job transitions (claim, completion, failure, release).
+MACHINES = sa.Table(
+    "machines",
+    METADATA,
+    sa.Column("user_id", sa.String(36), primary_key=True),
+    sa.Column("machine_id", sa.Text, primary_key=True),
+    sa.Column("container_group_id", sa.Text, nullable=False),
+    sa.Column("first_seen", sa.BigInteger, nullable=False),
+    sa.Column("last_seen", sa.BigInteger, nullable=False),
+    # Start of the current run: the first contact since its last interruption.
+    sa.Column("run_started", sa.BigInteger),
+    sa.Column("claims", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("completions", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("failures", sa.Integer, nullable=False, server_default="0"),
+    # Distinct jobs among the failures.
+    sa.Column("failed_jobs", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("interruptions", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("quarantined_until", sa.BigInteger),
+    sa.Column("quarantines", sa.Integer, nullable=False, server_default="0"),
+    sa.Index("ix_machines_user_group", "user_id", "container_group_id"),
 )
 
 

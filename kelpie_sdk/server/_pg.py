@@ -85,6 +85,13 @@ _HOLDER = (
     "AND machine_id = %(machine_id)s "
     "AND (%(attempt)s::integer IS NULL OR attempt = %(attempt)s::integer)"
 )
+# A failure quarantines its machine when (counting it) it has enough failures,
+# on enough different jobs, at a high enough rate of its claims.
+_QUARANTINE_RULE = """
+    machines.failures + 1 >= %(q_failures)s::integer
+    AND machines.failed_jobs + counted.new_job >= %(q_jobs)s::integer
+    AND machines.failures + 1 >= %(q_rate)s::float8 * machines.claims
+"""
 _NOT_BANNED = """NOT EXISTS (SELECT 1 FROM job_bans b
                       WHERE b.job_id = j.id AND b.machine_id = %(machine_id)s)"""
 
@@ -99,39 +106,86 @@ class PgHotPath:
 
     CLAIM = f"""
         WITH expired AS (
-            SELECT j.seq FROM jobs j
+            SELECT j.seq, j.machine_id AS prev FROM jobs j
             WHERE j.user_id = %(user_id)s AND j.container_group_id = %(group)s
               AND j.status = 'running' AND j.lease_expires <= %(now)s
               AND {_NOT_BANNED}
             ORDER BY j.lease_expires LIMIT 1
             FOR UPDATE SKIP LOCKED
-        ), queued AS (
+        ), head AS (
             -- The group as a range, ordered by (group, seq): only the partial
             -- index (or a sort) yields that order, so the planner cannot
             -- walk the primary key through the finished jobs ahead of the
             -- first pending one (PostgreSQL has no INDEXED BY).
-            SELECT j.seq FROM jobs j
+            -- Placement: a flaky machine looks at the first %(window)s jobs
+            -- and takes the least-run one; any other takes the head.
+            SELECT j.seq, j.attempt FROM jobs j
             WHERE j.user_id = %(user_id)s
               AND j.container_group_id >= %(group)s
               AND j.container_group_id <= %(group)s
               AND j.status = 'pending'
               AND {_NOT_BANNED}
-            ORDER BY j.container_group_id, j.seq LIMIT 1
+            ORDER BY j.container_group_id, j.seq
+            LIMIT 1 + (%(window)s::integer - 1) * (
+                SELECT count(*) FROM machines f
+                WHERE f.user_id = %(user_id)s AND f.machine_id = %(machine_id)s
+                  AND f.interruptions >= %(flaky_min)s::integer
+                  AND f.interruptions >= %(flaky_rate)s::float8 * f.claims)
             FOR UPDATE SKIP LOCKED
+        ), queued AS (
+            SELECT seq FROM head ORDER BY attempt, seq LIMIT 1
         ), pick AS (
-            SELECT seq FROM expired UNION ALL SELECT seq FROM queued LIMIT 1
+            SELECT * FROM (
+                SELECT seq, prev FROM expired
+                UNION ALL SELECT seq, NULL FROM queued LIMIT 1
+            ) p
+            WHERE NOT EXISTS (SELECT 1 FROM machines q
+                              WHERE q.user_id = %(user_id)s
+                                AND q.machine_id = %(machine_id)s
+                                AND q.quarantined_until > %(now)s)
+        ), claimed AS (
+            UPDATE jobs SET
+                status = 'running',
+                machine_id = %(machine_id)s,
+                attempt = jobs.attempt + 1,
+                num_interruptions = jobs.num_interruptions
+                    + CASE WHEN jobs.status = 'running' THEN 1 ELSE 0 END,
+                started = %(now)s,
+                heartbeat = %(now)s,
+                lease_expires = %(now)s + jobs.heartbeat_interval::bigint * 2000
+            FROM pick WHERE jobs.seq = pick.seq
+            RETURNING jobs.*
+        ), interrupted AS (
+            -- The holder of the expired lease taken over (not the claimer).
+            UPDATE machines SET interruptions = machines.interruptions + 1,
+                run_started = NULL
+            FROM pick
+            WHERE machines.user_id = %(user_id)s
+              AND machines.machine_id = pick.prev
+              AND pick.prev <> %(machine_id)s
+        ), seen AS (
+            INSERT INTO machines (user_id, machine_id, container_group_id,
+                                  first_seen, last_seen, run_started, claims)
+            SELECT %(user_id)s, %(machine_id)s, %(group)s, %(now)s, %(now)s,
+                   %(now)s, 1
+            FROM pick
+            ON CONFLICT (user_id, machine_id) DO UPDATE SET
+                container_group_id = excluded.container_group_id,
+                last_seen = excluded.last_seen,
+                claims = machines.claims + 1,
+                -- Taking over its own expired lease: interrupted, a new run.
+                interruptions = machines.interruptions + CASE
+                    WHEN EXISTS (SELECT 1 FROM pick
+                                 WHERE pick.prev = %(machine_id)s)
+                    THEN 1 ELSE 0 END,
+                run_started = CASE
+                    WHEN EXISTS (SELECT 1 FROM pick
+                                 WHERE pick.prev = %(machine_id)s)
+                    THEN excluded.run_started
+                    ELSE COALESCE(machines.run_started, excluded.run_started)
+                    END
         )
-        UPDATE jobs SET
-            status = 'running',
-            machine_id = %(machine_id)s,
-            attempt = jobs.attempt + 1,
-            num_interruptions = jobs.num_interruptions
-                + CASE WHEN jobs.status = 'running' THEN 1 ELSE 0 END,
-            started = %(now)s,
-            heartbeat = %(now)s,
-            lease_expires = %(now)s + jobs.heartbeat_interval::bigint * 2000
-        FROM pick WHERE jobs.seq = pick.seq
-        RETURNING jobs.*
+        SELECT * FROM claimed
     """  # noqa: S608 - built from constants only
     STATE = (
         "SELECT status, machine_id, attempt FROM jobs "
@@ -148,10 +202,19 @@ class PgHotPath:
         WHERE {_HOLDER}
     """  # noqa: S608 - built from constants only
     COMPLETE = f"""
-        UPDATE jobs SET status = 'completed', completed = %(now)s,
-            heartbeat = %(now)s, lease_expires = NULL,
-            progress = COALESCE(%(progress)s::text, progress)
-        WHERE {_HOLDER}
+        WITH done AS (
+            UPDATE jobs SET status = 'completed', completed = %(now)s,
+                heartbeat = %(now)s, lease_expires = NULL,
+                progress = COALESCE(%(progress)s::text, progress)
+            WHERE {_HOLDER}
+            RETURNING id
+        ), seen AS (
+            UPDATE machines SET completions = completions + 1,
+                last_seen = %(now)s, run_started = COALESCE(run_started, %(now)s)
+            WHERE user_id = %(user_id)s AND machine_id = %(machine_id)s
+              AND EXISTS (SELECT 1 FROM done)
+        )
+        SELECT 1 FROM done
     """  # noqa: S608 - built from constants only
     FAIL = f"""
         WITH failed AS (
@@ -169,16 +232,38 @@ class PgHotPath:
             INSERT INTO job_bans (job_id, machine_id, created)
             SELECT id, %(machine_id)s, %(now)s FROM failed
             ON CONFLICT DO NOTHING
+            RETURNING job_id
+        ), counted AS (
+            SELECT count(*)::integer AS new_job FROM banned
+        ), seen AS (
+            UPDATE machines SET failures = failures + 1,
+                failed_jobs = failed_jobs + counted.new_job,
+                last_seen = %(now)s, run_started = COALESCE(run_started, %(now)s),
+                quarantines = quarantines
+                    + CASE WHEN {_QUARANTINE_RULE} THEN 1 ELSE 0 END,
+                quarantined_until = CASE WHEN {_QUARANTINE_RULE}
+                    THEN %(now)s + %(q_ms)s::bigint ELSE quarantined_until END
+            FROM counted
+            WHERE user_id = %(user_id)s AND machine_id = %(machine_id)s
+              AND EXISTS (SELECT 1 FROM failed)
         )
         SELECT status, container_group_id FROM failed
     """  # noqa: S608 - built from constants only
     #: Part of FAIL here; SQLite runs it as a second statement.
     BAN: str | None = None
     RELEASE = f"""
-        UPDATE jobs SET status = 'pending', lease_expires = NULL,
-            heartbeat = %(now)s, num_interruptions = num_interruptions + 1
-        WHERE {_HOLDER}
-        RETURNING status, container_group_id
+        WITH released AS (
+            UPDATE jobs SET status = 'pending', lease_expires = NULL,
+                heartbeat = %(now)s, num_interruptions = num_interruptions + 1
+            WHERE {_HOLDER}
+            RETURNING status, container_group_id
+        ), seen AS (
+            UPDATE machines SET interruptions = interruptions + 1,
+                last_seen = %(now)s, run_started = NULL
+            WHERE user_id = %(user_id)s AND machine_id = %(machine_id)s
+              AND EXISTS (SELECT 1 FROM released)
+        )
+        SELECT status, container_group_id FROM released
     """  # noqa: S608 - built from constants only
     PROGRESS = f"""
         UPDATE jobs SET progress = %(progress)s::text
@@ -192,6 +277,17 @@ class PgHotPath:
                           WHERE b.job_id = jobs.id AND b.machine_id = %(machine_id)s)
         LIMIT 1
     """
+    QUARANTINED = """
+        SELECT quarantined_until FROM machines
+        WHERE user_id = %(user_id)s AND machine_id = %(machine_id)s
+          AND quarantined_until > %(now)s
+    """
+    # The machine records change inside CLAIM, COMPLETE, FAIL and RELEASE.
+    INTERRUPT: str | None = None
+    SEEN: str | None = None
+    DONE: str | None = None
+    FAILED: str | None = None
+    RELEASED: str | None = None
     NOTIFY = "SELECT pg_notify(%(channel)s, %(payload)s)"
     # The event history: run with the transition in one transaction
     # (``transaction(atomic=True)``).

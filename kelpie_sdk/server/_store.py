@@ -31,7 +31,15 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Concatenate,
+    Literal,
+    ParamSpec,
+    TypeVar,
+)
 
 import attrs
 import sqlalchemy as sa
@@ -43,6 +51,8 @@ from kelpie_sdk.models import (
     JobEvent,
     JobStatus,
     JobSubmission,
+    Machine,
+    MachineTable,
     ScalingRule,
     ScalingRuleSubmission,
     ScalingRuleUpdate,
@@ -56,6 +66,7 @@ from kelpie_sdk.server._db import (
     JOB_BANS,
     JOB_EVENTS,
     JOBS,
+    MACHINES,
     SCALING_RULES,
     USERS,
     current_revision,
@@ -70,6 +81,7 @@ __all__ = [
     "DatabaseUnavailable",
     "Principal",
     "ReportOutcome",
+    "ReputationPolicy",
     "Store",
     "hash_key",
 ]
@@ -193,6 +205,92 @@ class Principal:
         return self.user_id == ADMIN_ID
 
 
+@attrs.frozen(kw_only=True)
+class ReputationPolicy:
+    """
+    When a machine is quarantined, which machines count as flaky, and which
+    count as live (see docs/server.md, "Machines").
+
+    A failure quarantines its machine for ``quarantine_seconds`` when, counting
+    it, the machine has at least ``quarantine_failures`` failures, on at least
+    ``quarantine_jobs`` different jobs, and failed at least
+    ``quarantine_rate`` of its claims. A machine is *flaky* once it has at
+    least ``flaky_interruptions`` interruptions and they are at least
+    ``flaky_rate`` of its claims: it then takes the least-run job among the
+    first ``placement_window`` pending ones instead of the head of the queue.
+    A machine is *live* while it holds an unexpired lease or was seen in the
+    last ``live_seconds``, and is not quarantined.
+    """
+
+    quarantine_failures: int = attrs.field(default=3, validator=attrs.validators.ge(1))
+    quarantine_jobs: int = attrs.field(default=3, validator=attrs.validators.ge(1))
+    quarantine_rate: float = attrs.field(
+        default=0.5, validator=[attrs.validators.ge(0.0), attrs.validators.le(1.0)]
+    )
+    quarantine_seconds: float = attrs.field(
+        default=3600.0, validator=attrs.validators.ge(0.0)
+    )
+    flaky_interruptions: int = attrs.field(default=3, validator=attrs.validators.ge(1))
+    flaky_rate: float = attrs.field(
+        default=0.25, validator=[attrs.validators.ge(0.0), attrs.validators.le(1.0)]
+    )
+    placement_window: int = attrs.field(default=8, validator=attrs.validators.ge(1))
+    live_seconds: float = attrs.field(default=120.0, validator=attrs.validators.gt(0))
+
+    #: The environment variable of each setting.
+    ENV: ClassVar[Mapping[str, str]] = {
+        "quarantine_failures": "KELPIE_QUARANTINE_FAILURES",
+        "quarantine_jobs": "KELPIE_QUARANTINE_JOBS",
+        "quarantine_rate": "KELPIE_QUARANTINE_RATE",
+        "quarantine_seconds": "KELPIE_QUARANTINE_SECONDS",
+        "flaky_interruptions": "KELPIE_FLAKY_INTERRUPTIONS",
+        "flaky_rate": "KELPIE_FLAKY_RATE",
+        "placement_window": "KELPIE_PLACEMENT_WINDOW",
+        "live_seconds": "KELPIE_LIVE_SECONDS",
+    }
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> ReputationPolicy:
+        """
+        The policy with the settings given in the environment.
+
+        Raises:
+            ConfigError: A setting is not a number, or out of range.
+        """
+        from kelpie_sdk.errors import ConfigError
+
+        values: dict[str, Any] = {}
+        for field in attrs.fields(cls):
+            var = cls.ENV[field.name]
+            raw = environ.get(var, "").strip()
+            if not raw:
+                continue
+            kind = int if field.type in (int, "int") else float
+            what = "an integer" if kind is int else "a number"
+            try:
+                values[field.name] = kind(raw)
+            except ValueError:
+                raise ConfigError(f"{var}={raw!r} is not {what}") from None
+        try:
+            return cls(**values)
+        except ValueError as exc:
+            raise ConfigError(f"invalid reputation setting: {exc}") from None
+
+    def params(self) -> dict[str, Any]:
+        """
+        The statements' parameters.
+        """
+        return {
+            "q_failures": self.quarantine_failures,
+            "q_jobs": self.quarantine_jobs,
+            "q_rate": self.quarantine_rate,
+            "q_ms": int(self.quarantine_seconds * 1000),
+            "flaky_min": self.flaky_interruptions,
+            "flaky_rate": self.flaky_rate,
+            "window": self.placement_window,
+        }
+
+
 _JOB_COLUMNS = [c for c in JOBS.c if c.name != "seq"]
 
 # SQLite's planner may pick the plain (user, group, seq) index for the pending
@@ -222,19 +320,64 @@ _CLAIM_SQL = sa.text(
             )
             UNION ALL
             SELECT seq, 1 AS pri FROM (
-                SELECT seq FROM jobs INDEXED BY ix_jobs_pending
-                WHERE user_id = :user_id AND container_group_id = :group
-                  AND status = 'pending'
-                  AND NOT EXISTS (SELECT 1 FROM job_bans b
-                                  WHERE b.job_id = jobs.id
-                                    AND b.machine_id = :machine_id)
-                ORDER BY seq LIMIT 1
+                -- Placement: a flaky machine picks, among the first `window`
+                -- pending jobs, the least-run one; any other takes the head.
+                SELECT seq FROM (
+                    SELECT seq, attempt FROM jobs INDEXED BY ix_jobs_pending
+                    WHERE user_id = :user_id AND container_group_id = :group
+                      AND status = 'pending'
+                      AND NOT EXISTS (SELECT 1 FROM job_bans b
+                                      WHERE b.job_id = jobs.id
+                                        AND b.machine_id = :machine_id)
+                    ORDER BY seq
+                    LIMIT 1 + (:window - 1) * (
+                        SELECT COUNT(*) FROM machines f
+                        WHERE f.user_id = :user_id AND f.machine_id = :machine_id
+                          AND f.interruptions >= :flaky_min
+                          AND f.interruptions >= :flaky_rate * f.claims)
+                ) ORDER BY attempt, seq LIMIT 1
             )
         ) ORDER BY pri LIMIT 1
     )
+      AND NOT EXISTS (SELECT 1 FROM machines q
+                      WHERE q.user_id = :user_id AND q.machine_id = :machine_id
+                        AND q.quarantined_until > :now)
     RETURNING *
     """
 )
+
+# Run just before the claim, in its transaction: the holder of the expired
+# lease that the claim is about to take over was interrupted.
+_INTERRUPT_SQL = """
+    UPDATE machines SET interruptions = interruptions + 1, run_started = NULL
+    WHERE user_id = :user_id AND machine_id = (
+        SELECT machine_id FROM jobs INDEXED BY ix_jobs_running
+        WHERE user_id = :user_id AND container_group_id = :group
+          AND status = 'running' AND lease_expires <= :now
+          AND NOT EXISTS (SELECT 1 FROM job_bans b
+                          WHERE b.job_id = jobs.id AND b.machine_id = :machine_id)
+        ORDER BY lease_expires LIMIT 1
+    )
+      AND NOT EXISTS (SELECT 1 FROM machines q
+                      WHERE q.user_id = :user_id AND q.machine_id = :machine_id
+                        AND q.quarantined_until > :now)
+"""
+# After a claim that handed out a job: the claimer's record.
+_SEEN_SQL = """
+    INSERT INTO machines (user_id, machine_id, container_group_id, first_seen,
+                          last_seen, run_started, claims)
+    VALUES (:user_id, :machine_id, :group, :now, :now, :now, 1)
+    ON CONFLICT (user_id, machine_id) DO UPDATE SET
+        container_group_id = excluded.container_group_id,
+        last_seen = excluded.last_seen,
+        run_started = COALESCE(machines.run_started, excluded.run_started),
+        claims = machines.claims + 1
+"""
+_QUARANTINED_SQL = """
+    SELECT quarantined_until FROM machines
+    WHERE user_id = :user_id AND machine_id = :machine_id
+      AND quarantined_until > :now
+"""
 
 
 # The running branch of the claim, read alone: is a lease waiting to be taken over?
@@ -286,6 +429,31 @@ _BAN_SQL = """
     SELECT :id, :machine_id, :now
     WHERE NOT EXISTS (SELECT 1 FROM job_bans
                       WHERE job_id = :id AND machine_id = :machine_id)
+"""
+_DONE_SQL = """
+    UPDATE machines SET completions = completions + 1, last_seen = :now,
+        run_started = COALESCE(run_started, :now)
+    WHERE user_id = :user_id AND machine_id = :machine_id
+"""
+# A failure; the quarantine rule is checked on the counts it produces.
+_QUARANTINE_RULE = """
+    failures + 1 >= :q_failures AND failed_jobs + :new_job >= :q_jobs
+    AND failures + 1 >= :q_rate * claims
+"""
+_FAILED_SQL = f"""
+    UPDATE machines SET failures = failures + 1,
+        failed_jobs = failed_jobs + :new_job,
+        last_seen = :now, run_started = COALESCE(run_started, :now),
+        quarantines = quarantines
+            + CASE WHEN {_QUARANTINE_RULE} THEN 1 ELSE 0 END,
+        quarantined_until = CASE WHEN {_QUARANTINE_RULE}
+                                 THEN :now + :q_ms ELSE quarantined_until END
+    WHERE user_id = :user_id AND machine_id = :machine_id
+"""  # noqa: S608 - built from constants only
+_RELEASED_SQL = """
+    UPDATE machines SET interruptions = interruptions + 1, last_seen = :now,
+        run_started = NULL
+    WHERE user_id = :user_id AND machine_id = :machine_id
 """
 _RELEASE_SQL = f"""
     UPDATE jobs SET status = 'pending', lease_expires = NULL, heartbeat = :now,
@@ -444,6 +612,13 @@ class _HotPath:
     ATTEMPT = _ATTEMPT_SQL
     COMPUTE = _COMPUTE_SQL
     TAKEOVER = _TAKEOVER_SQL
+    QUARANTINED = _QUARANTINED_SQL
+    # The machine-record statements that PostgreSQL folds into the ones above.
+    INTERRUPT: str | None = _INTERRUPT_SQL
+    SEEN: str | None = _SEEN_SQL
+    DONE: str | None = _DONE_SQL
+    FAILED: str | None = _FAILED_SQL
+    RELEASED: str | None = _RELEASED_SQL
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -516,11 +691,20 @@ class Store:
         engine: From ``kelpie_sdk.server._db.make_engine`` (schema migrated).
         clock: Returns the current time in seconds since the epoch; tests pass
             a fake clock to move leases forward without sleeping.
+        policy: Quarantine and placement settings (default: the defaults).
     """
 
-    def __init__(self, engine: Engine, *, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        clock: Callable[[], float] = time.time,
+        policy: ReputationPolicy | None = None,
+    ):
         self.engine = engine
         self._clock = clock
+        self.policy = policy or ReputationPolicy()
+        self._policy_params = self.policy.params()
         self._unreachable_until = 0.0
         self._unreachable_reason = ""
         self._listeners: list[Callable[[str, str], None]] = []
@@ -1089,6 +1273,11 @@ class Store:
         Running jobs whose lease expired come first (oldest lease first), then
         pending jobs in submission order; jobs that banned this machine are
         skipped. The claim bumps ``attempt`` and starts a new lease.
+
+        A quarantined machine gets nothing. A flaky one (many interruptions)
+        takes the least-run job among the first pending ones. The machines'
+        records (the claimer's claims, the interrupted holder's
+        interruptions) change in the same transaction.
         """
         now = self.now_ms()
         params: dict[str, Any] = {
@@ -1096,12 +1285,18 @@ class Store:
             "group": group,
             "user_id": principal.user_id,
             "now": now,
+            **self._policy_params,
         }
-        with self._hot.transaction(atomic=True) as cur:
-            previous = self._hot.fetch_one(cur, self._hot.TAKEOVER, params)
-            row = self._hot.fetch_one(cur, self._hot.CLAIM, params)
+        hot = self._hot
+        with hot.transaction(atomic=True) as cur:
+            if hot.INTERRUPT is not None:
+                hot.execute(cur, hot.INTERRUPT, params)
+            previous = hot.fetch_one(cur, hot.TAKEOVER, params)
+            row = hot.fetch_one(cur, hot.CLAIM, params)
             if row is None:
                 return None
+            if hot.SEEN is not None:
+                hot.execute(cur, hot.SEEN, params)
             if previous is not None and previous["id"] == row["id"]:
                 # The previous holder's lease ran out: its attempt ends at its
                 # last heartbeat, the last time it was known to be alive.
@@ -1164,6 +1359,23 @@ class Store:
         if attempt is not None and report.progress is not None:
             attempt["progress"] = report.progress
         return attempt
+
+    @_resilient
+    def quarantined_until(
+        self, principal: Principal, machine_id: str
+    ) -> dt.datetime | None:
+        """
+        Until when the machine gets no work, or ``None`` if it is not
+        quarantined.
+        """
+        params = {
+            "machine_id": machine_id,
+            "user_id": principal.user_id,
+            "now": self.now_ms(),
+        }
+        with self._hot.transaction(write=False) as cur:
+            row = self._hot.fetch_one(cur, self._hot.QUARANTINED, params)
+        return None if row is None else _ms_to_dt(row["quarantined_until"])
 
     @staticmethod
     def _fence(
@@ -1231,6 +1443,8 @@ class Store:
             if before is not None and self._hot.execute(
                 cur, self._hot.COMPLETE, params
             ):
+                if self._hot.DONE is not None:
+                    self._hot.execute(cur, self._hot.DONE, params)
                 compute, _ = attempt_compute(before, params["now"], useful=True)
                 self._event(
                     cur,
@@ -1263,6 +1477,8 @@ class Store:
 
         The machine is banned from the job. Below ``max_failures`` the job goes
         straight back to ``pending``; at the threshold it becomes ``failed``.
+        The machine's failure counts change with it, and it is quarantined when
+        they reach the policy's threshold.
         """
         error = report.error
         if error is None and report.exit_code is not None:
@@ -1271,6 +1487,7 @@ class Store:
         params["now"] = self.now_ms()
         params["error"] = error
         now = params["now"]
+        params.update(self._policy_params)
         with self._hot.transaction(atomic=True) as cur:
             before = self._ending(cur, params, report)
             row = (
@@ -1282,7 +1499,9 @@ class Store:
                 found = self._state(cur, principal, job_id) is not None
                 return "not_holder" if found else "not_found"
             if self._hot.BAN is not None:
-                self._hot.execute(cur, self._hot.BAN, params)
+                params["new_job"] = self._hot.execute(cur, self._hot.BAN, params)
+            if self._hot.FAILED is not None:
+                self._hot.execute(cur, self._hot.FAILED, params)
             attempt = before["attempt"]
             compute, lost = attempt_compute(before, now, useful=False)
             final = row["status"] != "pending"
@@ -1329,6 +1548,8 @@ class Store:
             if before is None or row is None:
                 found = self._state(cur, principal, job_id) is not None
                 return "not_holder" if found else "not_found"
+            if self._hot.RELEASED is not None:
+                self._hot.execute(cur, self._hot.RELEASED, params)
             compute, lost = attempt_compute(before, now, useful=False)
             details: dict[str, Any] = {"reason": _clip(report.reason)}
             details.update(_compute_details(compute, lost))
@@ -1410,6 +1631,90 @@ class Store:
         with self._hot.transaction(write=False) as cur:
             row = self._hot.fetch_one(cur, self._hot.EXPIRED, params)
         return row is not None
+
+    # -- machines ---------------------------------------------------------------
+
+    @_resilient
+    def list_machines(self, principal: Principal) -> MachineTable:
+        """
+        The caller's machines (every user's for the admin), most recently seen
+        first, and the caller's groups with pending jobs but no live machine.
+        """
+        now = self.now_ms()
+        live_after = now - int(self.policy.live_seconds * 1000)
+        running = (
+            sa.select(
+                JOBS.c.user_id,
+                JOBS.c.machine_id,
+                JOBS.c.id,
+                JOBS.c.heartbeat,
+                JOBS.c.lease_expires,
+                JOBS.c.container_group_id,
+            )
+            .where(JOBS.c.status == "running")
+            .order_by(JOBS.c.seq)
+        )
+        machines = sa.select(MACHINES)
+        pending = (
+            sa.select(
+                JOBS.c.user_id, JOBS.c.container_group_id, sa.func.count().label("n")
+            )
+            .where(JOBS.c.status == "pending")
+            .group_by(JOBS.c.user_id, JOBS.c.container_group_id)
+        )
+        if not principal.is_admin:
+            running = running.where(JOBS.c.user_id == principal.user_id)
+            machines = machines.where(MACHINES.c.user_id == principal.user_id)
+            pending = pending.where(JOBS.c.user_id == principal.user_id)
+        with self._read() as conn:
+            holding: dict[tuple[str, str], Any] = {}
+            served: set[tuple[str, str]] = set()
+            for held in conn.execute(running):
+                holding[(held.user_id, held.machine_id)] = held
+                if held.lease_expires is not None and held.lease_expires > now:
+                    served.add((held.user_id, held.container_group_id))
+            records = conn.execute(machines).all()
+            waiting = conn.execute(pending).all()
+        table: list[Machine] = []
+        for r in records:
+            job = holding.get((r.user_id, r.machine_id))
+            last = r.last_seen
+            if job is not None and job.heartbeat is not None:
+                last = max(last, job.heartbeat)
+            quarantined = r.quarantined_until is not None and r.quarantined_until > now
+            leased = job is not None and (job.lease_expires or 0) > now
+            live = not quarantined and (leased or last >= live_after)
+            if live:
+                served.add((r.user_id, r.container_group_id))
+            table.append(
+                Machine(
+                    machine_id=r.machine_id,
+                    user_id=r.user_id,
+                    container_group_id=r.container_group_id,
+                    first_seen=_ms_to_dt(r.first_seen),  # type: ignore[arg-type]
+                    last_seen=_ms_to_dt(last),  # type: ignore[arg-type]
+                    job_id=None if job is None else job.id,
+                    claims=r.claims,
+                    completions=r.completions,
+                    failures=r.failures,
+                    failed_jobs=r.failed_jobs,
+                    interruptions=r.interruptions,
+                    uptime_seconds=0.0
+                    if r.run_started is None
+                    else max(0, last - r.run_started) / 1000,
+                    quarantined_until=_ms_to_dt(r.quarantined_until)
+                    if quarantined
+                    else None,
+                    live=live,
+                )
+            )
+        table.sort(key=lambda m: (m.last_seen, m.machine_id), reverse=True)
+        unserved = {
+            w.container_group_id: int(w.n)
+            for w in waiting
+            if (w.user_id, w.container_group_id) not in served
+        }
+        return MachineTable(machines=tuple(table), unserved=unserved)
 
     # -- scaling rules ----------------------------------------------------------
 

@@ -39,6 +39,7 @@ from kelpie_sdk.errors import (
     ConfigError,
     ConflictError,
     KelpieError,
+    MachineQuarantined,
     NotFoundError,
     PermissionDeniedError,
     StorageError,
@@ -52,6 +53,7 @@ from kelpie_sdk.worker._imds import (
     DELETION_COST_IDLE,
     REALLOCATE_IDLE,
     REALLOCATE_MAX_FAILURES,
+    REALLOCATE_QUARANTINED,
     DeletionCost,
     Imds,
     deletion_cost_after_heartbeats,
@@ -71,6 +73,7 @@ __all__ = [
     "EXIT_IDLE",
     "EXIT_MAX_FAILURES",
     "EXIT_OK",
+    "EXIT_QUARANTINED",
     "RESCHEDULE_EXIT_CODE",
     "Outcome",
     "Worker",
@@ -86,6 +89,9 @@ EXIT_CONFIG = 2
 EXIT_MAX_FAILURES = 3
 #: No work for ``MAX_TIME_WITH_NO_WORK_S``: replace (or scale down) the node.
 EXIT_IDLE = 4
+#: The API server quarantined this machine (failures across different jobs):
+#: replace the node.
+EXIT_QUARANTINED = 5
 #: A job that exits with this code asks to be rescheduled: it is released,
 #: not failed.
 RESCHEDULE_EXIT_CODE = 85
@@ -369,6 +375,20 @@ class Worker:
             )
             self.stop("max job failures reached", EXIT_MAX_FAILURES)
 
+    def quarantined(self, exc: MachineQuarantined) -> None:
+        """
+        The server gives this machine no work for now: ask IMDS to reallocate
+        the node, or, without IMDS, stop with ``EXIT_QUARANTINED``.
+        """
+        if self._reallocate(REALLOCATE_QUARANTINED, "quarantined by the API server"):
+            return
+        logger.error(
+            "%s: stopping with exit code %d so that the node is replaced",
+            exc,
+            EXIT_QUARANTINED,
+        )
+        self.stop("quarantined by the API server", EXIT_QUARANTINED)
+
     def check_idle(self) -> None:
         """
         Once every slot has had no job for ``max_time_with_no_work_s``
@@ -645,6 +665,11 @@ class _Slot:
                     wait=wait,
                 )
                 claim_result = "empty" if job is None else "job"
+            except MachineQuarantined as exc:
+                claim_result = "empty"
+                self.claiming = False
+                w.quarantined(exc)
+                return
             except (AuthenticationError, PermissionDeniedError) as exc:
                 if w.api_reached:
                     logger.warning(

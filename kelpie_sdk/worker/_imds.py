@@ -37,6 +37,7 @@ __all__ = [
     "IMDS_MODES",
     "REALLOCATE_IDLE",
     "REALLOCATE_MAX_FAILURES",
+    "REALLOCATE_QUARANTINED",
     "SALADCLOUD_MARKERS",
     "DeletionCost",
     "Imds",
@@ -67,6 +68,8 @@ DELETION_COST_CLAIMED = 1
 DELETION_COST_FINAL_UPLOAD = 999_999_999
 
 REALLOCATE_MAX_FAILURES = "Kelpie: Max Job Failures Exceeded"
+#: The API server quarantined this machine (this project's addition).
+REALLOCATE_QUARANTINED = "Kelpie: Machine quarantined by the API server"
 #: Followed by the idle time in milliseconds.
 REALLOCATE_IDLE = "Kelpie: Max idle time exceeded: "
 

@@ -14,9 +14,11 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from kelpie_sdk.cli._up import _REPUTATION_SETTINGS
 from kelpie_sdk.client import Client
 from kelpie_sdk.errors import APIConnectionError
 from kelpie_sdk.models import Job, JobStatus
@@ -419,3 +421,39 @@ def test_second_up_on_a_taken_port_says_so(
     assert first.poll() is None
     first.send_signal(signal.SIGINT)
     assert 0 == first.wait(timeout=60)
+
+
+def test_a_quarantined_worker_comes_back_as_a_new_machine(
+    tmp_path: Path, stopper: list[subprocess.Popen[str]], monkeypatch: Any
+) -> None:
+    """The server quarantines a machine (one failure here); `kelpie up` replaces
+    its worker, which exited 5, by one with a new machine id."""
+    from kelpie_sdk.server import ReputationPolicy
+
+    assert _REPUTATION_SETTINGS == frozenset(ReputationPolicy.ENV.values())
+    monkeypatch.setenv("KELPIE_QUARANTINE_FAILURES", "1")
+    monkeypatch.setenv("KELPIE_QUARANTINE_JOBS", "1")
+    monkeypatch.setenv("KELPIE_QUARANTINE_RATE", "0")
+    proc = _start_up(tmp_path / "cluster", "--workers", "1")
+    stopper.append(proc)
+    url, key = _url_and_key(_read_banner(proc))
+    with Client(url, key) as client:
+        job = client.submit_job(
+            command=sys.executable,
+            arguments=["-c", "raise SystemExit(1)"],
+            container_group_id="grp",
+            max_failures=2,
+            sync={},
+        )
+        failed = wait_for(
+            lambda: (j := client.get_job(job.id)).status is JobStatus.FAILED and j,
+            timeout=90,
+        )
+        machines = {m.machine_id: m for m in client.machines().machines}
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert 2 == failed.num_failures
+    assert "was quarantined by the server" in out
+    assert "as machine local-0-1" in out
+    assert machines["local-0"].quarantined_until is not None
+    assert 1 == machines["local-0-1"].failures

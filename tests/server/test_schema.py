@@ -17,7 +17,7 @@ from kelpie_sdk.errors import ConfigError
 from kelpie_sdk.server import open_store
 from kelpie_sdk.server._db import METADATA, make_engine, upgrade
 from kelpie_sdk.server._pg import PgHotPath
-from kelpie_sdk.server._store import _CLAIM_SQL
+from kelpie_sdk.server._store import _CLAIM_SQL, ReputationPolicy
 
 from ..pg import fresh_database
 
@@ -64,12 +64,20 @@ def test_claim_query_uses_the_partial_indexes(tmp_path: pathlib.Path) -> None:
     with engine.connect() as conn:
         plan = conn.execute(
             sa.text("EXPLAIN QUERY PLAN " + _CLAIM_SQL.text),
-            {"machine_id": "m", "group": "g", "user_id": "u", "now": 0},
+            {
+                "machine_id": "m",
+                "group": "g",
+                "user_id": "u",
+                "now": 0,
+                **ReputationPolicy().params(),
+            },
         ).all()
     details = " | ".join(row[-1] for row in plan)
     assert "ix_jobs_running" in details
     assert "ix_jobs_pending" in details
     assert "SCAN jobs" not in details
+    # The machine's record (quarantine, placement) is one primary-key lookup.
+    assert "SCAN machines" not in details
 
 
 def test_sqlite_runs_in_wal_mode(tmp_path: pathlib.Path) -> None:
@@ -155,13 +163,20 @@ def test_postgresql_claim_uses_the_partial_indexes_with_many_finished_jobs(
             row[0]
             for row in conn.execute(
                 "EXPLAIN " + PgHotPath.CLAIM,
-                {"machine_id": "m", "group": "g", "user_id": "u", "now": 0},
+                {
+                    "machine_id": "m",
+                    "group": "g",
+                    "user_id": "u",
+                    "now": 0,
+                    **ReputationPolicy().params(),
+                },
             )
         )
     assert "ix_jobs_running" in plan
     assert "ix_jobs_pending" in plan
     assert "Seq Scan on jobs" not in plan
     assert "jobs_pkey on jobs j" not in plan
+    assert "Seq Scan on machines" not in plan
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
