@@ -746,6 +746,8 @@ def test_jobs_logs_prints_each_stream_where_it_belongs(
     assert "--- attempt 1 ---\nerr 1\n--- attempt 2 ---\n" == capsys.readouterr().err
     assert 0 == kelpie("jobs", "logs", job_id, "--attempt", "2", "--timestamps")
     assert "2023-11-14 22:13:20 out 2\n" == kelpie.out
+    assert 0 == kelpie("jobs", "logs", job_id[:8], "--attempt", "2")
+    assert "out 2\n" == kelpie.out  # a unique id prefix, as the other job commands
     assert 0 == kelpie("jobs", "logs", job_id, "--json")
     assert [(1, "stdout", "out 1"), (1, "stderr", "err 1"), (2, "stdout", "out 2")] == [
         (x["attempt"], x["stream"], x["line"])

@@ -680,7 +680,9 @@ def _logs(args: argparse.Namespace, ctx: Context) -> int:
 
 def _print_logs(args: argparse.Namespace, ctx: Context, stdout: Any) -> None:
     attempt: int | None = None
-    lines = ctx.client().logs(args.job_id, follow=args.follow, attempt=args.attempt)
+    client = ctx.client()
+    job_id = resolve_job_id(client, args.job_id)
+    lines = client.logs(job_id, follow=args.follow, attempt=args.attempt)
     for line in lines:
         if args.json:
             stdout.write(json.dumps(line.to_json()) + "\n")
