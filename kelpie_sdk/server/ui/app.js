@@ -5,6 +5,11 @@
 
 const REFRESH_MS = 2000;
 let csrf = "";
+const timers = [];
+
+function every(fn) {
+  timers.push(setInterval(fn, REFRESH_MS));
+}
 
 function el(tag, text, cls) {
   const node = document.createElement(tag);
@@ -78,6 +83,7 @@ async function startSession() {
   const out = $("logout");
   if (out) {
     out.addEventListener("click", async () => {
+      timers.forEach(clearInterval);
       await fetch("/ui/logout", {
         method: "POST",
         credentials: "same-origin",
@@ -133,7 +139,7 @@ function jobsPage() {
   });
   form.addEventListener("input", () => refreshJobs());
   refreshJobs();
-  setInterval(refreshJobs, REFRESH_MS);
+  every(refreshJobs);
 }
 
 // -- the groups table -----------------------------------------------------------
@@ -159,7 +165,7 @@ async function refreshGroups() {
 
 function groupsPage() {
   refreshGroups();
-  setInterval(refreshGroups, REFRESH_MS);
+  every(refreshGroups);
 }
 
 // -- one job --------------------------------------------------------------------
@@ -352,7 +358,7 @@ function jobPage() {
     }
   });
   refreshJob();
-  setInterval(refreshJob, REFRESH_MS);
+  every(refreshJob);
   followLog();
 }
 
