@@ -58,9 +58,9 @@ SECURITY_HEADERS = {
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _ASSET_TYPES = {
-    ".js": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript",
+    ".css": "text/css",
+    ".html": "text/html",
 }
 
 

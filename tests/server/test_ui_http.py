@@ -258,3 +258,15 @@ def test_secure_cookie_by_default_over_https() -> None:
             )
         attrs = [a.strip().lower() for a in r.headers["set-cookie"].split(";")]
         assert "secure" in attrs
+
+
+def test_assets_have_one_charset(api_server: Any, user_key: str) -> None:
+    """Pages, script and style sheet are served as UTF-8 text of the right type."""
+    s, _ = _signed_in(api_server.url, user_key)
+    for path, kind in [
+        ("/ui", "text/html"),
+        ("/ui/static/app.js", "text/javascript"),
+        ("/ui/static/style.css", "text/css"),
+    ]:
+        r = s.get(f"{api_server.url}{path}")
+        assert f"{kind}; charset=utf-8" == r.headers["content-type"], path
