@@ -279,3 +279,13 @@ def test_another_tenants_job_is_not_found(
     page_errors[:] = [e for e in page_errors if not e.endswith("401 (Unauthorized)")]
     page.goto(f"{server.url}/ui")
     page.wait_for_url("**/ui/login")
+
+
+def test_without_chromium_the_tests_fail_and_say_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A machine without chromium fails these tests with what to install; it does not skip them."""
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", "/nonexistent/chromium")
+    with pytest.raises(pytest.fail.Exception, match="apt-get install -y chromium"):
+        _chromium()

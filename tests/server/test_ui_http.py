@@ -270,3 +270,24 @@ def test_assets_have_one_charset(api_server: Any, user_key: str) -> None:
     ]:
         r = s.get(f"{api_server.url}{path}")
         assert f"{kind}; charset=utf-8" == r.headers["content-type"], path
+
+
+def test_deleting_users_ends_their_sessions() -> None:
+    """After DELETE /users a signed-in user's cookie no longer works; pages go back to sign-in."""
+    with run_server() as server:
+        admin = {"X-Kelpie-Key": server.admin_key}
+        user = _req(
+            "POST", f"{server.url}/users", json={"username": "dora"}, headers=admin
+        ).json()
+        key = _req(
+            "POST",
+            f"{server.url}/users/{user['id']}/token",
+            json={"org_name": "o", "project_name": "p"},
+            headers=admin,
+        ).json()["token"]
+        s, _ = _signed_in(server.url, key)
+        assert 200 == s.get(f"{server.url}/jobs").status_code
+        assert 204 == _req("DELETE", f"{server.url}/users", headers=admin).status_code
+        assert 403 == s.get(f"{server.url}/jobs").status_code
+        r = s.get(f"{server.url}/ui", allow_redirects=False)
+        assert (303, "/ui/login") == (r.status_code, r.headers["location"])
