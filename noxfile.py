@@ -59,6 +59,13 @@ def build(session: nox.Session) -> None:
     session.chdir(session.create_tmp())
     session.run("kelpie", "--help")
     session.run("python", "-c", "import kelpie_sdk.checkpoint")
+    # The web dashboard's pages travel inside the package.
+    session.run(
+        "python",
+        "-c",
+        "from importlib.resources import files; "
+        "assert files('kelpie_sdk.server').joinpath('ui', 'app.js').is_file()",
+    )
     # kelpie demo's example job kinds run from the copies the wheel carries.
     session.run(
         "python",

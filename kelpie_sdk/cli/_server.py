@@ -83,6 +83,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "accepts K/M/G suffixes (default: 1M)"
         ),
     )
+    parser.add_argument(
+        "--secure-cookie",
+        action="store_true",
+        default=None,
+        help=(
+            "always mark the web dashboard's session cookie Secure (default: "
+            "when the request came over https, X-Forwarded-Proto from a proxy "
+            "on this host included)"
+        ),
+    )
     parser.set_defaults(handler=_serve)
 
 
@@ -124,6 +134,7 @@ def _serve(args: argparse.Namespace, ctx: Context) -> int:
         migrate=args.migrate,
         metrics_public=args.metrics_public,
         log_limit=args.log_limit or DEFAULT_LOG_LIMIT,
+        secure_cookie=args.secure_cookie,
     )
     return EXIT_OK
 

@@ -128,6 +128,7 @@ def serve(
     migrate: bool = True,
     metrics_public: bool = False,
     log_limit: int = DEFAULT_LOG_LIMIT,
+    secure_cookie: bool | None = None,
 ) -> None:
     """
     Run the server in the foreground until interrupted.
@@ -148,6 +149,8 @@ def serve(
         metrics_public: Serve ``GET /metrics`` without a key (default: only
             with the admin's key).
         log_limit: Bytes of job output kept per attempt (the oldest lines go).
+        secure_cookie: Mark the web dashboard's session cookie ``Secure``;
+            ``None``: when the request came over https.
     """
     import uvicorn
 
@@ -158,7 +161,12 @@ def serve(
             f"Generated the admin API key (shown only once): {generated}",
             file=sys.stderr,
         )
-    app: Any = create_app(store, metrics_public=metrics_public, log_limit=log_limit)
+    app: Any = create_app(
+        store,
+        metrics_public=metrics_public,
+        log_limit=log_limit,
+        secure_cookie=secure_cookie,
+    )
     if access_log:
         app = AccessLog(app)
     log_config = _log_config(log_level)

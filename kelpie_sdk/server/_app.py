@@ -70,6 +70,7 @@ from kelpie_sdk.server._store import (
     ReportOutcome,
     Store,
 )
+from kelpie_sdk.server._ui import UISessions, ui_handlers
 
 __all__ = ["MAX_PAGE_SIZE", "HTTPProblem", "create_app"]
 
@@ -424,6 +425,8 @@ class _State:
     logs: JobLogs | None = None
     #: Wakes ``GET /jobs/{id}/logs?follow=true`` when lines arrive.
     log_waker: _Waker = attrs.field(factory=_Waker)
+    #: The web dashboard's signed-in sessions.
+    ui: UISessions = attrs.field(factory=UISessions)
 
     @property
     def job_logs(self) -> JobLogs:
@@ -452,6 +455,12 @@ def _authenticate(request: Request[Any, Any, Any]) -> Principal:
             400, "Bad Request", "Bearer Token requires Salad-Project header"
         )
     key = headers.get("x-kelpie-key")
+    if not key and not (salad_key or headers.get("authorization")):
+        # The dashboard's session cookie; changes need its CSRF token.
+        try:
+            key = _state(request).ui.principal_key(request)
+        except PermissionError as exc:
+            raise HTTPProblem(403, "Forbidden", str(exc)) from exc
     if key:
         state = _state(request)
         cached = state.keys.get(key)
@@ -1588,6 +1597,7 @@ def create_app(
     debug: bool = False,
     metrics_public: bool = False,
     log_limit: int = DEFAULT_LOG_LIMIT,
+    secure_cookie: bool | None = None,
 ) -> Litestar:
     """
     Build the Kelpie API application around a store.
@@ -1598,6 +1608,8 @@ def create_app(
         metrics_public: Serve ``GET /metrics`` without a key (default: the
             admin's key is required).
         log_limit: Bytes of output lines kept per job attempt (the oldest go).
+        secure_cookie: Mark the dashboard's session cookie ``Secure``; by
+            default it is when the request came over https.
     """
     handlers: Sequence[Any] = [
         submit_job,
@@ -1634,6 +1646,7 @@ def create_app(
         metrics,
         openapi_json,
         _docs_assets(),
+        *ui_handlers(),
     ]
     exception_handlers: Mapping[Any, Any] = {
         HTTPProblem: _on_problem,
@@ -1656,6 +1669,7 @@ def create_app(
         metrics=ServerMetrics(store.engine),
         metrics_public=metrics_public,
         logs=JobLogs(store.engine, limit=log_limit),
+        ui=UISessions(secure_cookie=secure_cookie),
     )
     store.on_available(state.waker.notify)
     # Outside the router, as Litestar wraps its own CORS middleware, so that

@@ -1079,6 +1079,25 @@ class Store:
             rows = conn.execute(query).mappings().all()
         return [self._row_to_job(r) for r in rows]
 
+    @_resilient
+    def group_counts(self, principal: Principal) -> dict[str, dict[str, int]]:
+        """
+        How many of the caller's jobs (all jobs for the admin) each container
+        group holds in each status: ``{group: {status: count}}``, in one
+        grouped query.
+        """
+        count = sa.func.count().label("n")
+        query = sa.select(JOBS.c.container_group_id, JOBS.c.status, count)
+        if not principal.is_admin:
+            query = query.where(JOBS.c.user_id == principal.user_id)
+        query = query.group_by(JOBS.c.container_group_id, JOBS.c.status)
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        counts: dict[str, dict[str, int]] = {}
+        for group, status, n in rows:
+            counts.setdefault(str(group), {})[str(status)] = int(n)
+        return counts
+
     # -- jobs: user actions ---------------------------------------------------
 
     @_resilient

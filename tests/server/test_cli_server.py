@@ -188,3 +188,27 @@ def test_log_limit_must_be_a_size() -> None:
     )
     assert 2 == proc.returncode
     assert "expected a size in bytes such as 1048576 or 1M, got 'lots'" in proc.stderr
+
+
+def _login_cookie_flags(url: str, key: str, **headers: str) -> list[str]:
+    r = requests.post(
+        url + "/ui/login",
+        data={"key": key},
+        headers=headers,
+        allow_redirects=False,
+        timeout=5,
+    )
+    assert 303 == r.status_code
+    return [a.strip().lower() for a in r.headers["set-cookie"].split(";")]
+
+
+@pytest.mark.slow
+def test_dashboard_cookie_is_secure_behind_https(tmp_path: pathlib.Path) -> None:
+    """The session cookie is Secure over https (a local proxy's X-Forwarded-Proto), or always with --secure-cookie."""
+    env = {"KELPIE_ADMIN_KEY": "sekrit"}
+    with kelpie_server(tmp_path / "c.db", env) as (url, _):
+        assert "secure" not in _login_cookie_flags(url, "sekrit")
+        flags = _login_cookie_flags(url, "sekrit", **{"X-Forwarded-Proto": "https"})
+        assert "secure" in flags
+    with kelpie_server(tmp_path / "c.db", env, "--secure-cookie") as (url, _):
+        assert "secure" in _login_cookie_flags(url, "sekrit")
