@@ -817,15 +817,19 @@ def _fenced(
     API, which answered every report with success and whose worker exits after
     three refused reports. Such a report from a caller that does not hold the
     job changes nothing, is logged, and is answered as a success. A report
-    that carries ``attempt`` is told the truth: 409.
+    that carries ``attempt`` is told the truth: 409. The original also answered
+    ``/completed`` for an unknown job with success (its failure report was
+    already a 404), so a ``completed`` report without ``attempt`` for a job
+    that no longer exists (deleted while it ran) is answered the same way.
     """
-    if outcome == "not_found":
+    legacy = report.attempt is None
+    if outcome == "not_found" and not (legacy and verb == "completion"):
         raise _not_found()
-    if outcome == "not_holder":
-        if report.attempt is None:
+    if outcome in ("not_holder", "not_found"):
+        if legacy:
             logger.warning(
                 "ignored the %s report for job %s from machine %s, which does "
-                "not hold it (canceled, finished or claimed again); "
+                "not hold it (canceled, finished, claimed again or deleted); "
                 "answered as a success for compatibility",
                 verb,
                 job_id,

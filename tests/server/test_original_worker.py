@@ -161,3 +161,34 @@ def test_report_with_attempt_keeps_the_409(
 
     assert 409 == r.status_code
     assert "canceled" == api.get(f"/jobs/{job['id']}").json()["status"]
+
+
+def test_completed_for_a_deleted_job(container_group_id: str) -> None:
+    """The admin deletes every job while the original worker runs one: its /completed gets the original's 200, /failed its 404 (as the original), and with ``attempt`` /completed is a 404."""
+    from kelpie_sdk.testing import run_server
+
+    from ..conftest import Api
+
+    with run_server() as server:
+        admin = Api(server.url, server.admin_key)
+        worker = OriginalWorker(admin, "m1", container_group_id)
+        job = admin.post("/jobs", json=sync_job(container_group_id)).json()
+        assert job["id"] == worker.claim()["id"]  # type: ignore[index]
+        assert admin.delete("/jobs").ok
+
+        r = worker.completed(job["id"])
+
+        assert (200, {"message": "Completed reported"}, []) == (
+            r.status_code,
+            r.json(),
+            worker.sleeps,
+        )
+        assert 404 == admin.get(f"/jobs/{job['id']}").status_code
+        assert (
+            404 == admin.post(f"/jobs/{job['id']}/failed", json=worker.body).status_code
+        )
+        with_attempt = report("m1", container_group_id, attempt=1)
+        assert (
+            404
+            == admin.post(f"/jobs/{job['id']}/completed", json=with_attempt).status_code
+        )

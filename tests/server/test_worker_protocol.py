@@ -189,7 +189,8 @@ def test_pending_job_cannot_be_completed(api: Any, container_group_id: str) -> N
     assert (
         404
         == api.post(
-            "/jobs/nope/completed", json=report("m1", container_group_id)
+            "/jobs/nope/completed",
+            json=report("m1", container_group_id, attempt=1),
         ).status_code
     )
 
