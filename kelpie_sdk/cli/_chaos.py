@@ -58,7 +58,14 @@ from rich.text import Text
 
 from kelpie_sdk.chaos_jobs import EVENTS_ENV, JOB_KINDS
 from kelpie_sdk.cli._common import Context, UsageError
-from kelpie_sdk.cli._up import _admin_key, _Child, _clean_env, _free_port, _tail
+from kelpie_sdk.cli._up import (
+    _admin_key,
+    _Child,
+    _clean_env,
+    _free_port,
+    _tail,
+    _worker_env,
+)
 from kelpie_sdk.client import Client
 from kelpie_sdk.errors import KelpieError
 from kelpie_sdk.models import Job
@@ -303,23 +310,17 @@ class _ChaosCluster:
         home = self.root / "workers" / machine
         home.mkdir(parents=True, exist_ok=True)
         cfg = self.config
-        env = _clean_env()
+        env = _worker_env(
+            url=self.url,
+            key=self.key,
+            group=_GROUP,
+            machine=machine,
+            storage_url=self.storage_url,
+            home=home,
+            long_poll_s=2,
+        )
         env.update(
-            PYTHONUNBUFFERED="1",
-            KELPIE_API_URL=self.url,
-            KELPIE_API_KEY=self.key,
-            SALAD_CONTAINER_GROUP_ID=_GROUP,
-            SALAD_MACHINE_ID=machine,
-            KELPIE_STORAGE_URL=self.storage_url,
-            KELPIE_STATE_FILE=str(home / "state.json"),
-            INPUT_DIR=str(home / "input"),
-            OUTPUT_DIR=str(home / "output"),
-            CHECKPOINT_DIR=str(home / "checkpoint"),
             HEARTBEAT_INTERVAL_S=str(cfg.heartbeat),
-            KELPIE_LONG_POLL_S="2",
-            # Local workers share one node: never set its SaladCloud deletion
-            # cost or ask to reallocate it, even when run on a SaladCloud node.
-            KELPIE_IMDS="off",
             KELPIE_KILL_GRACE_S="2",
             MAX_RETRIES="10",
             KELPIE_CHAOS_DIR=str(self.control),

@@ -221,6 +221,41 @@ def _clean_env() -> dict[str, str]:
     }
 
 
+def _worker_env(
+    *,
+    url: str,
+    key: str,
+    group: str,
+    machine: str,
+    storage_url: str,
+    home: Path,
+    long_poll_s: int,
+) -> dict[str, str]:
+    """
+    The environment of a worker of a local cluster (``kelpie up``, ``kelpie
+    chaos``): the clean environment plus the worker's settings, its directories
+    under ``home``.
+    """
+    env = _clean_env()
+    env.update(
+        PYTHONUNBUFFERED="1",
+        KELPIE_API_URL=url,
+        KELPIE_API_KEY=key,
+        SALAD_CONTAINER_GROUP_ID=group,
+        SALAD_MACHINE_ID=machine,
+        KELPIE_STORAGE_URL=storage_url,
+        KELPIE_STATE_FILE=str(home / "state.json"),
+        INPUT_DIR=str(home / "input"),
+        OUTPUT_DIR=str(home / "output"),
+        CHECKPOINT_DIR=str(home / "checkpoint"),
+        KELPIE_LONG_POLL_S=str(long_poll_s),
+        # Local workers share one node: never set its SaladCloud deletion
+        # cost or ask to reallocate it, even when run on a SaladCloud node.
+        KELPIE_IMDS="off",
+    )
+    return env
+
+
 def _tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -345,24 +380,18 @@ class _Cluster:
     def worker(self, index: int, machine: str | None = None) -> _Child:
         home = self.root / "workers" / str(index)
         home.mkdir(parents=True, exist_ok=True)
-        env = _clean_env()
+        env = _worker_env(
+            url=self.url,
+            key=self.key,
+            group=self.group,
+            machine=machine or f"local-{index}",
+            storage_url=self.storage_url,
+            home=home,
+            long_poll_s=_WORKER_LONG_POLL_S,
+        )
         env.update(
-            PYTHONUNBUFFERED="1",
-            KELPIE_API_URL=self.url,
-            KELPIE_API_KEY=self.key,
-            SALAD_CONTAINER_GROUP_ID=self.group,
-            SALAD_MACHINE_ID=machine or f"local-{index}",
-            KELPIE_STORAGE_URL=self.storage_url,
-            KELPIE_STATE_FILE=str(home / "state.json"),
-            INPUT_DIR=str(home / "input"),
-            OUTPUT_DIR=str(home / "output"),
-            CHECKPOINT_DIR=str(home / "checkpoint"),
             KELPIE_SLOTS=str(self.slots),
-            KELPIE_LONG_POLL_S=str(_WORKER_LONG_POLL_S),
             KELPIE_CLAIMS_STOPPED_FILE=str(home / _CLAIMS_STOPPED),
-            # Local workers share one node: never set its SaladCloud deletion
-            # cost or ask to reallocate it, even when run on a SaladCloud node.
-            KELPIE_IMDS="off",
         )
         return _Child(
             f"worker {index}",
