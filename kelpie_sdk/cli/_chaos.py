@@ -64,6 +64,7 @@ from kelpie_sdk.cli._up import (
     _clean_env,
     _free_port,
     _tail,
+    _wait_ready,
     _worker_env,
 )
 from kelpie_sdk.client import Client
@@ -283,18 +284,7 @@ class _ChaosCluster:
         self.server.start()
 
     def wait_ready(self, timeout: float = 60.0) -> bool:
-        deadline = time.monotonic() + timeout
-        with Client(self.url, self.key, max_retries=0, timeout=(1.0, 2.0)) as client:
-            while time.monotonic() < deadline:
-                if self.server is not None and self.server.poll() is not None:
-                    return False
-                try:
-                    client.me()
-                except KelpieError:
-                    time.sleep(0.1)
-                    continue
-                return True
-        return False
+        return _wait_ready(self.url, self.key, self.server, timeout)
 
     def restart_server(self) -> bool:
         if self.server is not None:

@@ -256,6 +256,25 @@ def _worker_env(
     return env
 
 
+def _wait_ready(url: str, key: str, server: _Child | None, timeout: float) -> bool:
+    """
+    Whether the server at ``url`` answers within ``timeout`` seconds (``False``
+    as soon as its process exits).
+    """
+    deadline = time.monotonic() + timeout
+    with Client(url, key, max_retries=0, timeout=(1.0, 2.0)) as client:
+        while time.monotonic() < deadline:
+            if server is not None and server.poll() is not None:
+                return False
+            try:
+                client.me()
+            except KelpieError:
+                time.sleep(0.1)
+                continue
+            return True
+    return False
+
+
 def _tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -364,18 +383,7 @@ class _Cluster:
         self.server.start()
 
     def wait_ready(self, timeout: float = 30.0) -> bool:
-        deadline = time.monotonic() + timeout
-        with Client(self.url, self.key, max_retries=0, timeout=(1.0, 2.0)) as client:
-            while time.monotonic() < deadline:
-                if self.server is not None and self.server.poll() is not None:
-                    return False
-                try:
-                    client.me()
-                except KelpieError:
-                    time.sleep(0.1)
-                    continue
-                return True
-        return False
+        return _wait_ready(self.url, self.key, self.server, timeout)
 
     def worker(self, index: int, machine: str | None = None) -> _Child:
         home = self.root / "workers" / str(index)
