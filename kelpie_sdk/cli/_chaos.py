@@ -63,6 +63,7 @@ from kelpie_sdk.cli._up import (
     _Child,
     _clean_env,
     _free_port,
+    _server_child,
     _tail,
     _wait_ready,
     _worker_env,
@@ -264,23 +265,7 @@ class _ChaosCluster:
     def start_server(self) -> None:
         env = _clean_env()
         env["KELPIE_ADMIN_KEY"] = self.key
-        self.server = _Child(
-            "server",
-            [
-                sys.executable,
-                "-m",
-                "kelpie_sdk.server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--database",
-                f"sqlite:///{self.root / 'kelpie.db'}",
-            ],
-            env,
-            self.root,
-            self.root / "server.log",
-        )
+        self.server = _server_child(self.root, "127.0.0.1", self.port, env)
         self.server.start()
 
     def wait_ready(self, timeout: float = 60.0) -> bool:

@@ -338,6 +338,30 @@ class _Child:
             self._log = None
 
 
+def _server_child(root: Path, host: str, port: int, env: dict[str, str]) -> _Child:
+    """
+    A local cluster's API server (not started): SQLite in ``root/kelpie.db``,
+    its log in ``root/server.log``.
+    """
+    return _Child(
+        "server",
+        [
+            sys.executable,
+            "-m",
+            "kelpie_sdk.server",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--database",
+            f"sqlite:///{root / 'kelpie.db'}",
+        ],
+        env,
+        root,
+        root / "server.log",
+    )
+
+
 @attrs.define
 class _Cluster:
     root: Path
@@ -363,23 +387,7 @@ class _Cluster:
         env["KELPIE_ADMIN_KEY"] = self.key
         # The quarantine and placement settings are the server's: pass them on.
         env.update((k, v) for k, v in os.environ.items() if k in _REPUTATION_SETTINGS)
-        self.server = _Child(
-            "server",
-            [
-                sys.executable,
-                "-m",
-                "kelpie_sdk.server",
-                "--host",
-                self.host,
-                "--port",
-                str(self.port),
-                "--database",
-                f"sqlite:///{self.root / 'kelpie.db'}",
-            ],
-            env,
-            self.root,
-            self.root / "server.log",
-        )
+        self.server = _server_child(self.root, self.host, self.port, env)
         self.server.start()
 
     def wait_ready(self, timeout: float = 30.0) -> bool:
