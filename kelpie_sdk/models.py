@@ -291,6 +291,13 @@ def _opt_float(model: str, data: Mapping[str, Any], key: str) -> float | None:
     return float(value)
 
 
+def _req_float(model: str, data: Mapping[str, Any], key: str) -> float:
+    value = _opt_float(model, data, key)
+    if value is None:
+        _fail(model, key, "a number", data)
+    return value
+
+
 def _bool(model: str, data: Mapping[str, Any], key: str, default: bool) -> bool:
     value = data.get(key, default)
     if not isinstance(value, bool):
@@ -1170,9 +1177,6 @@ class Machine:
         """
         name = "Machine"
         m = _mapping(name, data)
-        uptime = m.get("uptime_seconds")
-        if not isinstance(uptime, int | float) or isinstance(uptime, bool):
-            _fail(name, "uptime_seconds", "a number", m)
         return cls(
             machine_id=_req_str(name, m, "machine_id"),
             user_id=_req_str(name, m, "user_id"),
@@ -1185,7 +1189,7 @@ class Machine:
             failures=_int(name, m, "failures", 0),
             failed_jobs=_int(name, m, "failed_jobs", 0),
             interruptions=_int(name, m, "interruptions", 0),
-            uptime_seconds=float(uptime),
+            uptime_seconds=_req_float(name, m, "uptime_seconds"),
             quarantined_until=_opt_time(name, m, "quarantined_until"),
             live=_bool(name, m, "live", False),
         )

@@ -16,8 +16,9 @@ from kelpie_sdk.cli._common import (
     EXIT_OK,
     Context,
     UsageError,
-    add_api_options,
     format_time,
+    leaf_parser,
+    non_negative_int,
     print_json,
 )
 from kelpie_sdk.models import ScalingRule, User
@@ -31,26 +32,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """
     _register_users(subparsers)
     _register_rules(subparsers)
-
-
-def _leaf(
-    actions: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
-) -> argparse.ArgumentParser:
-    parser = actions.add_parser(
-        name, help=help, description=help[0].upper() + help[1:] + "."
-    )
-    add_api_options(parser, suppress_defaults=True)
-    parser.add_argument(
-        "--json", action="store_true", help="print JSON on stdout and nothing else"
-    )
-    return parser
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
 
 
 # -- users ---------------------------------------------------------------------
@@ -67,10 +48,10 @@ def _register_users(
     actions = users.add_subparsers(dest="users_command", metavar="ACTION")
     actions.required = True
 
-    me = _leaf(actions, "me", "show the user of these credentials")
+    me = leaf_parser(actions, "me", "show the user of these credentials")
     me.set_defaults(handler=_me)
 
-    create = _leaf(actions, "create", "create a user (admin)")
+    create = leaf_parser(actions, "create", "create a user (admin)")
     create.add_argument("username", metavar="USERNAME")
     create.add_argument(
         "--token",
@@ -80,7 +61,7 @@ def _register_users(
     _token_options(create)
     create.set_defaults(handler=_create_user)
 
-    token = _leaf(
+    token = leaf_parser(
         actions,
         "token",
         "issue an API key for a user (admin); prints the key alone",
@@ -163,40 +144,44 @@ def _register_rules(
     actions = rules.add_subparsers(dest="rules_command", metavar="ACTION")
     actions.required = True
 
-    listing = _leaf(actions, "list", "list your scaling rules")
+    listing = leaf_parser(actions, "list", "list your scaling rules")
     listing.set_defaults(handler=_list_rules)
 
-    create = _leaf(actions, "create", "create the scaling rule of a container group")
+    create = leaf_parser(
+        actions, "create", "create the scaling rule of a container group"
+    )
     create.add_argument("container_group_id", metavar="CONTAINER_GROUP_ID")
     create.add_argument(
-        "--min-replicas", type=_non_negative_int, required=True, metavar="N"
+        "--min-replicas", type=non_negative_int, required=True, metavar="N"
     )
     create.add_argument(
-        "--max-replicas", type=_non_negative_int, required=True, metavar="N"
+        "--max-replicas", type=non_negative_int, required=True, metavar="N"
     )
     create.add_argument(
         "--idle-threshold-seconds",
-        type=_non_negative_int,
+        type=non_negative_int,
         required=True,
         metavar="SECONDS",
     )
     create.add_argument("--container-group-name", metavar="NAME")
     create.set_defaults(handler=_create_rule)
 
-    get = _leaf(actions, "get", "show the scaling rule of a container group")
+    get = leaf_parser(actions, "get", "show the scaling rule of a container group")
     get.add_argument("container_group_id", metavar="CONTAINER_GROUP_ID")
     get.set_defaults(handler=_get_rule)
 
-    update = _leaf(actions, "update", "change limits of a scaling rule")
+    update = leaf_parser(actions, "update", "change limits of a scaling rule")
     update.add_argument("container_group_id", metavar="CONTAINER_GROUP_ID")
-    update.add_argument("--min-replicas", type=_non_negative_int, metavar="N")
-    update.add_argument("--max-replicas", type=_non_negative_int, metavar="N")
+    update.add_argument("--min-replicas", type=non_negative_int, metavar="N")
+    update.add_argument("--max-replicas", type=non_negative_int, metavar="N")
     update.add_argument(
-        "--idle-threshold-seconds", type=_non_negative_int, metavar="SECONDS"
+        "--idle-threshold-seconds", type=non_negative_int, metavar="SECONDS"
     )
     update.set_defaults(handler=_update_rule)
 
-    delete = _leaf(actions, "delete", "delete the scaling rule of a container group")
+    delete = leaf_parser(
+        actions, "delete", "delete the scaling rule of a container group"
+    )
     delete.add_argument("container_group_id", metavar="CONTAINER_GROUP_ID")
     delete.set_defaults(handler=_delete_rule)
 

@@ -58,7 +58,16 @@ from rich.text import Text
 
 from kelpie_sdk.chaos_jobs import EVENTS_ENV, JOB_KINDS
 from kelpie_sdk.cli._common import Context, UsageError
-from kelpie_sdk.cli._up import _admin_key, _Child, _clean_env, _free_port, _tail
+from kelpie_sdk.cli._up import (
+    _admin_key,
+    _Child,
+    _clean_env,
+    _free_port,
+    _server_child,
+    _tail,
+    _wait_ready,
+    _worker_env,
+)
 from kelpie_sdk.client import Client
 from kelpie_sdk.errors import KelpieError
 from kelpie_sdk.models import Job
@@ -256,38 +265,11 @@ class _ChaosCluster:
     def start_server(self) -> None:
         env = _clean_env()
         env["KELPIE_ADMIN_KEY"] = self.key
-        self.server = _Child(
-            "server",
-            [
-                sys.executable,
-                "-m",
-                "kelpie_sdk.server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--database",
-                f"sqlite:///{self.root / 'kelpie.db'}",
-            ],
-            env,
-            self.root,
-            self.root / "server.log",
-        )
+        self.server = _server_child(self.root, "127.0.0.1", self.port, env)
         self.server.start()
 
     def wait_ready(self, timeout: float = 60.0) -> bool:
-        deadline = time.monotonic() + timeout
-        with Client(self.url, self.key, max_retries=0, timeout=(1.0, 2.0)) as client:
-            while time.monotonic() < deadline:
-                if self.server is not None and self.server.poll() is not None:
-                    return False
-                try:
-                    client.me()
-                except KelpieError:
-                    time.sleep(0.1)
-                    continue
-                return True
-        return False
+        return _wait_ready(self.url, self.key, self.server, timeout)
 
     def restart_server(self) -> bool:
         if self.server is not None:
@@ -303,23 +285,17 @@ class _ChaosCluster:
         home = self.root / "workers" / machine
         home.mkdir(parents=True, exist_ok=True)
         cfg = self.config
-        env = _clean_env()
+        env = _worker_env(
+            url=self.url,
+            key=self.key,
+            group=_GROUP,
+            machine=machine,
+            storage_url=self.storage_url,
+            home=home,
+            long_poll_s=2,
+        )
         env.update(
-            PYTHONUNBUFFERED="1",
-            KELPIE_API_URL=self.url,
-            KELPIE_API_KEY=self.key,
-            SALAD_CONTAINER_GROUP_ID=_GROUP,
-            SALAD_MACHINE_ID=machine,
-            KELPIE_STORAGE_URL=self.storage_url,
-            KELPIE_STATE_FILE=str(home / "state.json"),
-            INPUT_DIR=str(home / "input"),
-            OUTPUT_DIR=str(home / "output"),
-            CHECKPOINT_DIR=str(home / "checkpoint"),
             HEARTBEAT_INTERVAL_S=str(cfg.heartbeat),
-            KELPIE_LONG_POLL_S="2",
-            # Local workers share one node: never set its SaladCloud deletion
-            # cost or ask to reallocate it, even when run on a SaladCloud node.
-            KELPIE_IMDS="off",
             KELPIE_KILL_GRACE_S="2",
             MAX_RETRIES="10",
             KELPIE_CHAOS_DIR=str(self.control),

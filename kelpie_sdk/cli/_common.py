@@ -32,6 +32,8 @@ __all__ = [
     "format_progress",
     "format_time",
     "jobs_table",
+    "leaf_parser",
+    "non_negative_int",
     "print_json",
     "resolve_job_id",
 ]
@@ -110,6 +112,33 @@ def add_api_options(
         default=default,
         help="the API key (default: $KELPIE_API_KEY)",
     )
+
+
+def leaf_parser(
+    actions: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
+) -> argparse.ArgumentParser:
+    """
+    A subcommand's parser: its help as the description, the API options and
+    ``--json``.
+    """
+    parser = actions.add_parser(
+        name, help=help, description=help[0].upper() + help[1:] + "."
+    )
+    add_api_options(parser, suppress_defaults=True)
+    parser.add_argument(
+        "--json", action="store_true", help="print JSON on stdout and nothing else"
+    )
+    return parser
+
+
+def non_negative_int(text: str) -> int:
+    """
+    An argparse ``type``: an integer, 0 or more.
+    """
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
 
 
 #: The length of a full job id (a UUID): such an id is used as it is.

@@ -29,6 +29,8 @@ from kelpie_sdk.cli._common import (
     format_progress,
     format_time,
     jobs_table,
+    leaf_parser,
+    non_negative_int,
     print_json,
     resolve_job_id,
 )
@@ -59,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     actions = jobs.add_subparsers(dest="jobs_command", metavar="ACTION")
     actions.required = True
 
-    listing = _leaf(actions, "list", "list jobs, newest first")
+    listing = leaf_parser(actions, "list", "list jobs, newest first")
     listing.add_argument(
         "--status", choices=[s.value for s in JobStatus], help="only this status"
     )
@@ -75,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     listing.add_argument(
         "--limit",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=50,
         help="show at most this many jobs; 0 for all (default: 50)",
     )
@@ -101,11 +103,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     listing.set_defaults(handler=_list)
 
-    get = _leaf(actions, "get", "show one job")
+    get = leaf_parser(actions, "get", "show one job")
     get.add_argument("job_id", metavar="JOB_ID", help="a job id or a unique prefix")
     get.set_defaults(handler=_get)
 
-    history = _leaf(
+    history = leaf_parser(
         actions,
         "events",
         "show a job's history: every transition with its cause, and the "
@@ -114,13 +116,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     history.add_argument("job_id", metavar="JOB_ID", help="a job id or a unique prefix")
     history.set_defaults(handler=_events)
 
-    cancel = _leaf(actions, "cancel", "cancel jobs")
+    cancel = leaf_parser(actions, "cancel", "cancel jobs")
     cancel.add_argument(
         "job_ids", metavar="JOB_ID", nargs="+", help="job ids or unique prefixes"
     )
     cancel.set_defaults(handler=_cancel)
 
-    purge = _leaf(
+    purge = leaf_parser(
         actions,
         "purge",
         "delete the pending jobs of a container group and cancel its running ones",
@@ -133,7 +135,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     purge.set_defaults(handler=_purge)
 
-    wait = _leaf(
+    wait = leaf_parser(
         actions,
         "wait",
         "wait until jobs finish; exit 1 if any did not complete",
@@ -157,7 +159,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     wait.set_defaults(handler=_wait)
 
-    logs = _leaf(
+    logs = leaf_parser(
         actions,
         "logs",
         "print a job's output: stdout lines on stdout, stderr lines on stderr",
@@ -182,19 +184,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     logs.set_defaults(handler=_logs)
 
 
-def _leaf(
-    actions: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
-) -> argparse.ArgumentParser:
-    parser = actions.add_parser(
-        name, help=help, description=help[0].upper() + help[1:] + "."
-    )
-    add_api_options(parser, suppress_defaults=True)
-    parser.add_argument(
-        "--json", action="store_true", help="print JSON on stdout and nothing else"
-    )
-    return parser
-
-
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -206,13 +195,6 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
     return value
 
 

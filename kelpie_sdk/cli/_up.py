@@ -221,6 +221,60 @@ def _clean_env() -> dict[str, str]:
     }
 
 
+def _worker_env(
+    *,
+    url: str,
+    key: str,
+    group: str,
+    machine: str,
+    storage_url: str,
+    home: Path,
+    long_poll_s: int,
+) -> dict[str, str]:
+    """
+    The environment of a worker of a local cluster (``kelpie up``, ``kelpie
+    chaos``): the clean environment plus the worker's settings, its directories
+    under ``home``.
+    """
+    env = _clean_env()
+    env.update(
+        PYTHONUNBUFFERED="1",
+        KELPIE_API_URL=url,
+        KELPIE_API_KEY=key,
+        SALAD_CONTAINER_GROUP_ID=group,
+        SALAD_MACHINE_ID=machine,
+        KELPIE_STORAGE_URL=storage_url,
+        KELPIE_STATE_FILE=str(home / "state.json"),
+        INPUT_DIR=str(home / "input"),
+        OUTPUT_DIR=str(home / "output"),
+        CHECKPOINT_DIR=str(home / "checkpoint"),
+        KELPIE_LONG_POLL_S=str(long_poll_s),
+        # Local workers share one node: never set its SaladCloud deletion
+        # cost or ask to reallocate it, even when run on a SaladCloud node.
+        KELPIE_IMDS="off",
+    )
+    return env
+
+
+def _wait_ready(url: str, key: str, server: _Child | None, timeout: float) -> bool:
+    """
+    Whether the server at ``url`` answers within ``timeout`` seconds (``False``
+    as soon as its process exits).
+    """
+    deadline = time.monotonic() + timeout
+    with Client(url, key, max_retries=0, timeout=(1.0, 2.0)) as client:
+        while time.monotonic() < deadline:
+            if server is not None and server.poll() is not None:
+                return False
+            try:
+                client.me()
+            except KelpieError:
+                time.sleep(0.1)
+                continue
+            return True
+    return False
+
+
 def _tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -284,6 +338,30 @@ class _Child:
             self._log = None
 
 
+def _server_child(root: Path, host: str, port: int, env: dict[str, str]) -> _Child:
+    """
+    A local cluster's API server (not started): SQLite in ``root/kelpie.db``,
+    its log in ``root/server.log``.
+    """
+    return _Child(
+        "server",
+        [
+            sys.executable,
+            "-m",
+            "kelpie_sdk.server",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--database",
+            f"sqlite:///{root / 'kelpie.db'}",
+        ],
+        env,
+        root,
+        root / "server.log",
+    )
+
+
 @attrs.define
 class _Cluster:
     root: Path
@@ -309,60 +387,27 @@ class _Cluster:
         env["KELPIE_ADMIN_KEY"] = self.key
         # The quarantine and placement settings are the server's: pass them on.
         env.update((k, v) for k, v in os.environ.items() if k in _REPUTATION_SETTINGS)
-        self.server = _Child(
-            "server",
-            [
-                sys.executable,
-                "-m",
-                "kelpie_sdk.server",
-                "--host",
-                self.host,
-                "--port",
-                str(self.port),
-                "--database",
-                f"sqlite:///{self.root / 'kelpie.db'}",
-            ],
-            env,
-            self.root,
-            self.root / "server.log",
-        )
+        self.server = _server_child(self.root, self.host, self.port, env)
         self.server.start()
 
     def wait_ready(self, timeout: float = 30.0) -> bool:
-        deadline = time.monotonic() + timeout
-        with Client(self.url, self.key, max_retries=0, timeout=(1.0, 2.0)) as client:
-            while time.monotonic() < deadline:
-                if self.server is not None and self.server.poll() is not None:
-                    return False
-                try:
-                    client.me()
-                except KelpieError:
-                    time.sleep(0.1)
-                    continue
-                return True
-        return False
+        return _wait_ready(self.url, self.key, self.server, timeout)
 
     def worker(self, index: int, machine: str | None = None) -> _Child:
         home = self.root / "workers" / str(index)
         home.mkdir(parents=True, exist_ok=True)
-        env = _clean_env()
+        env = _worker_env(
+            url=self.url,
+            key=self.key,
+            group=self.group,
+            machine=machine or f"local-{index}",
+            storage_url=self.storage_url,
+            home=home,
+            long_poll_s=_WORKER_LONG_POLL_S,
+        )
         env.update(
-            PYTHONUNBUFFERED="1",
-            KELPIE_API_URL=self.url,
-            KELPIE_API_KEY=self.key,
-            SALAD_CONTAINER_GROUP_ID=self.group,
-            SALAD_MACHINE_ID=machine or f"local-{index}",
-            KELPIE_STORAGE_URL=self.storage_url,
-            KELPIE_STATE_FILE=str(home / "state.json"),
-            INPUT_DIR=str(home / "input"),
-            OUTPUT_DIR=str(home / "output"),
-            CHECKPOINT_DIR=str(home / "checkpoint"),
             KELPIE_SLOTS=str(self.slots),
-            KELPIE_LONG_POLL_S=str(_WORKER_LONG_POLL_S),
             KELPIE_CLAIMS_STOPPED_FILE=str(home / _CLAIMS_STOPPED),
-            # Local workers share one node: never set its SaladCloud deletion
-            # cost or ask to reallocate it, even when run on a SaladCloud node.
-            KELPIE_IMDS="off",
         )
         return _Child(
             f"worker {index}",
