@@ -2,8 +2,8 @@
 Transfer throughput of kelpie_sdk.storage against its baselines, in one run.
 
 S3 (moto's server on 127.0.0.1, started here): ``Storage`` against boto3's own
-``upload_file``/``download_file`` with the default ``TransferConfig`` (the
-"multipart transfer" of the issue), same bytes, same endpoint, same process.
+``upload_file``/``download_file`` with the default ``TransferConfig`` (boto3's
+multipart transfer), same bytes, same endpoint, same process.
 For many small files, boto3 is measured twice: a plain loop (what a script
 does) and the same calls on a thread pool as large as ``Storage``'s.
 

@@ -544,6 +544,22 @@ DEVIATION_ID = re.compile(r"\bW-\d+\b")
 DEVIATION_ROW = re.compile(r"^\| (W-\d+) \|", re.MULTILINE)
 
 
+def test_ci_runs_the_readmes_test_command() -> None:
+    """.ci/run ends with the README's test command, word for word."""
+    readme = [
+        line
+        for line in (REPO / "README.md").read_text().splitlines()
+        if " -m nox " in line
+    ]
+    ci = [
+        line
+        for line in (REPO / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert 1 == len(readme), readme
+    assert readme[0] == ci[-1]
+
+
 def test_no_references_outside_the_repository() -> None:
     """Docs, docstrings and comments never cite notes that are not in the repo."""
     found = []
