@@ -751,16 +751,11 @@ async def get_work(
     polling = False
     try:
         while True:
-            takes_over = state.store.expired_lease_waiting(
-                principal, machine_id=machine_id, group=container_group_id
-            )
             job = state.store.claim(
                 principal, machine_id=machine_id, group=container_group_id
             )
             if job is not None:
                 state.metrics.claims.inc()
-                if takes_over:
-                    state.metrics.lease_expiries.inc()
                 state.jobs.notify(job.id)  # a reclaim: the old holder's poll
                 return _json([job.to_json()])
             until = state.store.quarantined_until(principal, machine_id)
@@ -1672,6 +1667,7 @@ def create_app(
         ui=UISessions(secure_cookie=secure_cookie),
     )
     store.on_available(state.waker.notify)
+    store.on_lease_expired(state.metrics.lease_expiries.inc)
     # Outside the router, as Litestar wraps its own CORS middleware, so that
     # every answer is timed, errors and unknown paths included.
     app.asgi_handler = MetricsMiddleware(app.asgi_handler, state.metrics)

@@ -380,17 +380,6 @@ _QUARANTINED_SQL = """
 """
 
 
-# The running branch of the claim, read alone: is a lease waiting to be taken over?
-_EXPIRED_SQL = """
-    SELECT 1 AS expired FROM jobs INDEXED BY ix_jobs_running
-    WHERE user_id = :user_id AND container_group_id = :group
-      AND status = 'running' AND lease_expires <= :now
-      AND NOT EXISTS (SELECT 1 FROM job_bans b
-                      WHERE b.job_id = jobs.id AND b.machine_id = :machine_id)
-    LIMIT 1
-"""
-
-
 _HOLDER = (
     "id = :id AND user_id = :user_id AND status = 'running' "
     "AND machine_id = :machine_id AND (:attempt IS NULL OR attempt = :attempt)"
@@ -607,7 +596,6 @@ class _HotPath:
     BAN: str | None = _BAN_SQL
     RELEASE = _RELEASE_SQL
     PROGRESS = _PROGRESS_SQL
-    EXPIRED = _EXPIRED_SQL
     EVENT = _EVENT_SQL
     ATTEMPT = _ATTEMPT_SQL
     COMPUTE = _COMPUTE_SQL
@@ -708,6 +696,7 @@ class Store:
         self._unreachable_until = 0.0
         self._unreachable_reason = ""
         self._listeners: list[Callable[[str, str], None]] = []
+        self._takeover_listeners: list[Callable[[], None]] = []
         self._hot: _HotPath | PgHotPath
         self._listen: PgListener | None = None
         if engine.dialect.name == "postgresql":
@@ -732,6 +721,13 @@ class Store:
         also in a listener thread, when any replica made the change.
         """
         self._listeners.append(listener)
+
+    def on_lease_expired(self, listener: Callable[[], None]) -> None:
+        """
+        Call ``listener()`` after a claim took over a running job whose lease
+        ran out (an interruption without a report), once it committed.
+        """
+        self._takeover_listeners.append(listener)
 
     def _wake(self, user_id: str, group: str) -> None:
         for listener in self._listeners:
@@ -1316,9 +1312,11 @@ class Store:
                 return None
             if hot.SEEN is not None:
                 hot.execute(cur, hot.SEEN, params)
-            if previous is not None and previous["id"] == row["id"]:
+            took_over = previous is not None and previous["id"] == row["id"]
+            if previous is not None and took_over:
                 # The previous holder's lease ran out: its attempt ends at its
-                # last heartbeat, the last time it was known to be alive.
+                # last heartbeat, the last time it was known to be alive. The
+                # lease-expiry listeners hear of it once this commits.
                 end = previous["heartbeat"] or now
                 compute, lost = attempt_compute(previous, end, useful=False)
                 details = {
@@ -1337,6 +1335,9 @@ class Store:
                 )
                 self._add_compute(cur, row["id"], compute, lost)
             self._event(cur, row["id"], "claimed", row["attempt"], machine_id, {}, now)
+        if took_over:
+            for listener in self._takeover_listeners:
+                listener()
         return self._row_to_job(row)
 
     def _event(
@@ -1629,27 +1630,6 @@ class Store:
         with self._hot.transaction(write=False) as cur:
             state = self._state(cur, principal, job_id)
         return _holder_view(state, machine_id, attempt)
-
-    @_resilient
-    def expired_lease_waiting(
-        self, principal: Principal, *, machine_id: str, group: str
-    ) -> bool:
-        """
-        Whether the next claim of this machine in this queue would take over a
-        running job whose lease ran out (an interruption without a report).
-
-        Read before a claim, for the lease-expiry metric; a claim prefers such
-        jobs, so the answer says what the claim that follows will take.
-        """
-        params = {
-            "machine_id": machine_id,
-            "group": group,
-            "user_id": principal.user_id,
-            "now": self.now_ms(),
-        }
-        with self._hot.transaction(write=False) as cur:
-            row = self._hot.fetch_one(cur, self._hot.EXPIRED, params)
-        return row is not None
 
     # -- machines ---------------------------------------------------------------
 
