@@ -17,7 +17,7 @@ import difflib
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -741,10 +741,7 @@ async def get_work(
             "Bad Request",
             "query parameters machine_id and container_group_id are required",
         )
-    if wait is not None and not 0 <= wait <= MAX_LONG_POLL:
-        raise HTTPProblem(
-            400, "Bad Request", f"wait must be between 0 and {MAX_LONG_POLL:g} seconds"
-        )
+    _check_wait(wait)
     state = _state(request)
     deadline = time.monotonic() + (wait or 0.0)
     gone: asyncio.Task[None] | None = None
@@ -773,18 +770,39 @@ async def get_work(
             # A worker that stopped waiting (shut down, timed out) must not be
             # handed a job it will never run: watch for its disconnect.
             gone = gone or asyncio.ensure_future(_disconnect(request))
-            wake = asyncio.ensure_future(
-                state.waker.wait((principal.user_id, container_group_id), remaining)
-            )
-            await asyncio.wait({gone, wake}, return_when=asyncio.FIRST_COMPLETED)
-            if gone.done():
-                wake.cancel()
+            key = (principal.user_id, container_group_id)
+            if await _woken_or_gone(gone, state.waker.wait(key, remaining)):
                 return _json([])
     finally:
         if polling:
             state.metrics.long_polls.labels("work").dec()
         if gone is not None:
             gone.cancel()
+
+
+def _check_wait(wait: float | None) -> None:
+    """
+    A 400 for a long poll's ``wait`` outside 0 to ``MAX_LONG_POLL`` seconds.
+    """
+    if wait is not None and not 0 <= wait <= MAX_LONG_POLL:
+        raise HTTPProblem(
+            400, "Bad Request", f"wait must be between 0 and {MAX_LONG_POLL:g} seconds"
+        )
+
+
+async def _woken_or_gone(
+    gone: asyncio.Task[None], wake: Coroutine[Any, Any, None]
+) -> bool:
+    """
+    Wait for ``wake`` or the client's disconnect (``gone``, from
+    ``_disconnect``); ``True`` when the client left (``wake`` is canceled).
+    """
+    waiting = asyncio.ensure_future(wake)
+    await asyncio.wait({gone, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    if gone.done():
+        waiting.cancel()
+        return True
+    return False
 
 
 async def _disconnect(request: Request[Any, Any, Any]) -> None:
@@ -966,10 +984,7 @@ async def holder_status(
     """
     if not machine_id:
         raise HTTPProblem(400, "Bad Request", "query parameter machine_id is required")
-    if wait is not None and not 0 <= wait <= MAX_LONG_POLL:
-        raise HTTPProblem(
-            400, "Bad Request", f"wait must be between 0 and {MAX_LONG_POLL:g} seconds"
-        )
+    _check_wait(wait)
     state = _state(request)
     deadline = time.monotonic() + (wait or 0.0)
     gone: asyncio.Task[None] | None = None
@@ -988,10 +1003,7 @@ async def holder_status(
                 polling = True
                 state.metrics.long_polls.labels("status").inc()
             gone = gone or asyncio.ensure_future(_disconnect(request))
-            wake = asyncio.ensure_future(state.jobs.wait((job_id,), remaining))
-            await asyncio.wait({gone, wake}, return_when=asyncio.FIRST_COMPLETED)
-            if gone.done():
-                wake.cancel()
+            if await _woken_or_gone(gone, state.jobs.wait((job_id,), remaining)):
                 return _json({"status": status.value})
     finally:
         if polling:
@@ -1191,10 +1203,7 @@ async def read_logs(
         )
     if since < 0:
         raise HTTPProblem(400, "Bad Request", "since must not be negative")
-    if wait is not None and not 0 <= wait <= MAX_LONG_POLL:
-        raise HTTPProblem(
-            400, "Bad Request", f"wait must be between 0 and {MAX_LONG_POLL:g} seconds"
-        )
+    _check_wait(wait)
     state = _state(request)
     deadline = time.monotonic() + (
         (DEFAULT_LOG_WAIT if wait is None else wait) if follow else 0.0
@@ -1212,10 +1221,7 @@ async def read_logs(
             if lines or job.finished or remaining <= 0:
                 break
             gone = gone or asyncio.ensure_future(_disconnect(request))
-            wake = asyncio.ensure_future(state.log_waker.wait((job_id,), remaining))
-            await asyncio.wait({gone, wake}, return_when=asyncio.FIRST_COMPLETED)
-            if gone.done():
-                wake.cancel()
+            if await _woken_or_gone(gone, state.log_waker.wait((job_id,), remaining)):
                 break
     finally:
         if gone is not None:
