@@ -1304,9 +1304,10 @@ class Store:
         }
         hot = self._hot
         with hot.transaction(atomic=True) as cur:
-            if hot.INTERRUPT is not None:
-                hot.execute(cur, hot.INTERRUPT, params)
             previous = hot.fetch_one(cur, hot.TAKEOVER, params)
+            if hot.INTERRUPT is not None and previous is not None:
+                # Its subquery is TAKEOVER's: with no expired lease it changes nothing.
+                hot.execute(cur, hot.INTERRUPT, params)
             row = hot.fetch_one(cur, hot.CLAIM, params)
             if row is None:
                 return None
