@@ -415,23 +415,18 @@ def _running_in(loop: asyncio.AbstractEventLoop) -> bool:
 class _State:
     store: Store
     metrics: ServerMetrics
+    #: The job log table.
+    logs: JobLogs
     #: Serve /metrics without a key.
     metrics_public: bool = False
     waker: _Waker = attrs.field(factory=_Waker)
     #: Wakes ``GET /jobs/{id}/status`` long polls when a job changes.
     jobs: _Waker = attrs.field(factory=_Waker)
     keys: dict[str, tuple[Principal, float]] = attrs.field(factory=dict)
-    #: The job log table; set by ``create_app``.
-    logs: JobLogs | None = None
     #: Wakes ``GET /jobs/{id}/logs?follow=true`` when lines arrive.
     log_waker: _Waker = attrs.field(factory=_Waker)
     #: The web dashboard's signed-in sessions.
     ui: UISessions = attrs.field(factory=UISessions)
-
-    @property
-    def job_logs(self) -> JobLogs:
-        assert self.logs is not None  # noqa: S101 - set by create_app
-        return self.logs
 
 
 def _state(request: Request[Any, Any, Any]) -> _State:
@@ -1152,7 +1147,7 @@ async def ship_logs(
                 f"time must be seconds since the epoch, got {item.time!r}",
             )
     state = _state(request)
-    outcome = state.job_logs.append(
+    outcome = state.logs.append(
         job_id=job_id,
         user_id=principal.user_id,
         machine_id=batch.machine_id,
@@ -1214,9 +1209,7 @@ async def read_logs(
             job = state.store.get_job(principal, job_id)
             if job is None:
                 raise _not_found()
-            lines = state.job_logs.read(
-                job_id, attempt=attempt, since=since, limit=limit
-            )
+            lines = state.logs.read(job_id, attempt=attempt, since=since, limit=limit)
             remaining = deadline - time.monotonic()
             if lines or job.finished or remaining <= 0:
                 break
