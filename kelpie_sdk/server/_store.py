@@ -292,6 +292,15 @@ class ReputationPolicy:
 
 
 _JOB_COLUMNS = [c for c in JOBS.c if c.name != "seq"]
+# What ``Store._canceled_events`` reads of each job, before the cancel.
+_CANCELED_COLUMNS = (
+    JOBS.c.id,
+    JOBS.c.status,
+    JOBS.c.attempt,
+    JOBS.c.machine_id,
+    JOBS.c.started,
+    JOBS.c.progress,
+)
 
 # SQLite's planner may pick the plain (user, group, seq) index for the pending
 # branch, which also walks finished jobs; INDEXED BY pins the partial indexes so
@@ -1114,16 +1123,7 @@ class Store:
         with self._write() as conn:
             before = (
                 conn.execute(
-                    sa.select(
-                        JOBS.c.id,
-                        JOBS.c.status,
-                        JOBS.c.attempt,
-                        JOBS.c.machine_id,
-                        JOBS.c.started,
-                        JOBS.c.progress,
-                    )
-                    .where(owner)
-                    .with_for_update()
+                    sa.select(*_CANCELED_COLUMNS).where(owner).with_for_update()
                 )
                 .mappings()
                 .first()
@@ -1167,14 +1167,7 @@ class Store:
             )
             running = (
                 conn.execute(
-                    sa.select(
-                        JOBS.c.id,
-                        JOBS.c.status,
-                        JOBS.c.attempt,
-                        JOBS.c.machine_id,
-                        JOBS.c.started,
-                        JOBS.c.progress,
-                    )
+                    sa.select(*_CANCELED_COLUMNS)
                     .where(mine, JOBS.c.status == "running")
                     .with_for_update()
                 )
