@@ -17,7 +17,7 @@ import difflib
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -415,23 +415,18 @@ def _running_in(loop: asyncio.AbstractEventLoop) -> bool:
 class _State:
     store: Store
     metrics: ServerMetrics
+    #: The job log table.
+    logs: JobLogs
     #: Serve /metrics without a key.
     metrics_public: bool = False
     waker: _Waker = attrs.field(factory=_Waker)
     #: Wakes ``GET /jobs/{id}/status`` long polls when a job changes.
     jobs: _Waker = attrs.field(factory=_Waker)
     keys: dict[str, tuple[Principal, float]] = attrs.field(factory=dict)
-    #: The job log table; set by ``create_app``.
-    logs: JobLogs | None = None
     #: Wakes ``GET /jobs/{id}/logs?follow=true`` when lines arrive.
     log_waker: _Waker = attrs.field(factory=_Waker)
     #: The web dashboard's signed-in sessions.
     ui: UISessions = attrs.field(factory=UISessions)
-
-    @property
-    def job_logs(self) -> JobLogs:
-        assert self.logs is not None  # noqa: S101 - set by create_app
-        return self.logs
 
 
 def _state(request: Request[Any, Any, Any]) -> _State:
@@ -741,26 +736,18 @@ async def get_work(
             "Bad Request",
             "query parameters machine_id and container_group_id are required",
         )
-    if wait is not None and not 0 <= wait <= MAX_LONG_POLL:
-        raise HTTPProblem(
-            400, "Bad Request", f"wait must be between 0 and {MAX_LONG_POLL:g} seconds"
-        )
+    _check_wait(wait)
     state = _state(request)
     deadline = time.monotonic() + (wait or 0.0)
     gone: asyncio.Task[None] | None = None
     polling = False
     try:
         while True:
-            takes_over = state.store.expired_lease_waiting(
-                principal, machine_id=machine_id, group=container_group_id
-            )
             job = state.store.claim(
                 principal, machine_id=machine_id, group=container_group_id
             )
             if job is not None:
                 state.metrics.claims.inc()
-                if takes_over:
-                    state.metrics.lease_expiries.inc()
                 state.jobs.notify(job.id)  # a reclaim: the old holder's poll
                 return _json([job.to_json()])
             until = state.store.quarantined_until(principal, machine_id)
@@ -778,18 +765,39 @@ async def get_work(
             # A worker that stopped waiting (shut down, timed out) must not be
             # handed a job it will never run: watch for its disconnect.
             gone = gone or asyncio.ensure_future(_disconnect(request))
-            wake = asyncio.ensure_future(
-                state.waker.wait((principal.user_id, container_group_id), remaining)
-            )
-            await asyncio.wait({gone, wake}, return_when=asyncio.FIRST_COMPLETED)
-            if gone.done():
-                wake.cancel()
+            key = (principal.user_id, container_group_id)
+            if await _woken_or_gone(gone, state.waker.wait(key, remaining)):
                 return _json([])
     finally:
         if polling:
             state.metrics.long_polls.labels("work").dec()
         if gone is not None:
             gone.cancel()
+
+
+def _check_wait(wait: float | None) -> None:
+    """
+    A 400 for a long poll's ``wait`` outside 0 to ``MAX_LONG_POLL`` seconds.
+    """
+    if wait is not None and not 0 <= wait <= MAX_LONG_POLL:
+        raise HTTPProblem(
+            400, "Bad Request", f"wait must be between 0 and {MAX_LONG_POLL:g} seconds"
+        )
+
+
+async def _woken_or_gone(
+    gone: asyncio.Task[None], wake: Coroutine[Any, Any, None]
+) -> bool:
+    """
+    Wait for ``wake`` or the client's disconnect (``gone``, from
+    ``_disconnect``); ``True`` when the client left (``wake`` is canceled).
+    """
+    waiting = asyncio.ensure_future(wake)
+    await asyncio.wait({gone, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    if gone.done():
+        waiting.cancel()
+        return True
+    return False
 
 
 async def _disconnect(request: Request[Any, Any, Any]) -> None:
@@ -975,10 +983,7 @@ async def holder_status(
     """
     if not machine_id:
         raise HTTPProblem(400, "Bad Request", "query parameter machine_id is required")
-    if wait is not None and not 0 <= wait <= MAX_LONG_POLL:
-        raise HTTPProblem(
-            400, "Bad Request", f"wait must be between 0 and {MAX_LONG_POLL:g} seconds"
-        )
+    _check_wait(wait)
     state = _state(request)
     deadline = time.monotonic() + (wait or 0.0)
     gone: asyncio.Task[None] | None = None
@@ -997,10 +1002,7 @@ async def holder_status(
                 polling = True
                 state.metrics.long_polls.labels("status").inc()
             gone = gone or asyncio.ensure_future(_disconnect(request))
-            wake = asyncio.ensure_future(state.jobs.wait((job_id,), remaining))
-            await asyncio.wait({gone, wake}, return_when=asyncio.FIRST_COMPLETED)
-            if gone.done():
-                wake.cancel()
+            if await _woken_or_gone(gone, state.jobs.wait((job_id,), remaining)):
                 return _json({"status": status.value})
     finally:
         if polling:
@@ -1149,7 +1151,7 @@ async def ship_logs(
                 f"time must be seconds since the epoch, got {item.time!r}",
             )
     state = _state(request)
-    outcome = state.job_logs.append(
+    outcome = state.logs.append(
         job_id=job_id,
         user_id=principal.user_id,
         machine_id=batch.machine_id,
@@ -1200,10 +1202,7 @@ async def read_logs(
         )
     if since < 0:
         raise HTTPProblem(400, "Bad Request", "since must not be negative")
-    if wait is not None and not 0 <= wait <= MAX_LONG_POLL:
-        raise HTTPProblem(
-            400, "Bad Request", f"wait must be between 0 and {MAX_LONG_POLL:g} seconds"
-        )
+    _check_wait(wait)
     state = _state(request)
     deadline = time.monotonic() + (
         (DEFAULT_LOG_WAIT if wait is None else wait) if follow else 0.0
@@ -1214,17 +1213,12 @@ async def read_logs(
             job = state.store.get_job(principal, job_id)
             if job is None:
                 raise _not_found()
-            lines = state.job_logs.read(
-                job_id, attempt=attempt, since=since, limit=limit
-            )
+            lines = state.logs.read(job_id, attempt=attempt, since=since, limit=limit)
             remaining = deadline - time.monotonic()
             if lines or job.finished or remaining <= 0:
                 break
             gone = gone or asyncio.ensure_future(_disconnect(request))
-            wake = asyncio.ensure_future(state.log_waker.wait((job_id,), remaining))
-            await asyncio.wait({gone, wake}, return_when=asyncio.FIRST_COMPLETED)
-            if gone.done():
-                wake.cancel()
+            if await _woken_or_gone(gone, state.log_waker.wait((job_id,), remaining)):
                 break
     finally:
         if gone is not None:
@@ -1676,6 +1670,7 @@ def create_app(
         ui=UISessions(secure_cookie=secure_cookie),
     )
     store.on_available(state.waker.notify)
+    store.on_lease_expired(state.metrics.lease_expiries.inc)
     # Outside the router, as Litestar wraps its own CORS middleware, so that
     # every answer is timed, errors and unknown paths included.
     app.asgi_handler = MetricsMiddleware(app.asgi_handler, state.metrics)

@@ -269,14 +269,6 @@ class PgHotPath:
         UPDATE jobs SET progress = %(progress)s::text
         WHERE {_HOLDER}
     """  # noqa: S608 - built from constants only
-    EXPIRED = """
-        SELECT 1 AS expired FROM jobs
-        WHERE user_id = %(user_id)s AND container_group_id = %(group)s
-          AND status = 'running' AND lease_expires <= %(now)s
-          AND NOT EXISTS (SELECT 1 FROM job_bans b
-                          WHERE b.job_id = jobs.id AND b.machine_id = %(machine_id)s)
-        LIMIT 1
-    """
     QUARANTINED = """
         SELECT quarantined_until FROM machines
         WHERE user_id = %(user_id)s AND machine_id = %(machine_id)s

@@ -292,6 +292,15 @@ class ReputationPolicy:
 
 
 _JOB_COLUMNS = [c for c in JOBS.c if c.name != "seq"]
+# What ``Store._canceled_events`` reads of each job, before the cancel.
+_CANCELED_COLUMNS = (
+    JOBS.c.id,
+    JOBS.c.status,
+    JOBS.c.attempt,
+    JOBS.c.machine_id,
+    JOBS.c.started,
+    JOBS.c.progress,
+)
 
 # SQLite's planner may pick the plain (user, group, seq) index for the pending
 # branch, which also walks finished jobs; INDEXED BY pins the partial indexes so
@@ -377,17 +386,6 @@ _QUARANTINED_SQL = """
     SELECT quarantined_until FROM machines
     WHERE user_id = :user_id AND machine_id = :machine_id
       AND quarantined_until > :now
-"""
-
-
-# The running branch of the claim, read alone: is a lease waiting to be taken over?
-_EXPIRED_SQL = """
-    SELECT 1 AS expired FROM jobs INDEXED BY ix_jobs_running
-    WHERE user_id = :user_id AND container_group_id = :group
-      AND status = 'running' AND lease_expires <= :now
-      AND NOT EXISTS (SELECT 1 FROM job_bans b
-                      WHERE b.job_id = jobs.id AND b.machine_id = :machine_id)
-    LIMIT 1
 """
 
 
@@ -607,7 +605,6 @@ class _HotPath:
     BAN: str | None = _BAN_SQL
     RELEASE = _RELEASE_SQL
     PROGRESS = _PROGRESS_SQL
-    EXPIRED = _EXPIRED_SQL
     EVENT = _EVENT_SQL
     ATTEMPT = _ATTEMPT_SQL
     COMPUTE = _COMPUTE_SQL
@@ -708,6 +705,7 @@ class Store:
         self._unreachable_until = 0.0
         self._unreachable_reason = ""
         self._listeners: list[Callable[[str, str], None]] = []
+        self._takeover_listeners: list[Callable[[], None]] = []
         self._hot: _HotPath | PgHotPath
         self._listen: PgListener | None = None
         if engine.dialect.name == "postgresql":
@@ -732,6 +730,13 @@ class Store:
         also in a listener thread, when any replica made the change.
         """
         self._listeners.append(listener)
+
+    def on_lease_expired(self, listener: Callable[[], None]) -> None:
+        """
+        Call ``listener()`` after a claim took over a running job whose lease
+        ran out (an interruption without a report), once it committed.
+        """
+        self._takeover_listeners.append(listener)
 
     def _wake(self, user_id: str, group: str) -> None:
         for listener in self._listeners:
@@ -1118,16 +1123,7 @@ class Store:
         with self._write() as conn:
             before = (
                 conn.execute(
-                    sa.select(
-                        JOBS.c.id,
-                        JOBS.c.status,
-                        JOBS.c.attempt,
-                        JOBS.c.machine_id,
-                        JOBS.c.started,
-                        JOBS.c.progress,
-                    )
-                    .where(owner)
-                    .with_for_update()
+                    sa.select(*_CANCELED_COLUMNS).where(owner).with_for_update()
                 )
                 .mappings()
                 .first()
@@ -1171,14 +1167,7 @@ class Store:
             )
             running = (
                 conn.execute(
-                    sa.select(
-                        JOBS.c.id,
-                        JOBS.c.status,
-                        JOBS.c.attempt,
-                        JOBS.c.machine_id,
-                        JOBS.c.started,
-                        JOBS.c.progress,
-                    )
+                    sa.select(*_CANCELED_COLUMNS)
                     .where(mine, JOBS.c.status == "running")
                     .with_for_update()
                 )
@@ -1308,17 +1297,20 @@ class Store:
         }
         hot = self._hot
         with hot.transaction(atomic=True) as cur:
-            if hot.INTERRUPT is not None:
-                hot.execute(cur, hot.INTERRUPT, params)
             previous = hot.fetch_one(cur, hot.TAKEOVER, params)
+            if hot.INTERRUPT is not None and previous is not None:
+                # Its subquery is TAKEOVER's: with no expired lease it changes nothing.
+                hot.execute(cur, hot.INTERRUPT, params)
             row = hot.fetch_one(cur, hot.CLAIM, params)
             if row is None:
                 return None
             if hot.SEEN is not None:
                 hot.execute(cur, hot.SEEN, params)
-            if previous is not None and previous["id"] == row["id"]:
+            took_over = previous is not None and previous["id"] == row["id"]
+            if previous is not None and took_over:
                 # The previous holder's lease ran out: its attempt ends at its
-                # last heartbeat, the last time it was known to be alive.
+                # last heartbeat, the last time it was known to be alive. The
+                # lease-expiry listeners hear of it once this commits.
                 end = previous["heartbeat"] or now
                 compute, lost = attempt_compute(previous, end, useful=False)
                 details = {
@@ -1337,6 +1329,9 @@ class Store:
                 )
                 self._add_compute(cur, row["id"], compute, lost)
             self._event(cur, row["id"], "claimed", row["attempt"], machine_id, {}, now)
+        if took_over:
+            for listener in self._takeover_listeners:
+                listener()
         return self._row_to_job(row)
 
     def _event(
@@ -1629,27 +1624,6 @@ class Store:
         with self._hot.transaction(write=False) as cur:
             state = self._state(cur, principal, job_id)
         return _holder_view(state, machine_id, attempt)
-
-    @_resilient
-    def expired_lease_waiting(
-        self, principal: Principal, *, machine_id: str, group: str
-    ) -> bool:
-        """
-        Whether the next claim of this machine in this queue would take over a
-        running job whose lease ran out (an interruption without a report).
-
-        Read before a claim, for the lease-expiry metric; a claim prefers such
-        jobs, so the answer says what the claim that follows will take.
-        """
-        params = {
-            "machine_id": machine_id,
-            "group": group,
-            "user_id": principal.user_id,
-            "now": self.now_ms(),
-        }
-        with self._hot.transaction(write=False) as cur:
-            row = self._hot.fetch_one(cur, self._hot.EXPIRED, params)
-        return row is not None
 
     # -- machines ---------------------------------------------------------------
 
