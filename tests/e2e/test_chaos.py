@@ -136,6 +136,7 @@ def test_demo_shows_jobs_finishing_while_machines_die(tmp_path: Path) -> None:
     for column in ("Job", "Status", "Step", "Attempts", "Interruptions"):
         assert column in out
     assert "4/4 completed" in out
+    assert re.search(r"Faults injected:\s+3 process faults", out), out
     assert "Goodput:" in out
     assert "Wall time:" in out
     assert "All checks held." in out
