@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import enum
-import json
 import logging
 import os
 import re
@@ -63,7 +62,7 @@ from kelpie_sdk.worker._metrics import WorkerMetrics
 from kelpie_sdk.worker._runner import JobProcess, SpawnError, describe_exit
 from kelpie_sdk.worker._snapshot import DirSnapshot, SyncResult
 from kelpie_sdk.worker._state import HeldJob, StateFile
-from kelpie_sdk.worker._watch import JobWatch
+from kelpie_sdk.worker._watch import JobWatch, read_progress
 
 if TYPE_CHECKING:
     from kelpie_sdk.storage import Storage
@@ -845,11 +844,7 @@ class _JobRun:
         return self.slot.report(self.job.id, self.attempt, **fields)
 
     def read_progress(self) -> dict[str, Any] | None:
-        try:
-            data = json.loads(self.slot.cfg.progress_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
+        return read_progress(self.slot.cfg.progress_file)
 
     @property
     def interval(self) -> float:

@@ -33,7 +33,7 @@ from kelpie_sdk.client import Client
 from kelpie_sdk.errors import APIStatusError, KelpieError
 from kelpie_sdk.models import JobStatus, WorkerReport
 
-__all__ = ["JobWatch"]
+__all__ = ["JobWatch", "read_progress"]
 
 logger = logging.getLogger("kelpie_sdk.worker")
 
@@ -45,6 +45,21 @@ PROGRESS_MIN_GAP_S = 1.0
 STATUS_WAIT_S = 25.0
 #: Statuses that mean "this server does not have the endpoint".
 _UNSUPPORTED = (404, 405)
+
+
+def read_progress(path: Path) -> dict[str, Any] | None:
+    """
+    The job's progress record: the JSON object in its progress file.
+
+    Returns:
+        ``None`` when the file is missing, unreadable, half-written or holds
+        something other than an object.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 class JobWatch:
@@ -140,13 +155,6 @@ class JobWatch:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def _read(self) -> dict[str, Any] | None:
-        try:
-            data = json.loads(self.progress_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
-
     def _progress_loop(self, client: Client) -> None:
         sent_sig: tuple[int, int, int] | None = None
         sent_at = float("-inf")
@@ -156,7 +164,7 @@ class JobWatch:
                 continue
             if time.monotonic() - sent_at < PROGRESS_MIN_GAP_S:
                 continue  # sent at the next look, once the gap has passed
-            record = self._read()
+            record = read_progress(self.progress_file)
             sent_sig = sig  # a half-written file is read again when it changes
             if record is None:
                 continue
