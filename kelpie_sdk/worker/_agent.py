@@ -657,6 +657,7 @@ class _Slot:
                 self.claiming = False
                 break
             claim_result = "error"
+            error: KelpieError | None = None
             try:
                 job = self.client.claim_work(
                     machine_id=c.machine_id,
@@ -666,44 +667,39 @@ class _Slot:
                 claim_result = "empty" if job is None else "job"
             except MachineQuarantined as exc:
                 claim_result = "empty"
-                self.claiming = False
-                w.quarantined(exc)
-                return
-            except (AuthenticationError, PermissionDeniedError) as exc:
-                if w.api_reached:
-                    logger.warning(
-                        "slot %d: claiming work failed: %s (retrying in %.0f s)",
-                        self.cfg.index,
-                        exc,
-                        error_delay,
-                    )
-                    w.wait_stop(error_delay)
-                    error_delay = min(error_delay * 2, max(c.poll_interval_s, 1.0))
-                    continue
-                # Refused before anything was accepted: the key is wrong, and
-                # retrying will not fix it.
-                logger.error(
-                    "configuration error: the API server refused this worker's "
-                    "credentials (%s); check KELPIE_API_KEY (--api-key) or "
-                    "SALAD_API_KEY",
-                    exc,
-                )
-                w.stop("the API server refused the credentials", EXIT_CONFIG)
-                return
+                error = exc
             except (APIError, KelpieError) as exc:
+                error = exc
+            finally:
                 self.claiming = False
+                w.metrics.note_claim(time.monotonic() - started, claim_result)
+            if isinstance(error, MachineQuarantined):
+                w.quarantined(error)
+                return
+            if error is not None:
+                if (
+                    isinstance(error, AuthenticationError | PermissionDeniedError)
+                    and not w.api_reached
+                ):
+                    # Refused before anything was accepted: the key is wrong,
+                    # and retrying will not fix it.
+                    logger.error(
+                        "configuration error: the API server refused this worker's "
+                        "credentials (%s); check KELPIE_API_KEY (--api-key) or "
+                        "SALAD_API_KEY",
+                        error,
+                    )
+                    w.stop("the API server refused the credentials", EXIT_CONFIG)
+                    return
                 logger.warning(
                     "slot %d: claiming work failed: %s (retrying in %.0f s)",
                     self.cfg.index,
-                    exc,
+                    error,
                     error_delay,
                 )
                 w.wait_stop(error_delay)
                 error_delay = min(error_delay * 2, max(c.poll_interval_s, 1.0))
                 continue
-            finally:
-                self.claiming = False
-                w.metrics.note_claim(time.monotonic() - started, claim_result)
             error_delay = 1.0
             w.api_reached = True
             if job is None:
