@@ -394,30 +394,22 @@ class Worker:
         (measured from the end of its last job, not the start, W-21), ask IMDS
         to reallocate the node, or, without IMDS, stop with ``EXIT_IDLE``.
         """
-        limit = self.config.max_time_with_no_work_s
-        if limit <= 0 or not self._slots:
+        budget = self.idle_budget()
+        if budget is None or budget >= 0:
             return
-        now = time.monotonic()
-        if all(
-            s.idle_since is not None and now - s.idle_since > limit for s in self._slots
+        limit = self.config.max_time_with_no_work_s
+        # The node's idle time: that of the slot whose last job ended last.
+        idle_ms = round(1000 * (limit - budget))
+        if self._reallocate(
+            f"{REALLOCATE_IDLE}{idle_ms}", "max time with no work reached"
         ):
-            idle_ms = round(
-                1000
-                * min(
-                    now - s.idle_since for s in self._slots if s.idle_since is not None
-                )
-            )
-            if self._reallocate(
-                f"{REALLOCATE_IDLE}{idle_ms}", "max time with no work reached"
-            ):
-                return
-            logger.warning(
-                "no work for %.0f s (MAX_TIME_WITH_NO_WORK_S): stopping with "
-                "exit code %d",
-                limit,
-                EXIT_IDLE,
-            )
-            self.stop("max time with no work reached", EXIT_IDLE)
+            return
+        logger.warning(
+            "no work for %.0f s (MAX_TIME_WITH_NO_WORK_S): stopping with exit code %d",
+            limit,
+            EXIT_IDLE,
+        )
+        self.stop("max time with no work reached", EXIT_IDLE)
 
     def idle_budget(self) -> float | None:
         """
