@@ -363,30 +363,32 @@ class Worker:
             self._failures += 1
             count = self._failures
         if count >= self.config.max_job_failures:
-            if self._reallocate(REALLOCATE_MAX_FAILURES, "max job failures reached"):
-                return
-            logger.error(
+            self._replace_node(
+                REALLOCATE_MAX_FAILURES,
+                "max job failures reached",
+                EXIT_MAX_FAILURES,
+                logging.ERROR,
                 "%d job failures on this worker (MAX_JOB_FAILURES=%d): stopping "
                 "with exit code %d so that the node is replaced",
                 count,
                 self.config.max_job_failures,
                 EXIT_MAX_FAILURES,
             )
-            self.stop("max job failures reached", EXIT_MAX_FAILURES)
 
     def quarantined(self, exc: MachineQuarantined) -> None:
         """
         The server gives this machine no work for now: ask IMDS to reallocate
         the node, or, without IMDS, stop with ``EXIT_QUARANTINED``.
         """
-        if self._reallocate(REALLOCATE_QUARANTINED, "quarantined by the API server"):
-            return
-        logger.error(
+        self._replace_node(
+            REALLOCATE_QUARANTINED,
+            "quarantined by the API server",
+            EXIT_QUARANTINED,
+            logging.ERROR,
             "%s: stopping with exit code %d so that the node is replaced",
             exc,
             EXIT_QUARANTINED,
         )
-        self.stop("quarantined by the API server", EXIT_QUARANTINED)
 
     def check_idle(self) -> None:
         """
@@ -400,16 +402,15 @@ class Worker:
         limit = self.config.max_time_with_no_work_s
         # The node's idle time: that of the slot whose last job ended last.
         idle_ms = round(1000 * (limit - budget))
-        if self._reallocate(
-            f"{REALLOCATE_IDLE}{idle_ms}", "max time with no work reached"
-        ):
-            return
-        logger.warning(
+        self._replace_node(
+            f"{REALLOCATE_IDLE}{idle_ms}",
+            "max time with no work reached",
+            EXIT_IDLE,
+            logging.WARNING,
             "no work for %.0f s (MAX_TIME_WITH_NO_WORK_S): stopping with exit code %d",
             limit,
             EXIT_IDLE,
         )
-        self.stop("max time with no work reached", EXIT_IDLE)
 
     def idle_budget(self) -> float | None:
         """
@@ -437,6 +438,18 @@ class Worker:
         """
         if self._deletion_cost is not None:
             self._deletion_cost.set(slot, value)
+
+    def _replace_node(
+        self, reason: str, why: str, exit_code: int, level: int, msg: str, *args: Any
+    ) -> None:
+        """
+        Ask IMDS for another node (``_reallocate``); without IMDS, or if it
+        does not agree, log ``msg`` and stop with ``exit_code``.
+        """
+        if self._reallocate(reason, why):
+            return
+        logger.log(level, msg, *args)
+        self.stop(why, exit_code)
 
     def _reallocate(self, reason: str, why: str) -> bool:
         """
