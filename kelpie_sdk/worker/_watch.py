@@ -137,8 +137,8 @@ class JobWatch:
             return
         self._on_lost(f"the server answered the {what} with {status.value!r}")
 
-    def _unsupported(self, exc: APIStatusError, what: str) -> bool:
-        if exc.status_code in _UNSUPPORTED:
+    def _unsupported(self, exc: KelpieError, what: str) -> bool:
+        if isinstance(exc, APIStatusError) and exc.status_code in _UNSUPPORTED:
             logger.debug(
                 "job %s: the server has no %s (%s); heartbeats carry it instead",
                 self.job_id,
@@ -172,13 +172,9 @@ class JobWatch:
                 status = client.report_progress(
                     self.job_id, self._make_report(record), max_retries=0
                 )
-            except APIStatusError as exc:
+            except KelpieError as exc:
                 if self._unsupported(exc, "progress endpoint"):
                     return
-                logger.debug("job %s: progress report failed: %s", self.job_id, exc)
-                sent_sig = None
-                continue
-            except KelpieError as exc:
                 logger.debug("job %s: progress report failed: %s", self.job_id, exc)
                 sent_sig = None
                 continue
@@ -198,14 +194,9 @@ class JobWatch:
                     attempt=self.attempt,
                     wait=STATUS_WAIT_S,
                 )
-            except APIStatusError as exc:
+            except KelpieError as exc:
                 if self._unsupported(exc, "status endpoint"):
                     return
-                logger.debug("job %s: status poll failed: %s", self.job_id, exc)
-                self._stop.wait(delay)
-                delay = min(delay * 2, 30.0)
-                continue
-            except KelpieError as exc:
                 logger.debug("job %s: status poll failed: %s", self.job_id, exc)
                 self._stop.wait(delay)
                 delay = min(delay * 2, 30.0)
