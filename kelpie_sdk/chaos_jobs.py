@@ -56,6 +56,7 @@ from typing import Any, Protocol, TypeVar
 import attrs
 
 from kelpie_sdk import checkpoint
+from kelpie_sdk.testing_faults import append_json_line
 from kelpie_sdk.testing_faults import register as register_fault_fs
 
 __all__ = [
@@ -135,11 +136,7 @@ class EventLog:
             "t": time.time(),
             **fields,
         }
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, (json.dumps(record) + "\n").encode())
-        finally:
-            os.close(fd)
+        append_json_line(self.path, record)
 
 
 # -- the built-in job: a SHA-256 chain ------------------------------------------

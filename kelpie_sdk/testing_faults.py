@@ -52,6 +52,7 @@ __all__ = [
     "PROTOCOL",
     "FaultFileSystem",
     "FaultSettings",
+    "append_json_line",
     "register",
 ]
 
@@ -70,6 +71,18 @@ def register() -> None:
     import fsspec
 
     fsspec.register_implementation(PROTOCOL, FaultFileSystem, clobber=True)
+
+
+def append_json_line(path: str, record: dict[str, Any]) -> None:
+    """
+    Append ``record`` as one JSON line, in one ``write`` on an ``O_APPEND``
+    file, so that lines from several processes do not interleave.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 def _rate(name: str, default: float = 0.0) -> float:
@@ -110,18 +123,10 @@ class FaultSettings:
     def _log(self, kind: str, op: str, path: str) -> None:
         if self.control is None:
             return
-        line = json.dumps(
-            {"kind": kind, "op": op, "path": path, "machine": self.machine}
-        )
-        fd = os.open(
+        append_json_line(
             os.path.join(self.control, _FAULT_LOG),
-            os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-            0o644,
+            {"kind": kind, "op": op, "path": path, "machine": self.machine},
         )
-        try:
-            os.write(fd, (line + "\n").encode())
-        finally:
-            os.close(fd)
 
     def request(self, op: str, path: str) -> None:
         """

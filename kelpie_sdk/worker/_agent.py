@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import enum
-import json
 import logging
 import os
 import re
@@ -63,7 +62,7 @@ from kelpie_sdk.worker._metrics import WorkerMetrics
 from kelpie_sdk.worker._runner import JobProcess, SpawnError, describe_exit
 from kelpie_sdk.worker._snapshot import DirSnapshot, SyncResult
 from kelpie_sdk.worker._state import HeldJob, StateFile
-from kelpie_sdk.worker._watch import JobWatch
+from kelpie_sdk.worker._watch import JobWatch, read_progress
 
 if TYPE_CHECKING:
     from kelpie_sdk.storage import Storage
@@ -364,30 +363,32 @@ class Worker:
             self._failures += 1
             count = self._failures
         if count >= self.config.max_job_failures:
-            if self._reallocate(REALLOCATE_MAX_FAILURES, "max job failures reached"):
-                return
-            logger.error(
+            self._replace_node(
+                REALLOCATE_MAX_FAILURES,
+                "max job failures reached",
+                EXIT_MAX_FAILURES,
+                logging.ERROR,
                 "%d job failures on this worker (MAX_JOB_FAILURES=%d): stopping "
                 "with exit code %d so that the node is replaced",
                 count,
                 self.config.max_job_failures,
                 EXIT_MAX_FAILURES,
             )
-            self.stop("max job failures reached", EXIT_MAX_FAILURES)
 
     def quarantined(self, exc: MachineQuarantined) -> None:
         """
         The server gives this machine no work for now: ask IMDS to reallocate
         the node, or, without IMDS, stop with ``EXIT_QUARANTINED``.
         """
-        if self._reallocate(REALLOCATE_QUARANTINED, "quarantined by the API server"):
-            return
-        logger.error(
+        self._replace_node(
+            REALLOCATE_QUARANTINED,
+            "quarantined by the API server",
+            EXIT_QUARANTINED,
+            logging.ERROR,
             "%s: stopping with exit code %d so that the node is replaced",
             exc,
             EXIT_QUARANTINED,
         )
-        self.stop("quarantined by the API server", EXIT_QUARANTINED)
 
     def check_idle(self) -> None:
         """
@@ -395,30 +396,21 @@ class Worker:
         (measured from the end of its last job, not the start, W-21), ask IMDS
         to reallocate the node, or, without IMDS, stop with ``EXIT_IDLE``.
         """
-        limit = self.config.max_time_with_no_work_s
-        if limit <= 0 or not self._slots:
+        budget = self.idle_budget()
+        if budget is None or budget >= 0:
             return
-        now = time.monotonic()
-        if all(
-            s.idle_since is not None and now - s.idle_since > limit for s in self._slots
-        ):
-            idle_ms = round(
-                1000
-                * min(
-                    now - s.idle_since for s in self._slots if s.idle_since is not None
-                )
-            )
-            if self._reallocate(
-                f"{REALLOCATE_IDLE}{idle_ms}", "max time with no work reached"
-            ):
-                return
-            logger.warning(
-                "no work for %.0f s (MAX_TIME_WITH_NO_WORK_S): stopping with "
-                "exit code %d",
-                limit,
-                EXIT_IDLE,
-            )
-            self.stop("max time with no work reached", EXIT_IDLE)
+        limit = self.config.max_time_with_no_work_s
+        # The node's idle time: that of the slot whose last job ended last.
+        idle_ms = round(1000 * (limit - budget))
+        self._replace_node(
+            f"{REALLOCATE_IDLE}{idle_ms}",
+            "max time with no work reached",
+            EXIT_IDLE,
+            logging.WARNING,
+            "no work for %.0f s (MAX_TIME_WITH_NO_WORK_S): stopping with exit code %d",
+            limit,
+            EXIT_IDLE,
+        )
 
     def idle_budget(self) -> float | None:
         """
@@ -446,6 +438,18 @@ class Worker:
         """
         if self._deletion_cost is not None:
             self._deletion_cost.set(slot, value)
+
+    def _replace_node(
+        self, reason: str, why: str, exit_code: int, level: int, msg: str, *args: Any
+    ) -> None:
+        """
+        Ask IMDS for another node (``_reallocate``); without IMDS, or if it
+        does not agree, log ``msg`` and stop with ``exit_code``.
+        """
+        if self._reallocate(reason, why):
+            return
+        logger.log(level, msg, *args)
+        self.stop(why, exit_code)
 
     def _reallocate(self, reason: str, why: str) -> bool:
         """
@@ -658,6 +662,7 @@ class _Slot:
                 self.claiming = False
                 break
             claim_result = "error"
+            error: KelpieError | None = None
             try:
                 job = self.client.claim_work(
                     machine_id=c.machine_id,
@@ -667,44 +672,39 @@ class _Slot:
                 claim_result = "empty" if job is None else "job"
             except MachineQuarantined as exc:
                 claim_result = "empty"
-                self.claiming = False
-                w.quarantined(exc)
-                return
-            except (AuthenticationError, PermissionDeniedError) as exc:
-                if w.api_reached:
-                    logger.warning(
-                        "slot %d: claiming work failed: %s (retrying in %.0f s)",
-                        self.cfg.index,
-                        exc,
-                        error_delay,
-                    )
-                    w.wait_stop(error_delay)
-                    error_delay = min(error_delay * 2, max(c.poll_interval_s, 1.0))
-                    continue
-                # Refused before anything was accepted: the key is wrong, and
-                # retrying will not fix it.
-                logger.error(
-                    "configuration error: the API server refused this worker's "
-                    "credentials (%s); check KELPIE_API_KEY (--api-key) or "
-                    "SALAD_API_KEY",
-                    exc,
-                )
-                w.stop("the API server refused the credentials", EXIT_CONFIG)
-                return
+                error = exc
             except (APIError, KelpieError) as exc:
+                error = exc
+            finally:
                 self.claiming = False
+                w.metrics.note_claim(time.monotonic() - started, claim_result)
+            if isinstance(error, MachineQuarantined):
+                w.quarantined(error)
+                return
+            if error is not None:
+                if (
+                    isinstance(error, AuthenticationError | PermissionDeniedError)
+                    and not w.api_reached
+                ):
+                    # Refused before anything was accepted: the key is wrong,
+                    # and retrying will not fix it.
+                    logger.error(
+                        "configuration error: the API server refused this worker's "
+                        "credentials (%s); check KELPIE_API_KEY (--api-key) or "
+                        "SALAD_API_KEY",
+                        error,
+                    )
+                    w.stop("the API server refused the credentials", EXIT_CONFIG)
+                    return
                 logger.warning(
                     "slot %d: claiming work failed: %s (retrying in %.0f s)",
                     self.cfg.index,
-                    exc,
+                    error,
                     error_delay,
                 )
                 w.wait_stop(error_delay)
                 error_delay = min(error_delay * 2, max(c.poll_interval_s, 1.0))
                 continue
-            finally:
-                self.claiming = False
-                w.metrics.note_claim(time.monotonic() - started, claim_result)
             error_delay = 1.0
             w.api_reached = True
             if job is None:
@@ -845,11 +845,7 @@ class _JobRun:
         return self.slot.report(self.job.id, self.attempt, **fields)
 
     def read_progress(self) -> dict[str, Any] | None:
-        try:
-            data = json.loads(self.slot.cfg.progress_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
+        return read_progress(self.slot.cfg.progress_file)
 
     @property
     def interval(self) -> float:

@@ -55,7 +55,12 @@ from kelpie_sdk.config import Settings
 from kelpie_sdk.errors import ConfigError
 from kelpie_sdk.models import MAX_LONG_POLL
 from kelpie_sdk.storage import check_storage_url
-from kelpie_sdk.worker._imds import DEFAULT_IMDS_URL, IMDS_MODES, imds_enabled
+from kelpie_sdk.worker._imds import (
+    DEFAULT_IMDS_URL,
+    check_imds_mode,
+    check_imds_url,
+    imds_enabled,
+)
 
 __all__ = [
     "DEFAULT_STATE_FILE",
@@ -229,16 +234,8 @@ class WorkerConfig:
                 f"--long-poll / KELPIE_LONG_POLL_S must be at most "
                 f"{MAX_LONG_POLL_S:g} s, got {self.long_poll_s:g}"
             )
-        if self.imds_mode not in IMDS_MODES:
-            raise ConfigError(
-                f"--imds / KELPIE_IMDS must be one of {', '.join(IMDS_MODES)}, "
-                f"got {self.imds_mode!r}"
-            )
-        if not self.imds_url.startswith(("http://", "https://")):
-            raise ConfigError(
-                f"--imds-url / KELPIE_IMDS_URL must start with http:// or "
-                f"https://, got {self.imds_url!r}"
-            )
+        check_imds_mode(self.imds_mode)
+        check_imds_url(self.imds_url)
         if self.slots < 1:
             raise ConfigError(f"--slots must be at least 1, got {self.slots}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
@@ -298,7 +295,7 @@ class WorkerConfig:
             "slots": _int_env(env, "KELPIE_SLOTS", 1, 1),
             "slot_gpus": parse_slot_gpus(env.get("KELPIE_SLOT_GPUS")),
             "log_level": env.get("KELPIE_LOG_LEVEL") or "info",
-            "imds_mode": (env.get("KELPIE_IMDS") or "auto").strip().lower(),
+            "imds_mode": env.get("KELPIE_IMDS") or "auto",  # normalized below
             "imds_url": (env.get("KELPIE_IMDS_URL") or DEFAULT_IMDS_URL).rstrip("/"),
             "reallocate_wait_s": _float_env(env, "KELPIE_REALLOCATE_WAIT_S", 60.0),
             "metrics_port": (

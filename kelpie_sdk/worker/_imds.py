@@ -41,6 +41,8 @@ __all__ = [
     "SALADCLOUD_MARKERS",
     "DeletionCost",
     "Imds",
+    "check_imds_mode",
+    "check_imds_url",
     "deletion_cost_after_heartbeats",
     "imds_enabled",
     "jwt_expiry",
@@ -94,6 +96,33 @@ def deletion_cost_after_heartbeats(count: int) -> int:
     return count + 2
 
 
+def check_imds_mode(mode: str) -> None:
+    """
+    Check a ``--imds`` / ``KELPIE_IMDS`` value (already lower-cased).
+
+    Raises:
+        ConfigError: ``mode`` is not one of ``IMDS_MODES``.
+    """
+    if mode not in IMDS_MODES:
+        raise ConfigError(
+            f"--imds / KELPIE_IMDS must be one of {', '.join(IMDS_MODES)}, got {mode!r}"
+        )
+
+
+def check_imds_url(url: str) -> None:
+    """
+    Check a ``--imds-url`` / ``KELPIE_IMDS_URL`` value.
+
+    Raises:
+        ConfigError: ``url`` is not an http:// or https:// URL.
+    """
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"--imds-url / KELPIE_IMDS_URL must start with http:// or "
+            f"https://, got {url!r}"
+        )
+
+
 def imds_enabled(mode: str, environ: Mapping[str, str]) -> bool:
     """
     Whether the worker talks to IMDS.
@@ -107,10 +136,7 @@ def imds_enabled(mode: str, environ: Mapping[str, str]) -> bool:
         ConfigError: An unknown mode.
     """
     mode = mode.strip().lower()
-    if mode not in IMDS_MODES:
-        raise ConfigError(
-            f"--imds / KELPIE_IMDS must be one of {', '.join(IMDS_MODES)}, got {mode!r}"
-        )
+    check_imds_mode(mode)
     if mode == "auto":
         return all(environ.get(name, "").strip() for name in SALADCLOUD_MARKERS)
     return mode == "on"
@@ -159,11 +185,7 @@ class Imds:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if not base_url.startswith(("http://", "https://")):
-            raise ConfigError(
-                f"--imds-url / KELPIE_IMDS_URL must start with http:// or "
-                f"https://, got {base_url!r}"
-            )
+        check_imds_url(base_url)
         self._transport = Transport(
             base_url,
             {"Metadata": "true"},

@@ -240,15 +240,10 @@ class LogShipper:
                     timeout=_SEND_TIMEOUT,
                     max_retries=0,
                 )
-            except APIStatusError as exc:
-                if exc.status_code in _STOP:
+            except KelpieError as exc:
+                if isinstance(exc, APIStatusError) and exc.status_code in _STOP:
                     logger.debug("job %s: log shipping stopped: %s", self.job_id, exc)
                     return
-                if not self._retry_later(exc, delay):
-                    return
-                delay = min(delay * 2, 30.0)
-                continue
-            except KelpieError as exc:
                 if not self._retry_later(exc, delay):
                     return
                 delay = min(delay * 2, 30.0)

@@ -15,6 +15,7 @@ from typing import Any
 from kelpie_sdk.errors import ConfigError
 from kelpie_sdk.worker._agent import EXIT_CONFIG, Worker
 from kelpie_sdk.worker._config import WorkerConfig
+from kelpie_sdk.worker._imds import IMDS_MODES
 
 __all__ = [
     "CLAIMS_STOPPED_FILE_ENV",
@@ -126,7 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, api_options: bool = True) 
     )
     a(
         "--imds",
-        choices=("auto", "on", "off"),
+        choices=IMDS_MODES,
         help="use SaladCloud's instance metadata service; auto = only on "
         "SaladCloud (KELPIE_IMDS, auto)",
     )

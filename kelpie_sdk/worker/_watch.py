@@ -33,7 +33,7 @@ from kelpie_sdk.client import Client
 from kelpie_sdk.errors import APIStatusError, KelpieError
 from kelpie_sdk.models import JobStatus, WorkerReport
 
-__all__ = ["JobWatch"]
+__all__ = ["JobWatch", "read_progress"]
 
 logger = logging.getLogger("kelpie_sdk.worker")
 
@@ -45,6 +45,21 @@ PROGRESS_MIN_GAP_S = 1.0
 STATUS_WAIT_S = 25.0
 #: Statuses that mean "this server does not have the endpoint".
 _UNSUPPORTED = (404, 405)
+
+
+def read_progress(path: Path) -> dict[str, Any] | None:
+    """
+    The job's progress record: the JSON object in its progress file.
+
+    Returns:
+        ``None`` when the file is missing, unreadable, half-written or holds
+        something other than an object.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 class JobWatch:
@@ -122,8 +137,8 @@ class JobWatch:
             return
         self._on_lost(f"the server answered the {what} with {status.value!r}")
 
-    def _unsupported(self, exc: APIStatusError, what: str) -> bool:
-        if exc.status_code in _UNSUPPORTED:
+    def _unsupported(self, exc: KelpieError, what: str) -> bool:
+        if isinstance(exc, APIStatusError) and exc.status_code in _UNSUPPORTED:
             logger.debug(
                 "job %s: the server has no %s (%s); heartbeats carry it instead",
                 self.job_id,
@@ -140,13 +155,6 @@ class JobWatch:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def _read(self) -> dict[str, Any] | None:
-        try:
-            data = json.loads(self.progress_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
-
     def _progress_loop(self, client: Client) -> None:
         sent_sig: tuple[int, int, int] | None = None
         sent_at = float("-inf")
@@ -156,7 +164,7 @@ class JobWatch:
                 continue
             if time.monotonic() - sent_at < PROGRESS_MIN_GAP_S:
                 continue  # sent at the next look, once the gap has passed
-            record = self._read()
+            record = read_progress(self.progress_file)
             sent_sig = sig  # a half-written file is read again when it changes
             if record is None:
                 continue
@@ -164,13 +172,9 @@ class JobWatch:
                 status = client.report_progress(
                     self.job_id, self._make_report(record), max_retries=0
                 )
-            except APIStatusError as exc:
+            except KelpieError as exc:
                 if self._unsupported(exc, "progress endpoint"):
                     return
-                logger.debug("job %s: progress report failed: %s", self.job_id, exc)
-                sent_sig = None
-                continue
-            except KelpieError as exc:
                 logger.debug("job %s: progress report failed: %s", self.job_id, exc)
                 sent_sig = None
                 continue
@@ -190,14 +194,9 @@ class JobWatch:
                     attempt=self.attempt,
                     wait=STATUS_WAIT_S,
                 )
-            except APIStatusError as exc:
+            except KelpieError as exc:
                 if self._unsupported(exc, "status endpoint"):
                     return
-                logger.debug("job %s: status poll failed: %s", self.job_id, exc)
-                self._stop.wait(delay)
-                delay = min(delay * 2, 30.0)
-                continue
-            except KelpieError as exc:
                 logger.debug("job %s: status poll failed: %s", self.job_id, exc)
                 self._stop.wait(delay)
                 delay = min(delay * 2, 30.0)
