@@ -281,6 +281,34 @@ def test_another_tenants_job_is_not_found(
     page.wait_for_url("**/ui/login")
 
 
+def test_sign_out_works_before_the_session_has_answered(
+    page: Any, server: ServerHandle, client: Client
+) -> None:
+    """A click on "Sign out" while the page still waits for its session signs out.
+
+    The button used to get its handler only once ``/ui/session`` had
+    answered; on a loaded machine a click that came first did nothing.
+    """
+    _sign_in(page, server, server.admin_key)
+    held: list[Any] = []
+    page.route("**/ui/session", lambda route: held.append(route))
+    page.goto(f"{server.url}/ui")
+    # Playwright calls the route handler while the test waits in a Playwright call.
+    for _ in range(600):
+        if held:
+            break
+        page.wait_for_timeout(50)
+    assert held, "the page never asked for its session"
+    page.click("#logout")
+    # Only now does the session answer.
+    held[0].continue_()
+    page.unroute("**/ui/session")
+    page.wait_for_url("**/ui/login")
+    # The session really ended: the pages send the browser back to the form.
+    page.goto(f"{server.url}/ui")
+    page.wait_for_url("**/ui/login")
+
+
 def test_without_chromium_the_tests_fail_and_say_why(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

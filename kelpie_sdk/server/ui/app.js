@@ -75,23 +75,37 @@ function statusBadge(status) {
   return el("span", status, `status status-${status}`);
 }
 
+// The session (who is signed in, and the CSRF token) is fetched once; the
+// sign-out button works from the moment the page is shown, before that fetch
+// has answered: its click waits for the token.
+let sessionReady = null;
+let signingOut = false;
+
 async function startSession() {
   const session = await api("/ui/session");
   csrf = session.csrf;
   const who = $("who");
   if (who) who.textContent = session.admin ? `${session.user_id} (admin)` : session.user_id;
+}
+
+function bindLogout() {
   const out = $("logout");
-  if (out) {
-    out.addEventListener("click", async () => {
-      timers.forEach(clearInterval);
-      await fetch("/ui/logout", {
-        method: "POST",
-        credentials: "same-origin",
-        headers: { "X-CSRF-Token": csrf },
-      });
-      window.location.assign("/ui/login");
+  if (!out) return;
+  out.addEventListener("click", async () => {
+    signingOut = true;
+    timers.forEach(clearInterval);
+    try {
+      await sessionReady;
+    } catch (e) {
+      // No session: the form is where the browser goes anyway.
+    }
+    await fetch("/ui/logout", {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "X-CSRF-Token": csrf },
     });
-  }
+    window.location.assign("/ui/login");
+  });
 }
 
 // -- the jobs table -------------------------------------------------------------
@@ -370,11 +384,14 @@ document.addEventListener("DOMContentLoaded", async () => {
     $("failed").hidden = !new URLSearchParams(window.location.search).has("failed");
     return;
   }
+  sessionReady = startSession();
+  bindLogout();
   try {
-    await startSession();
+    await sessionReady;
   } catch (e) {
     return;
   }
+  if (signingOut) return;
   if (page === "jobs") jobsPage();
   else if (page === "groups") groupsPage();
   else if (page === "job") jobPage();
