@@ -1255,7 +1255,9 @@ async def create_rule(
     principal: NamedDependency[Principal],
 ) -> Response[ScalingRule]:
     """
-    Store the scaling rule of a container group (one per group).
+    Store the caller's scaling rule for a container group (one per tenant and
+    group; other tenants' rules for the same group are neither seen nor
+    counted).
     """
     sub = _strict(await request.json(), ScalingRuleSubmission)
     if not _UUID.match(sub.container_group_id):
@@ -1263,7 +1265,7 @@ async def create_rule(
     rule = _state(request).store.create_rule(principal, sub)
     if rule is None:
         raise HTTPProblem(
-            409, "Conflict", "a scaling rule already exists for this container group"
+            409, "Conflict", "you already have a scaling rule for this container group"
         )
     return _json(rule.to_json(), 201)
 
@@ -1285,18 +1287,34 @@ def _rule_not_found() -> HTTPProblem:
     )
 
 
+def _rule_ambiguous() -> HTTPProblem:
+    return HTTPProblem(
+        409,
+        "Conflict",
+        "several users have a scaling rule for this container group; name one "
+        "with ?user_id=",
+    )
+
+
 @get("/scaling-rules/{group:str}", sync_to_thread=False)
 def get_rule(
     request: Request[Any, Any, Any],
     group: FromPath[str],
     principal: NamedDependency[Principal],
+    user_id: FromQuery[str | None] = None,
 ) -> Response[ScalingRule]:
     """
-    One scaling rule.
+    The caller's scaling rule for a group.
+
+    The admin may name the tenant with ``?user_id=`` (by default: the admin's
+    own rule, else the group's only one; 409 if several tenants have one).
+    The same holds for PATCH and DELETE.
     """
-    rule = _state(request).store.get_rule(principal, group)
+    rule = _state(request).store.get_rule(principal, group, user_id)
     if rule is None:
         raise _rule_not_found()
+    if rule == "ambiguous":
+        raise _rule_ambiguous()
     return _json(rule.to_json())
 
 
@@ -1306,9 +1324,10 @@ async def update_rule(
     group: FromPath[str],
     data: JSONBody[ScalingRuleUpdate],
     principal: NamedDependency[Principal],
+    user_id: FromQuery[str | None] = None,
 ) -> Response[ScalingRule]:
     """
-    Change some limits of a scaling rule.
+    Change some limits of the caller's scaling rule for a group.
     """
     update = _strict(await _raw_json(request), ScalingRuleUpdate)
     if not update.to_json():
@@ -1318,9 +1337,11 @@ async def update_rule(
             "nothing to update: give min_replicas, max_replicas or "
             "idle_threshold_seconds",
         )
-    result = _state(request).store.update_rule(principal, group, update)
+    result = _state(request).store.update_rule(principal, group, update, user_id)
     if result is None:
         raise _rule_not_found()
+    if result == "ambiguous":
+        raise _rule_ambiguous()
     if result == "invalid":
         raise HTTPProblem(
             400, "Bad Request", "min_replicas must not exceed max_replicas"
@@ -1333,11 +1354,13 @@ def delete_rule(
     request: Request[Any, Any, Any],
     group: FromPath[str],
     principal: NamedDependency[Principal],
+    user_id: FromQuery[str | None] = None,
 ) -> None:
     """
-    Delete a scaling rule (no error if there is none).
+    Delete the caller's scaling rule for a group (no error if there is none).
     """
-    _state(request).store.delete_rule(principal, group)
+    if _state(request).store.delete_rule(principal, group, user_id) == "ambiguous":
+        raise _rule_ambiguous()
 
 
 @delete("/scaling-rules", status_code=204, sync_to_thread=False)
