@@ -64,6 +64,7 @@ from kelpie_sdk.server._logs import (
     JobLogs,
 )
 from kelpie_sdk.server._metrics import METRICS_PATH, MetricsMiddleware, ServerMetrics
+from kelpie_sdk.server._salad_auth import SaladAuth, SaladAuthError
 from kelpie_sdk.server._store import (
     DatabaseUnavailable,
     Principal,
@@ -427,6 +428,8 @@ class _State:
     log_waker: _Waker = attrs.field(factory=_Waker)
     #: The web dashboard's signed-in sessions.
     ui: UISessions = attrs.field(factory=UISessions)
+    #: Checks SaladCloud credentials; ``None``: they are refused.
+    salad: SaladAuth | None = None
 
 
 def _state(request: Request[Any, Any, Any]) -> _State:
@@ -470,13 +473,36 @@ def _authenticate(request: Request[Any, Any, Any]) -> Principal:
         state.keys[key] = (principal, now + KEY_CACHE_SECONDS)
         return principal
     if salad_key or headers.get("authorization"):
+        return _salad_principal(request, salad_key, org, project or "")
+    raise HTTPProblem(401, "Unauthorized", "API Key or Bearer Token Required")
+
+
+def _salad_principal(
+    request: Request[Any, Any, Any],
+    salad_key: str | None,
+    org: str | None,
+    project: str,
+) -> Principal:
+    # A SaladCloud API key or workload token (see _salad_auth); user role.
+    state = _state(request)
+    if state.salad is None:
         raise HTTPProblem(
             403,
             "Forbidden",
-            "SaladCloud API keys and workload tokens cannot be verified by a "
-            "self-hosted server; use X-Kelpie-Key",
+            "SaladCloud API keys and workload tokens are not accepted by this "
+            "server (see --salad-jwks-url); use X-Kelpie-Key",
         )
-    raise HTTPProblem(401, "Unauthorized", "API Key or Bearer Token Required")
+    try:
+        return state.salad.principal(
+            state.store,
+            api_key=salad_key,
+            organization=org,
+            project=project,
+            authorization=request.headers.get("authorization"),
+        )
+    except SaladAuthError as exc:
+        error = "Service Unavailable" if exc.status == 503 else "Forbidden"
+        raise HTTPProblem(exc.status, error, str(exc)) from exc
 
 
 def _admin(principal: NamedDependency[Principal]) -> None:
@@ -1619,6 +1645,7 @@ def create_app(
     metrics_public: bool = False,
     log_limit: int = DEFAULT_LOG_LIMIT,
     secure_cookie: bool | None = None,
+    salad_auth: SaladAuth | None = None,
 ) -> Litestar:
     """
     Build the Kelpie API application around a store.
@@ -1631,6 +1658,8 @@ def create_app(
         log_limit: Bytes of output lines kept per job attempt (the oldest go).
         secure_cookie: Mark the dashboard's session cookie ``Secure``; by
             default it is when the request came over https.
+        salad_auth: Accept SaladCloud workload tokens and API keys as it
+            says; ``None``: refuse them (403).
     """
     handlers: Sequence[Any] = [
         submit_job,
@@ -1691,6 +1720,7 @@ def create_app(
         metrics_public=metrics_public,
         logs=JobLogs(store.engine, limit=log_limit),
         ui=UISessions(secure_cookie=secure_cookie),
+        salad=salad_auth,
     )
     store.on_available(state.waker.notify)
     store.on_lease_expired(state.metrics.lease_expiries.inc)

@@ -887,6 +887,26 @@ class Store:
         return User(id=user_id, username=username, created=_ms_to_dt(now))  # type: ignore[arg-type]
 
     @_resilient
+    def ensure_user(self, user_id: str, username: str) -> None:
+        """
+        Create a user with this id unless it exists (SaladCloud tenants are
+        created on first sight).
+        """
+        try:
+            with self._write() as conn:
+                if conn.execute(
+                    sa.select(USERS.c.id).where(USERS.c.id == user_id)
+                ).first():
+                    return
+                conn.execute(
+                    USERS.insert().values(
+                        id=user_id, username=username, created=self.now_ms()
+                    )
+                )
+        except sa.exc.IntegrityError:
+            pass  # another request or replica created it after our check
+
+    @_resilient
     def get_user(self, user_id: str) -> User | None:
         """
         A user by id.
