@@ -1492,6 +1492,8 @@ def delete_users(
     state = _state(request)
     state.store.delete_users()
     state.keys.clear()
+    if state.salad is not None:
+        state.salad.forget_users()
 
 
 # Misc -------------------------------------------------------------------------------

@@ -79,6 +79,9 @@ _TENANT_NAMESPACE = uuid.UUID("6b656c70-6965-5361-6c61-64436c6f7564")
 #: A JWKS larger than this is refused.
 _MAX_JWKS_BYTES = 1 << 20
 
+#: A tenant's user, once seen to exist, is not looked up again for this long.
+_USER_CACHE_SECONDS = 60.0
+
 #: Validator answers are cached this long (seconds).
 _VALIDATOR_CACHE_SECONDS = 60.0
 
@@ -368,7 +371,8 @@ class SaladAuth:
         )
         self._lock = threading.Lock()
         self._answers: dict[tuple[str, str, str], tuple[str | None, float]] = {}
-        self._users: set[str] = set()
+        #: Tenants' users known to exist, until when (a deleted one comes back).
+        self._users: dict[str, float] = {}
 
     def principal(
         self,
@@ -395,13 +399,21 @@ class SaladAuth:
                 403, f"the organization {org!r} may not use this server"
             )
         user_id = tenant_user_id(org)
-        if user_id not in self._users:
+        now = self._clock()
+        if self._users.get(user_id, 0.0) <= now:
             store.ensure_user(user_id, org)
             with self._lock:
                 if len(self._users) > 10_000:
                     self._users.clear()
-                self._users.add(user_id)
+                self._users[user_id] = now + _USER_CACHE_SECONDS
         return Principal(user_id, org, project)
+
+    def forget_users(self) -> None:
+        """
+        Check again that each tenant's user exists (after ``DELETE /users``).
+        """
+        with self._lock:
+            self._users.clear()
 
     def _check_token(self, authorization: str, project: str) -> str:
         if self.jwks is None:

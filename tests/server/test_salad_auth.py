@@ -183,6 +183,15 @@ def test_good_token_is_the_organizations_user(anon: Api) -> None:
     assert (tenant_user_id("acme"), "acme") == (r.json()["id"], r.json()["username"])
 
 
+def test_deleted_tenant_user_comes_back(anon: Api, salad_server: Any) -> None:
+    """After DELETE /users, the organization's user is created again."""
+    admin = Api(salad_server.url, salad_server.admin_key)
+    assert 200 == anon.get("/users/me", headers=bearer(token())).status_code
+    assert 204 == admin.delete("/users").status_code
+    r = anon.get("/users/me", headers=bearer(token()))
+    assert (200, "acme") == (r.status_code, r.json()["username"])
+
+
 def test_token_and_api_key_of_one_org_share_a_queue(anon: Api) -> None:
     """A job submitted with an API key is listed with a token of the same org."""
     group = "0b5a7a4e-0000-4000-8000-000000000001"
