@@ -185,3 +185,17 @@ def test_admin_names_the_tenant_when_several_have_a_rule(
     )
     assert 404 == api.get(f"/scaling-rules/{cg}").status_code
     assert theirs == other_api.get(f"/scaling-rules/{cg}").json()
+
+
+def test_admins_own_rule_comes_first(api: Api, admin_api: Api) -> None:
+    """With its own rule for the group, the admin addresses that one by default."""
+    body = rule()
+    cg = body["container_group_id"]
+    theirs = api.post("/scaling-rules", json=body).json()
+    own = admin_api.post("/scaling-rules", json={**body, "max_replicas": 7}).json()
+    try:
+        assert own == admin_api.get(f"/scaling-rules/{cg}").json()
+        assert 204 == admin_api.delete(f"/scaling-rules/{cg}").status_code
+        assert theirs == admin_api.get(f"/scaling-rules/{cg}").json()
+    finally:
+        admin_api.delete(f"/scaling-rules/{cg}?user_id={own['user_id']}")
