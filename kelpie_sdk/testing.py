@@ -22,8 +22,15 @@ from collections.abc import Callable, Iterator
 
 import attrs
 
-from kelpie_sdk.server import ReputationPolicy, Store, create_app, open_store
+from kelpie_sdk.server import (
+    ReputationPolicy,
+    SaladAuthSettings,
+    Store,
+    create_app,
+    open_store,
+)
 from kelpie_sdk.server._logs import DEFAULT_LOG_LIMIT
+from kelpie_sdk.server._salad_auth import SaladAuth
 
 __all__ = ["ServerHandle", "run_server"]
 
@@ -53,6 +60,7 @@ def run_server(
     metrics_public: bool = False,
     log_limit: int | None = None,
     policy: ReputationPolicy | None = None,
+    salad_auth: SaladAuthSettings | None = None,
 ) -> Iterator[ServerHandle]:
     """
     Run the API server on 127.0.0.1 on a free port until the block ends.
@@ -67,6 +75,8 @@ def run_server(
         metrics_public: Serve ``GET /metrics`` without a key.
         log_limit: Bytes of job output kept per attempt; default 1 MiB.
         policy: Quarantine and placement settings (default: the defaults).
+        salad_auth: Which SaladCloud workload tokens and API keys to accept
+            (default: none).
     """
     import uvicorn
 
@@ -88,6 +98,7 @@ def run_server(
                 store,
                 metrics_public=metrics_public,
                 log_limit=DEFAULT_LOG_LIMIT if log_limit is None else log_limit,
+                salad_auth=None if salad_auth is None else SaladAuth(salad_auth),
             ),
             log_level="warning",
             access_log=False,

@@ -17,6 +17,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """
     from kelpie_sdk.server import DEFAULT_PORT
     from kelpie_sdk.server._autoscale import add_autoscale_arguments
+    from kelpie_sdk.server._salad_auth import add_salad_auth_arguments
 
     parser = subparsers.add_parser(
         "server",
@@ -65,6 +66,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="log each request with its status and duration (default: off)",
     )
     add_autoscale_arguments(parser)
+    add_salad_auth_arguments(parser)
     parser.add_argument(
         "--metrics-public",
         action="store_true",
@@ -116,8 +118,10 @@ def _serve(args: argparse.Namespace, ctx: Context) -> int:
     from kelpie_sdk.server import default_database_url, serve
     from kelpie_sdk.server._autoscale import autoscale_settings
     from kelpie_sdk.server._logs import DEFAULT_LOG_LIMIT
+    from kelpie_sdk.server._salad_auth import salad_auth_settings
 
     autoscale = autoscale_settings(args)
+    salad_auth = salad_auth_settings(args)
     database = args.database or default_database_url()
     ctx.console.print(
         f"Kelpie API on http://{args.host}:{args.port}  "
@@ -135,6 +139,7 @@ def _serve(args: argparse.Namespace, ctx: Context) -> int:
         metrics_public=args.metrics_public,
         log_limit=args.log_limit or DEFAULT_LOG_LIMIT,
         secure_cookie=args.secure_cookie,
+        salad_auth=salad_auth,
     )
     return EXIT_OK
 

@@ -28,6 +28,7 @@ from kelpie_sdk.server._db import (
     upgrade,
 )
 from kelpie_sdk.server._logs import DEFAULT_LOG_LIMIT
+from kelpie_sdk.server._salad_auth import SaladAuthSettings
 from kelpie_sdk.server._store import Principal, ReputationPolicy, Store
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "HTTPProblem",
     "Principal",
     "ReputationPolicy",
+    "SaladAuthSettings",
     "Store",
     "create_app",
     "default_database_url",
@@ -129,6 +131,7 @@ def serve(
     metrics_public: bool = False,
     log_limit: int = DEFAULT_LOG_LIMIT,
     secure_cookie: bool | None = None,
+    salad_auth: SaladAuthSettings | None = None,
 ) -> None:
     """
     Run the server in the foreground until interrupted.
@@ -151,8 +154,12 @@ def serve(
         log_limit: Bytes of job output kept per attempt (the oldest lines go).
         secure_cookie: Mark the web dashboard's session cookie ``Secure``;
             ``None``: when the request came over https.
+        salad_auth: Which SaladCloud workload tokens and API keys to accept;
+            ``None``: none.
     """
     import uvicorn
+
+    from kelpie_sdk.server._salad_auth import SaladAuth
 
     store = open_store(database_url, migrate=migrate)
     generated = store.ensure_admin(admin_key or os.environ.get("KELPIE_ADMIN_KEY"))
@@ -166,6 +173,9 @@ def serve(
         metrics_public=metrics_public,
         log_limit=log_limit,
         secure_cookie=secure_cookie,
+        salad_auth=SaladAuth(salad_auth)
+        if salad_auth is not None and salad_auth.enabled
+        else None,
     )
     if access_log:
         app = AccessLog(app)

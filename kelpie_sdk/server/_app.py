@@ -64,6 +64,7 @@ from kelpie_sdk.server._logs import (
     JobLogs,
 )
 from kelpie_sdk.server._metrics import METRICS_PATH, MetricsMiddleware, ServerMetrics
+from kelpie_sdk.server._salad_auth import SaladAuth, SaladAuthError
 from kelpie_sdk.server._store import (
     DatabaseUnavailable,
     Principal,
@@ -427,6 +428,8 @@ class _State:
     log_waker: _Waker = attrs.field(factory=_Waker)
     #: The web dashboard's signed-in sessions.
     ui: UISessions = attrs.field(factory=UISessions)
+    #: Checks SaladCloud credentials; ``None``: they are refused.
+    salad: SaladAuth | None = None
 
 
 def _state(request: Request[Any, Any, Any]) -> _State:
@@ -470,13 +473,36 @@ def _authenticate(request: Request[Any, Any, Any]) -> Principal:
         state.keys[key] = (principal, now + KEY_CACHE_SECONDS)
         return principal
     if salad_key or headers.get("authorization"):
+        return _salad_principal(request, salad_key, org, project or "")
+    raise HTTPProblem(401, "Unauthorized", "API Key or Bearer Token Required")
+
+
+def _salad_principal(
+    request: Request[Any, Any, Any],
+    salad_key: str | None,
+    org: str | None,
+    project: str,
+) -> Principal:
+    # A SaladCloud API key or workload token (see _salad_auth); user role.
+    state = _state(request)
+    if state.salad is None:
         raise HTTPProblem(
             403,
             "Forbidden",
-            "SaladCloud API keys and workload tokens cannot be verified by a "
-            "self-hosted server; use X-Kelpie-Key",
+            "SaladCloud API keys and workload tokens are not accepted by this "
+            "server (see --salad-jwks-url); use X-Kelpie-Key",
         )
-    raise HTTPProblem(401, "Unauthorized", "API Key or Bearer Token Required")
+    try:
+        return state.salad.principal(
+            state.store,
+            api_key=salad_key,
+            organization=org,
+            project=project,
+            authorization=request.headers.get("authorization"),
+        )
+    except SaladAuthError as exc:
+        error = "Service Unavailable" if exc.status == 503 else "Forbidden"
+        raise HTTPProblem(exc.status, error, str(exc)) from exc
 
 
 def _admin(principal: NamedDependency[Principal]) -> None:
@@ -1255,7 +1281,9 @@ async def create_rule(
     principal: NamedDependency[Principal],
 ) -> Response[ScalingRule]:
     """
-    Store the scaling rule of a container group (one per group).
+    Store the caller's scaling rule for a container group (one per tenant and
+    group; other tenants' rules for the same group are neither seen nor
+    counted).
     """
     sub = _strict(await request.json(), ScalingRuleSubmission)
     if not _UUID.match(sub.container_group_id):
@@ -1263,7 +1291,7 @@ async def create_rule(
     rule = _state(request).store.create_rule(principal, sub)
     if rule is None:
         raise HTTPProblem(
-            409, "Conflict", "a scaling rule already exists for this container group"
+            409, "Conflict", "you already have a scaling rule for this container group"
         )
     return _json(rule.to_json(), 201)
 
@@ -1285,18 +1313,34 @@ def _rule_not_found() -> HTTPProblem:
     )
 
 
+def _rule_ambiguous() -> HTTPProblem:
+    return HTTPProblem(
+        409,
+        "Conflict",
+        "several users have a scaling rule for this container group; name one "
+        "with ?user_id=",
+    )
+
+
 @get("/scaling-rules/{group:str}", sync_to_thread=False)
 def get_rule(
     request: Request[Any, Any, Any],
     group: FromPath[str],
     principal: NamedDependency[Principal],
+    user_id: FromQuery[str | None] = None,
 ) -> Response[ScalingRule]:
     """
-    One scaling rule.
+    The caller's scaling rule for a group.
+
+    The admin may name the tenant with ``?user_id=`` (by default: the admin's
+    own rule, else the group's only one; 409 if several tenants have one).
+    The same holds for PATCH and DELETE.
     """
-    rule = _state(request).store.get_rule(principal, group)
+    rule = _state(request).store.get_rule(principal, group, user_id)
     if rule is None:
         raise _rule_not_found()
+    if rule == "ambiguous":
+        raise _rule_ambiguous()
     return _json(rule.to_json())
 
 
@@ -1306,9 +1350,10 @@ async def update_rule(
     group: FromPath[str],
     data: JSONBody[ScalingRuleUpdate],
     principal: NamedDependency[Principal],
+    user_id: FromQuery[str | None] = None,
 ) -> Response[ScalingRule]:
     """
-    Change some limits of a scaling rule.
+    Change some limits of the caller's scaling rule for a group.
     """
     update = _strict(await _raw_json(request), ScalingRuleUpdate)
     if not update.to_json():
@@ -1318,9 +1363,11 @@ async def update_rule(
             "nothing to update: give min_replicas, max_replicas or "
             "idle_threshold_seconds",
         )
-    result = _state(request).store.update_rule(principal, group, update)
+    result = _state(request).store.update_rule(principal, group, update, user_id)
     if result is None:
         raise _rule_not_found()
+    if result == "ambiguous":
+        raise _rule_ambiguous()
     if result == "invalid":
         raise HTTPProblem(
             400, "Bad Request", "min_replicas must not exceed max_replicas"
@@ -1333,11 +1380,13 @@ def delete_rule(
     request: Request[Any, Any, Any],
     group: FromPath[str],
     principal: NamedDependency[Principal],
+    user_id: FromQuery[str | None] = None,
 ) -> None:
     """
-    Delete a scaling rule (no error if there is none).
+    Delete the caller's scaling rule for a group (no error if there is none).
     """
-    _state(request).store.delete_rule(principal, group)
+    if _state(request).store.delete_rule(principal, group, user_id) == "ambiguous":
+        raise _rule_ambiguous()
 
 
 @delete("/scaling-rules", status_code=204, sync_to_thread=False)
@@ -1443,6 +1492,8 @@ def delete_users(
     state = _state(request)
     state.store.delete_users()
     state.keys.clear()
+    if state.salad is not None:
+        state.salad.forget_users()
 
 
 # Misc -------------------------------------------------------------------------------
@@ -1596,6 +1647,7 @@ def create_app(
     metrics_public: bool = False,
     log_limit: int = DEFAULT_LOG_LIMIT,
     secure_cookie: bool | None = None,
+    salad_auth: SaladAuth | None = None,
 ) -> Litestar:
     """
     Build the Kelpie API application around a store.
@@ -1608,6 +1660,8 @@ def create_app(
         log_limit: Bytes of output lines kept per job attempt (the oldest go).
         secure_cookie: Mark the dashboard's session cookie ``Secure``; by
             default it is when the request came over https.
+        salad_auth: Accept SaladCloud workload tokens and API keys as it
+            says; ``None``: refuse them (403).
     """
     handlers: Sequence[Any] = [
         submit_job,
@@ -1668,6 +1722,7 @@ def create_app(
         metrics_public=metrics_public,
         logs=JobLogs(store.engine, limit=log_limit),
         ui=UISessions(secure_cookie=secure_cookie),
+        salad=salad_auth,
     )
     store.on_available(state.waker.notify)
     store.on_lease_expired(state.metrics.lease_expiries.inc)

@@ -182,16 +182,19 @@ def read_demand(conn: Connection, now_ms: int) -> list[tuple[ScalingRule, Demand
     """
     Every scaling rule with its group's demand, in one query.
 
-    Jobs count by container group, whoever submitted them (as the hosted
-    service does). Portable SQL: ``SUM(CASE ...)`` over an outer join.
+    A rule counts only its tenant's jobs for the group (the hosted service
+    counted everyone's, so that one tenant could grow another's group).
+    Portable SQL: ``SUM(CASE ...)`` over an outer join.
     """
     jobs, rules = JOBS, SCALING_RULES
     cutoff = now_ms - rules.c.idle_threshold_seconds * 1000
     finished_recently = jobs.c.status.in_(_FINISHED) & sa.or_(
         jobs.c.completed >= cutoff, jobs.c.failed >= cutoff, jobs.c.canceled >= cutoff
     )
-    on = (jobs.c.container_group_id == rules.c.container_group_id) & sa.or_(
-        jobs.c.status.in_(("pending", "running")), finished_recently
+    on = (
+        (jobs.c.user_id == rules.c.user_id)
+        & (jobs.c.container_group_id == rules.c.container_group_id)
+        & sa.or_(jobs.c.status.in_(("pending", "running")), finished_recently)
     )
 
     def count(cond: sa.ColumnElement[bool]) -> sa.ColumnElement[int]:
@@ -206,7 +209,7 @@ def read_demand(conn: Connection, now_ms: int) -> list[tuple[ScalingRule, Demand
         )
         .select_from(rules.outerjoin(jobs, on))
         .group_by(*rules.c)
-        .order_by(rules.c.container_group_id)
+        .order_by(rules.c.container_group_id, rules.c.user_id)
     )
     out = []
     for row in conn.execute(query):
@@ -366,6 +369,10 @@ def make_election(engine: Engine, holder: str, *, ttl: float = 180.0) -> Electio
     return LeaseElection(engine, holder, ttl=ttl)
 
 
+def _key(rule: ScalingRule) -> tuple[str, str]:
+    return (rule.user_id, rule.container_group_id)
+
+
 def _holder_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -408,7 +415,8 @@ class Autoscaler:
             store.engine, _holder_id(), ttl=max(3 * interval, 30.0)
         )
         self._clock = clock
-        self._history: dict[str, list[tuple[float, int]]] = {}
+        #: Per (tenant, group): recent ``(time, desired)`` samples.
+        self._history: dict[tuple[str, str], list[tuple[float, int]]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.leading = False
@@ -434,8 +442,7 @@ class Autoscaler:
         ):
             groups = read_demand(conn, int(now * 1000))
         self._history = {
-            rule.container_group_id: self._history.get(rule.container_group_id, [])
-            for rule, _ in groups
+            _key(rule): self._history.get(_key(rule), []) for rule, _ in groups
         }
         decisions = []
         for i, (rule, demand) in enumerate(groups):
@@ -457,17 +464,18 @@ class Autoscaler:
         except KelpieError as exc:
             logger.warning("autoscale group=%s error=%r", group_id, str(exc))
             return None
-        history = self._history[group_id]
+        history = self._history[_key(rule)]
         decision = decide(
             rule, demand, group, now=now, history=history, window=self.window
         )
         history.append((now, decision.desired))
         history[:] = [(t, d) for t, d in history if now - t < self.window]
         logger.info(
-            "autoscale group=%s pending=%d running=%d recent=%d min=%d max=%d "
+            "autoscale group=%s user=%s pending=%d running=%d recent=%d min=%d max=%d "
             "idle_threshold_s=%d status=%s replicas=%s desired=%d target=%d "
             "actions=%s reason=%r",
             group_id,
+            rule.user_id,
             demand.pending,
             demand.running,
             demand.recent,

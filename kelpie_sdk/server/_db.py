@@ -202,10 +202,12 @@ JOB_LOG_ATTEMPTS = sa.Table(
     sa.Column("trimmed", sa.BigInteger, nullable=False),
 )
 
+#: One rule per tenant (user) and container group: tenants do not share or
+#: see each other's rules, even for the same group id.
 SCALING_RULES = sa.Table(
     "scaling_rules",
     METADATA,
-    sa.Column("container_group_id", sa.String(36), primary_key=True),
+    sa.Column("container_group_id", sa.String(36), nullable=False),
     sa.Column("user_id", sa.String(36), nullable=False, index=True),
     sa.Column("org_name", sa.Text),
     sa.Column("project_name", sa.Text),
@@ -215,6 +217,7 @@ SCALING_RULES = sa.Table(
     sa.Column("idle_threshold_seconds", sa.Integer, nullable=False),
     sa.Column("created", sa.BigInteger, nullable=False),
     sa.Column("updated", sa.BigInteger, nullable=False),
+    sa.PrimaryKeyConstraint("user_id", "container_group_id", name="scaling_rules_pkey"),
 )
 
 #: Who runs the singletons (the autoscaler) when several servers share a

@@ -187,6 +187,10 @@ def _ms_to_dt(value: int | None) -> dt.datetime | None:
     return dt.datetime.fromtimestamp(value / 1000, dt.UTC)
 
 
+#: The admin named no tenant, and several have a rule for the group.
+_AMBIGUOUS = object()
+
+
 @attrs.frozen
 class Principal:
     """
@@ -881,6 +885,26 @@ class Store:
                 USERS.insert().values(id=user_id, username=username, created=now)
             )
         return User(id=user_id, username=username, created=_ms_to_dt(now))  # type: ignore[arg-type]
+
+    @_resilient
+    def ensure_user(self, user_id: str, username: str) -> None:
+        """
+        Create a user with this id unless it exists (SaladCloud tenants are
+        created on first sight).
+        """
+        try:
+            with self._write() as conn:
+                if conn.execute(
+                    sa.select(USERS.c.id).where(USERS.c.id == user_id)
+                ).first():
+                    return
+                conn.execute(
+                    USERS.insert().values(
+                        id=user_id, username=username, created=self.now_ms()
+                    )
+                )
+        except sa.exc.IntegrityError:
+            pass  # another request or replica created it after our check
 
     @_resilient
     def get_user(self, user_id: str) -> User | None:
@@ -1726,40 +1750,73 @@ class Store:
             idle_threshold_seconds=row.idle_threshold_seconds,
         )
 
-    def _rule_owner(self, principal: Principal, group: str) -> Any:
-        cond = SCALING_RULES.c.container_group_id == group
+    @staticmethod
+    def _find_rule(
+        conn: Connection, principal: Principal, group: str, owner: str | None
+    ) -> Any:
+        """
+        The row of the rule a request addresses: the caller's own rule for the
+        group. The admin may name another tenant's (``owner``); without one,
+        the admin's own rule, else the group's only rule, else ``_AMBIGUOUS``.
+        """
+        rules = SCALING_RULES
+        cond = rules.c.container_group_id == group
         if not principal.is_admin:
-            cond = cond & (SCALING_RULES.c.user_id == principal.user_id)
-        return cond
+            if owner is not None and owner != principal.user_id:
+                return None
+            return conn.execute(
+                sa.select(rules).where(cond & (rules.c.user_id == principal.user_id))
+            ).first()
+        if owner is not None:
+            return conn.execute(
+                sa.select(rules).where(cond & (rules.c.user_id == owner))
+            ).first()
+        rows = conn.execute(
+            sa.select(rules)
+            .where(cond)
+            .order_by((rules.c.user_id != principal.user_id), rules.c.created)
+            .limit(2)
+        ).all()
+        if not rows:
+            return None
+        if rows[0].user_id == principal.user_id or len(rows) == 1:
+            return rows[0]
+        return _AMBIGUOUS
+
+    @staticmethod
+    def _rule_row(conn: Connection, user_id: str, group: str) -> Any:
+        rules = SCALING_RULES
+        return conn.execute(
+            sa.select(rules).where(
+                (rules.c.user_id == user_id) & (rules.c.container_group_id == group)
+            )
+        ).first()
 
     @_resilient
     def create_rule(
         self, principal: Principal, sub: ScalingRuleSubmission
     ) -> ScalingRule | None:
         """
-        Store a scaling rule; ``None`` if the group already has one.
+        Store the caller's scaling rule for a group; ``None`` if the caller
+        already has one (other tenants' rules for the same group do not count).
         """
         now = self.now_ms()
         try:
             return self._insert_rule(principal, sub, now)
         except sa.exc.IntegrityError:
-            # Another replica stored a rule for the group after our check.
+            # Another replica stored the caller's rule after our check.
             return None
 
     def _insert_rule(
         self, principal: Principal, sub: ScalingRuleSubmission, now: int
     ) -> ScalingRule | None:
+        group = sub.container_group_id
         with self._write() as conn:
-            exists = conn.execute(
-                sa.select(SCALING_RULES.c.container_group_id).where(
-                    SCALING_RULES.c.container_group_id == sub.container_group_id
-                )
-            ).first()
-            if exists:
+            if self._rule_row(conn, principal.user_id, group) is not None:
                 return None
             conn.execute(
                 SCALING_RULES.insert().values(
-                    container_group_id=sub.container_group_id,
+                    container_group_id=group,
                     user_id=principal.user_id,
                     org_name=principal.org_name or None,
                     project_name=principal.project_name or None,
@@ -1771,78 +1828,102 @@ class Store:
                     updated=now,
                 )
             )
-            row = conn.execute(
-                sa.select(SCALING_RULES).where(
-                    SCALING_RULES.c.container_group_id == sub.container_group_id
-                )
-            ).first()
+            row = self._rule_row(conn, principal.user_id, group)
         return self._row_to_rule(row)
 
     @_resilient
     def list_rules(self, principal: Principal) -> list[ScalingRule]:
         """
-        The caller's rules (all rules for the admin).
+        The caller's rules (all tenants' rules for the admin).
         """
-        query = sa.select(SCALING_RULES).order_by(SCALING_RULES.c.created)
+        query = sa.select(SCALING_RULES).order_by(
+            SCALING_RULES.c.created, SCALING_RULES.c.user_id
+        )
         if not principal.is_admin:
             query = query.where(SCALING_RULES.c.user_id == principal.user_id)
         with self._read() as conn:
             return [self._row_to_rule(r) for r in conn.execute(query)]
 
     @_resilient
-    def get_rule(self, principal: Principal, group: str) -> ScalingRule | None:
+    def get_rule(
+        self, principal: Principal, group: str, owner: str | None = None
+    ) -> ScalingRule | Literal["ambiguous"] | None:
         """
         One rule, if the caller may see it.
+
+        Args:
+            principal: The caller: a tenant sees only its own rule.
+            group: The container group id.
+            owner: The admin's choice of tenant (see ``_find_rule``).
+
+        Returns:
+            The rule, ``None`` if not found, or ``"ambiguous"`` when the admin
+            named no tenant and several others have a rule for the group.
         """
         with self._read() as conn:
-            row = conn.execute(
-                sa.select(SCALING_RULES).where(self._rule_owner(principal, group))
-            ).first()
+            row = self._find_rule(conn, principal, group, owner)
+        if row is _AMBIGUOUS:
+            return "ambiguous"
         return None if row is None else self._row_to_rule(row)
 
     @_resilient
     def update_rule(
-        self, principal: Principal, group: str, update: ScalingRuleUpdate
-    ) -> ScalingRule | Literal["invalid"] | None:
+        self,
+        principal: Principal,
+        group: str,
+        update: ScalingRuleUpdate,
+        owner: str | None = None,
+    ) -> ScalingRule | Literal["invalid", "ambiguous"] | None:
         """
-        Change some limits of a rule.
+        Change some limits of a rule (addressed as in ``get_rule``).
 
         Returns:
-            The updated rule, ``None`` if not found, or ``"invalid"`` if the
-            result would have ``min_replicas > max_replicas``.
+            The updated rule, ``None`` if not found, ``"ambiguous"`` as in
+            ``get_rule``, or ``"invalid"`` if the result would have
+            ``min_replicas > max_replicas``.
         """
         with self._write() as conn:
-            row = conn.execute(
-                sa.select(SCALING_RULES).where(self._rule_owner(principal, group))
-            ).first()
+            row = self._find_rule(conn, principal, group, owner)
             if row is None:
                 return None
+            if row is _AMBIGUOUS:
+                return "ambiguous"
             values = update.to_json()
             low = values.get("min_replicas", row.min_replicas)
             high = values.get("max_replicas", row.max_replicas)
             if low > high:
                 return "invalid"
+            key = (SCALING_RULES.c.user_id == row.user_id) & (
+                SCALING_RULES.c.container_group_id == group
+            )
             conn.execute(
                 SCALING_RULES.update()
-                .where(SCALING_RULES.c.container_group_id == group)
+                .where(key)
                 .values(**values, updated=self.now_ms())
             )
-            row = conn.execute(
-                sa.select(SCALING_RULES).where(
-                    SCALING_RULES.c.container_group_id == group
-                )
-            ).first()
+            row = self._rule_row(conn, row.user_id, group)
         return self._row_to_rule(row)
 
     @_resilient
-    def delete_rule(self, principal: Principal, group: str) -> None:
+    def delete_rule(
+        self, principal: Principal, group: str, owner: str | None = None
+    ) -> Literal["ambiguous"] | None:
         """
-        Delete one rule (no error if there is none).
+        Delete one rule, addressed as in ``get_rule`` (no error if there is
+        none); ``"ambiguous"`` as in ``get_rule``.
         """
         with self._write() as conn:
-            conn.execute(
-                SCALING_RULES.delete().where(self._rule_owner(principal, group))
-            )
+            row = self._find_rule(conn, principal, group, owner)
+            if row is _AMBIGUOUS:
+                return "ambiguous"
+            if row is not None:
+                conn.execute(
+                    SCALING_RULES.delete().where(
+                        (SCALING_RULES.c.user_id == row.user_id)
+                        & (SCALING_RULES.c.container_group_id == group)
+                    )
+                )
+        return None
 
     @_resilient
     def delete_all_rules(self) -> None:

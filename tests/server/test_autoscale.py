@@ -258,6 +258,51 @@ def test_read_demand_counts_pending_running_and_recent(server: object) -> None:
     assert "workers" == rules[BUSY].container_group_name
 
 
+def _tenant(handle: object, org: str) -> Client:
+    """The SDK client of a fresh user whose key names ``org`` / ``proj``."""
+    store = handle.store  # type: ignore[attr-defined]
+    user = store.create_user(f"u-{uuid.uuid4().hex}")
+    key = store.create_key(user.id, org, "proj")
+    return Client(handle.url, key)  # type: ignore[attr-defined]
+
+
+def test_read_demand_counts_only_the_rules_tenants_jobs(server: object) -> None:
+    """Two tenants' rules for one group id each count their own jobs only."""
+    handle = server
+    with _tenant(handle, "acme") as a, _tenant(handle, "globex") as b:
+        _rule(a, G1)
+        _rule(b, G1)
+        for _ in range(3):
+            a.submit_job(command="true", container_group_id=G1, sync={})
+        b.submit_job(command="true", container_group_id=G1, sync={})
+        a_id, b_id = a.me().id, b.me().id
+    store = handle.store  # type: ignore[attr-defined]
+    with store.engine.connect() as conn:
+        result = read_demand(conn, store.now_ms())
+    by_user = {r.user_id: d for r, d in result if r.container_group_id == G1}
+    assert {a_id: Demand(pending=3), b_id: Demand(pending=1)} == by_user
+
+
+def test_autoscaler_sizes_each_tenants_group_by_its_own_jobs(
+    server: object, fake: FakeSalad
+) -> None:
+    """One pass sets each tenant's group to that tenant's queue, not the sum."""
+    fake.add_group("globex", "proj", "workers", status="stopped", replicas=0)
+    handle = server
+    with _tenant(handle, "acme") as a, _tenant(handle, "globex") as b:
+        _rule(a, G1)
+        _rule(b, G1)
+        for _ in range(3):
+            a.submit_job(command="true", container_group_id=G1, sync={})
+        b.submit_job(command="true", container_group_id=G1, sync={})
+    provider = SaladProvider("salad-test-key", base_url=fake.url, sleep=lambda s: None)
+    scaler = Autoscaler(handle.store, provider, interval=1)  # type: ignore[attr-defined]
+    decisions = scaler.tick()
+    assert [1, 3] == sorted(d.target for _, d in decisions)
+    assert 3 == fake.group("acme", "proj", "workers")["replicas"]
+    assert 1 == fake.group("globex", "proj", "workers")["replicas"]
+
+
 # -- leader election -------------------------------------------------------------
 
 

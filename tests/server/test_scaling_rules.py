@@ -1,5 +1,5 @@
 """
-Scaling rules: stored and validated (the autoscaler comes later).
+Scaling rules: stored and validated, one per tenant and container group.
 """
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ import uuid
 from typing import Any
 
 import pytest
+
+from tests.conftest import Api
 
 
 def rule(**extra: Any) -> dict[str, Any]:
@@ -64,7 +66,7 @@ def test_invalid_rules_are_400(api: Any, change: dict[str, Any]) -> None:
 
 
 def test_duplicate_rule_is_409(api: Any) -> None:
-    """One rule per container group."""
+    """One rule per tenant and container group."""
     body = rule()
     api.post("/scaling-rules", json=body)
     assert 409 == api.post("/scaling-rules", json=body).status_code
@@ -93,3 +95,107 @@ def test_admin_deletes_all_rules(api: Any, admin_api: Any) -> None:
     api.post("/scaling-rules", json=rule())
     assert 204 == admin_api.delete("/scaling-rules").status_code
     assert 0 == api.get("/scaling-rules").json()["_count"]
+
+
+@pytest.fixture
+def other_api(api_server: Any, admin_api: Api) -> Api:
+    """Raw HTTP as a second fresh user, in another organization."""
+    user = admin_api.post("/users", json={"username": f"u-{uuid.uuid4().hex}"}).json()
+    key = admin_api.post(
+        f"/users/{user['id']}/token",
+        json={"org_name": "globex", "project_name": "other"},
+    ).json()["token"]
+    return Api(api_server.url, key)
+
+
+def test_two_tenants_each_have_their_own_rule_for_one_group(
+    api: Api, other_api: Api
+) -> None:
+    """Both create a rule for the same group id; each sees and changes only its own."""
+    body = rule(container_group_name="mine")
+    cg = body["container_group_id"]
+    mine = api.post("/scaling-rules", json=body)
+    theirs = other_api.post(
+        "/scaling-rules", json={**body, "max_replicas": 3, "container_group_name": "x"}
+    )
+    assert (201, 201) == (mine.status_code, theirs.status_code)
+    assert ("acme", "globex") == (mine.json()["org_name"], theirs.json()["org_name"])
+    assert mine.json() == api.get(f"/scaling-rules/{cg}").json()
+    assert theirs.json() == other_api.get(f"/scaling-rules/{cg}").json()
+    assert [mine.json()] == api.get("/scaling-rules").json()["rules"]
+    assert [theirs.json()] == other_api.get("/scaling-rules").json()["rules"]
+    patched = other_api.patch(f"/scaling-rules/{cg}", json={"min_replicas": 2})
+    assert (2, 3) == (patched.json()["min_replicas"], patched.json()["max_replicas"])
+    assert (0, 10) == (
+        api.get(f"/scaling-rules/{cg}").json()["min_replicas"],
+        api.get(f"/scaling-rules/{cg}").json()["max_replicas"],
+    )
+    assert 204 == other_api.delete(f"/scaling-rules/{cg}").status_code
+    assert 404 == other_api.get(f"/scaling-rules/{cg}").status_code
+    assert mine.json() == api.get(f"/scaling-rules/{cg}").json()
+
+
+def test_a_tenant_cannot_reach_another_tenants_rule(api: Api, other_api: Api) -> None:
+    """Another tenant's rule is 404 to read or patch, and survives its delete."""
+    body = rule()
+    cg = body["container_group_id"]
+    created = api.post("/scaling-rules", json=body).json()
+    user_id = created["user_id"]
+    for query in ("", f"?user_id={user_id}"):
+        assert 404 == other_api.get(f"/scaling-rules/{cg}{query}").status_code
+        assert (
+            404
+            == other_api.patch(
+                f"/scaling-rules/{cg}{query}", json={"min_replicas": 1}
+            ).status_code
+        )
+        assert 204 == other_api.delete(f"/scaling-rules/{cg}{query}").status_code
+    assert 0 == other_api.get("/scaling-rules").json()["_count"]
+    assert created == api.get(f"/scaling-rules/{cg}").json()
+
+
+def test_admin_names_the_tenant_when_several_have_a_rule(
+    api: Api, other_api: Api, admin_api: Api
+) -> None:
+    """The admin gets the group's only rule, must name one of several, sees all."""
+    body = rule()
+    cg = body["container_group_id"]
+    mine = api.post("/scaling-rules", json=body).json()
+    assert mine == admin_api.get(f"/scaling-rules/{cg}").json()
+    theirs = other_api.post("/scaling-rules", json=body).json()
+    ambiguous = admin_api.get(f"/scaling-rules/{cg}")
+    assert (409, "Conflict") == (ambiguous.status_code, ambiguous.json()["error"])
+    assert 409 == admin_api.delete(f"/scaling-rules/{cg}").status_code
+    assert (
+        theirs
+        == admin_api.get(f"/scaling-rules/{cg}?user_id={theirs['user_id']}").json()
+    )
+    listed = admin_api.get("/scaling-rules").json()["rules"]
+    assert [mine, theirs] == [r for r in listed if r["container_group_id"] == cg]
+    patched = admin_api.patch(
+        f"/scaling-rules/{cg}?user_id={mine['user_id']}", json={"max_replicas": 4}
+    ).json()
+    assert (mine["user_id"], 4) == (patched["user_id"], patched["max_replicas"])
+    assert 10 == other_api.get(f"/scaling-rules/{cg}").json()["max_replicas"]
+    assert (
+        204
+        == admin_api.delete(
+            f"/scaling-rules/{cg}?user_id={mine['user_id']}"
+        ).status_code
+    )
+    assert 404 == api.get(f"/scaling-rules/{cg}").status_code
+    assert theirs == other_api.get(f"/scaling-rules/{cg}").json()
+
+
+def test_admins_own_rule_comes_first(api: Api, admin_api: Api) -> None:
+    """With its own rule for the group, the admin addresses that one by default."""
+    body = rule()
+    cg = body["container_group_id"]
+    theirs = api.post("/scaling-rules", json=body).json()
+    own = admin_api.post("/scaling-rules", json={**body, "max_replicas": 7}).json()
+    try:
+        assert own == admin_api.get(f"/scaling-rules/{cg}").json()
+        assert 204 == admin_api.delete(f"/scaling-rules/{cg}").status_code
+        assert theirs == admin_api.get(f"/scaling-rules/{cg}").json()
+    finally:
+        admin_api.delete(f"/scaling-rules/{cg}?user_id={own['user_id']}")

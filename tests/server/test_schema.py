@@ -204,3 +204,41 @@ def test_an_old_schema_is_refused_without_migrating(tmp_path: pathlib.Path) -> N
     """migrate=False refuses an empty database, naming `kelpie db upgrade`."""
     with pytest.raises(ConfigError, match="run `kelpie db upgrade"):
         open_store(f"sqlite:///{tmp_path}/e.db", migrate=False)
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_scaling_rules_move_to_tenant_keys_keeping_their_owner(
+    dialect: str, tmp_path: pathlib.Path
+) -> None:
+    """A rule stored before the per-tenant key keeps its user; others can now add theirs."""
+    with contextlib.ExitStack() as stack:
+        if dialect == "sqlite":
+            url = f"sqlite:///{tmp_path}/r.db"
+        else:
+            url = stack.enter_context(fresh_database())
+        engine = make_engine(url)
+        stack.callback(engine.dispose)
+        upgrade(engine, "0005")
+        insert = sa.text(
+            "INSERT INTO scaling_rules VALUES "
+            "('g', :user, 'acme', 'proj', 'workers', 0, 5, 60, 1, 2)"
+        )
+        with engine.begin() as conn:
+            conn.execute(insert, {"user": "u-1"})
+        upgrade(engine)
+        with engine.begin() as conn:
+            conn.execute(insert, {"user": "u-2"})
+            rows = conn.execute(
+                sa.text(
+                    "SELECT user_id, container_group_id, container_group_name, "
+                    "max_replicas FROM scaling_rules ORDER BY user_id"
+                )
+            ).all()
+        assert [("u-1", "g", "workers", 5), ("u-2", "g", "workers", 5)] == [
+            tuple(r) for r in rows
+        ]
+        assert ["user_id", "container_group_id"] == sa.inspect(
+            engine
+        ).get_pk_constraint("scaling_rules")["constrained_columns"]
+        with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+            conn.execute(insert, {"user": "u-2"})
