@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import http.server
 import json
 import pathlib
+import socket
 import threading
 import uuid
 from collections.abc import Iterator
@@ -393,3 +395,105 @@ def test_deleting_all_jobs_forgets_the_keys(
     _once(store, "k")
     store.delete_all_jobs()
     assert not _once(store, "k").replayed
+
+
+# -- the SDK against the real server, through a proxy that loses an answer -----
+
+
+class _LosingProxy(http.server.ThreadingHTTPServer):
+    """
+    Forwards requests to the API server; for the first ``POST /jobs/batch`` it
+    waits for the server's whole answer (the jobs are committed by then) and
+    then cuts the client's connection instead of relaying it.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        self.upstream = upstream
+        self.lost: list[requests.Response] = []
+        self.keys: list[str] = []
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+
+class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+    server: _LosingProxy
+    protocol_version = "HTTP/1.0"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _handle(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        skip = {"host", "content-length", "connection"}
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+        answer = requests.request(
+            self.command,
+            self.server.upstream + self.path,
+            data=body,
+            headers=headers,
+            timeout=60,
+        )
+        with self.server.lock:
+            batch = self.command == "POST" and self.path == "/jobs/batch"
+            if batch:
+                self.server.keys.append(self.headers.get("Idempotency-Key", ""))
+            lose = batch and not self.server.lost
+            if lose:
+                self.server.lost.append(answer)
+        if lose:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.send_response(answer.status_code)
+        for name in ("Content-Type", "Idempotent-Replayed"):
+            if name in answer.headers:
+                self.send_header(name, answer.headers[name])
+        self.send_header("Content-Length", str(len(answer.content)))
+        self.end_headers()
+        self.wfile.write(answer.content)
+
+    do_GET = do_POST = _handle
+
+
+@pytest.fixture
+def losing_proxy(api_server: Any) -> Iterator[_LosingProxy]:
+    """A proxy on 127.0.0.1 in front of the session's API server."""
+    proxy = _LosingProxy(api_server.url)
+    thread = threading.Thread(
+        target=proxy.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
+    )
+    thread.start()
+    try:
+        yield proxy
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        thread.join(5)
+
+
+def test_the_sdk_retry_of_a_lost_1000_job_answer_queues_nothing_twice(
+    losing_proxy: _LosingProxy, api: Api, user_key: str, container_group_id: str
+) -> None:
+    """The first answer to a 1,000-job batch is lost after commit; the retry replays it."""
+    from kelpie_sdk import Client
+
+    sleeps: list[float] = []
+    with Client(losing_proxy.url, user_key, environ={}, sleep=sleeps.append) as client:
+        jobs = client.submit_jobs(
+            [sync_job(container_group_id, name=f"n{i}") for i in range(1000)]
+        )
+    [lost] = losing_proxy.lost
+    assert 202 == lost.status_code
+    assert [j["id"] for j in lost.json()] == [j.id for j in jobs]
+    assert 2 == len(losing_proxy.keys)
+    assert 1 == len(set(losing_proxy.keys))
+    assert 1 == len(sleeps)
+    assert 1000 == _count(api, container_group_id)
