@@ -9,10 +9,11 @@ import http.client
 import http.server
 import json
 import pathlib
+import signal
 import socket
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -412,6 +413,8 @@ class _LosingProxy(http.server.ThreadingHTTPServer):
     def __init__(self, upstream: str) -> None:
         super().__init__(("127.0.0.1", 0), _ProxyHandler)
         self.upstream = upstream
+        #: Called after the answer to lose arrived, before the cut.
+        self.on_lost: Callable[[], None] | None = None
         self.lost: list[requests.Response] = []
         self.keys: list[str] = []
         self.lock = threading.Lock()
@@ -449,6 +452,8 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             if lose:
                 self.server.lost.append(answer)
         if lose:
+            if self.server.on_lost is not None:
+                self.server.on_lost()
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return
@@ -497,3 +502,41 @@ def test_the_sdk_retry_of_a_lost_1000_job_answer_queues_nothing_twice(
     assert 1 == len(set(losing_proxy.keys))
     assert 1 == len(sleeps)
     assert 1000 == _count(api, container_group_id)
+
+
+@pytest.mark.slow
+def test_a_server_killed_after_commit_leaves_the_answer_to_its_successor(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The server is SIGKILLed after committing a batch; the retry, served by a
+    new server process on the same database, replays it."""
+    from kelpie_sdk import Client
+
+    from .test_replica_kill import KEY, _server_process
+
+    url = f"sqlite:///{tmp_path}/k.db"
+    with contextlib.ExitStack() as stack:
+        base, first = stack.enter_context(_server_process(url))
+        proxy = _LosingProxy(base)
+
+        def crash_and_restart() -> None:
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=10)
+            proxy.upstream = stack.enter_context(_server_process(url))[0]
+
+        proxy.on_lost = crash_and_restart
+        thread = threading.Thread(
+            target=proxy.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
+        )
+        thread.start()
+        stack.callback(thread.join, 5)
+        stack.callback(proxy.server_close)
+        stack.callback(proxy.shutdown)
+        with Client(proxy.url, KEY, environ={}, sleep=lambda _: None) as client:
+            jobs = client.submit_jobs(
+                [sync_job("g", name=f"n{i}") for i in range(1000)]
+            )
+        assert first.returncode == -signal.SIGKILL
+        [lost] = proxy.lost
+        assert [j["id"] for j in lost.json()] == [j.id for j in jobs]
+        assert 1000 == _count(Api(proxy.upstream, KEY), "g")
