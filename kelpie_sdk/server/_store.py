@@ -16,6 +16,10 @@ The queue's guarantees live here, in single SQL statements:
   claim's ``attempt`` when the worker sends it). Final states never change.
 - **Failures.** Below ``max_failures`` a failure bans that machine from the job
   and puts the job straight back in the queue.
+- **Idempotent submission.** ``insert_jobs_once()`` inserts the tenant's
+  ``Idempotency-Key`` row (primary key ``(user_id, key)``, ``ON CONFLICT DO
+  NOTHING``) in the jobs' transaction: one set of jobs per key, whatever runs
+  at the same time.
 """
 
 from __future__ import annotations

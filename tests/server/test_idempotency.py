@@ -398,6 +398,26 @@ def test_deleting_all_jobs_forgets_the_keys(
     assert not _once(store, "k").replayed
 
 
+def test_the_sdk_repeats_with_its_own_key_and_gets_a_conflict_for_other_jobs(
+    client: Any, container_group_id: str
+) -> None:
+    """idempotency_key= repeated: the same job back; with another job, ConflictError."""
+    from kelpie_sdk.errors import ConflictError
+
+    def submit(command: str) -> Any:
+        return client.submit_job(
+            command=command,
+            container_group_id=container_group_id,
+            sync={},
+            idempotency_key="nightly",
+        )
+
+    assert submit("a").id == submit("a").id
+    with pytest.raises(ConflictError, match="already used for a different request"):
+        submit("b")
+    assert 1 == len(list(client.list_jobs(container_group_id=container_group_id)))
+
+
 # -- the SDK against the real server, through a proxy that loses an answer -----
 
 
