@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Self
 
@@ -33,7 +34,9 @@ from kelpie_sdk.errors import (
     WaitTimeoutError,
 )
 from kelpie_sdk.models import (
+    IDEMPOTENCY_HEADER,
     MAX_BATCH_SIZE,
+    MAX_IDEMPOTENCY_KEY_LENGTH,
     QUARANTINE_HEADER,
     Job,
     JobEvent,
@@ -81,6 +84,22 @@ def _expect_list(data: Any, what: str) -> list[Any]:
             f"{what}: expected a JSON array, got {type(data).__name__}"
         )
     return data
+
+
+def _idempotency_key(key: str | None) -> str:
+    """
+    ``key`` checked as the server checks it, or a new UUID4 when ``None``.
+    """
+    if key is None:
+        return str(uuid.uuid4())
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH or not all(
+        " " <= c <= "~" for c in key
+    ):
+        raise ValueError(
+            f"an idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} "
+            f"printable ASCII characters, got {key!r}"
+        )
+    return key
 
 
 def _submission_json(job: JobSubmission | Mapping[str, Any]) -> dict[str, Any]:
@@ -250,6 +269,7 @@ class Client:
         idempotent: bool | None = None,
         timeout: Timeout | None = None,
         max_retries: int | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Any:
         return self._transport.request(
             method,
@@ -259,6 +279,29 @@ class Client:
             idempotent=idempotent,
             timeout=timeout,
             max_retries=max_retries,
+            headers=headers,
+        )
+
+    def _submit(
+        self,
+        path: str,
+        body: Any,
+        key: str,
+        timeout: Timeout | None,
+        max_retries: int | None,
+    ) -> Any:
+        # Every attempt carries the same key, so a repeat queues nothing new
+        # on a server that honours it: this project's server, which is the
+        # one X-Kelpie-Key talks to. The hosted API ignores the header, so
+        # there a submission is repeated only when nothing was sent.
+        return self._request(
+            "POST",
+            path,
+            json_body=body,
+            idempotent="X-Kelpie-Key" in self._transport.headers,
+            timeout=timeout,
+            max_retries=max_retries,
+            headers={IDEMPOTENCY_HEADER: key},
         )
 
     # -- jobs ------------------------------------------------------------------
@@ -283,6 +326,7 @@ class Client:
         sync: SyncSpec | Mapping[str, Any] | None = None,
         name: str | None = None,
         tags: Sequence[str] = (),
+        idempotency_key: str | None = None,
         timeout: Timeout | None = None,
         max_retries: int | None = None,
     ) -> Job:
@@ -290,8 +334,14 @@ class Client:
         Queue one job.
 
         Give either the six flat storage fields or ``sync`` (``sync={}`` or
-        ``SyncSpec()`` for no managed storage). Not retried once the request may
-        have reached the server, so a job is never queued twice.
+        ``SyncSpec()`` for no managed storage).
+
+        The request carries an ``Idempotency-Key`` (``idempotency_key``, else a
+        new UUID4), the same on each retry: with an API key (this project's
+        server) a lost answer, a timeout or a 5xx is retried, and the job is
+        still queued once. With SaladCloud credentials (the hosted API, which
+        ignores the key) it is not retried once the request may have reached
+        the server.
 
         Args:
             command: The program to run.
@@ -313,6 +363,10 @@ class Client:
                 it by with ``list_jobs(name=...)``.
             tags: Up to 20 tags (letters, digits, ``_ . : / = + @ -``; up to
                 64 characters each), to filter by with ``list_jobs(tags=...)``.
+            idempotency_key: Your own key for this submission (1 to 255
+                printable ASCII characters), to repeat it safely yourself,
+                e.g. after a crash: a repeat within 24 hours returns the job
+                queued the first time.
             timeout: Overrides the timeout for this call.
             max_retries: Overrides the retries for this call.
 
@@ -320,10 +374,13 @@ class Client:
             The queued job (``pending``).
 
         Raises:
-            ValueError: ``max_failures`` or ``heartbeat_interval`` below 1, or
-                an invalid name or tag.
+            ValueError: ``max_failures`` or ``heartbeat_interval`` below 1, an
+                invalid name or tag, or an invalid ``idempotency_key``.
             BadRequestError: The server rejected the job.
+            ConflictError: ``idempotency_key`` was already used for another
+                submission.
         """
+        key = _idempotency_key(idempotency_key)
         submission = JobSubmission(
             command=command,
             container_group_id=container_group_id,
@@ -346,15 +403,14 @@ class Client:
         body = submission.to_json()
         if sync is not None and not isinstance(sync, SyncSpec):
             body["sync"] = dict(sync)
-        data = self._request(
-            "POST", "/jobs", json_body=body, timeout=timeout, max_retries=max_retries
-        )
+        data = self._submit("/jobs", body, key, timeout, max_retries)
         return Job.from_json(data)
 
     def submit_jobs(
         self,
         jobs: Iterable[JobSubmission | Mapping[str, Any]],
         *,
+        idempotency_key: str | None = None,
         timeout: Timeout | None = None,
         max_retries: int | None = None,
     ) -> list[Job]:
@@ -363,9 +419,15 @@ class Client:
 
         Each batch is all-or-nothing on the server; if a later batch fails,
         the earlier ones stay queued (a note on the exception says how many).
+        Each batch carries an ``Idempotency-Key``, the same on each of its
+        retries, and is retried as ``submit_job`` is.
 
         Args:
             jobs: ``JobSubmission`` objects or wire-shaped mappings.
+            idempotency_key: Your own key for this call (1 to 255 printable
+                ASCII characters): the first batch is sent with it, batch
+                ``n`` (from 0) after it with ``"<key>.<n>"``. Repeating the
+                call with the same key and jobs queues nothing twice.
             timeout: Overrides the timeout for each batch request.
             max_retries: Overrides the retries for each batch request.
 
@@ -373,11 +435,18 @@ class Client:
             The queued jobs, in the order given.
 
         Raises:
+            ValueError: An invalid ``idempotency_key`` (with its suffix).
             BadRequestError: The server rejected a batch; ``index`` (and the
                 message, ``job at index N``) names the rejected job, counted
                 from the first job given.
+            ConflictError: ``idempotency_key`` was already used for other jobs.
         """
         bodies = [_submission_json(job) for job in jobs]
+        base = _idempotency_key(idempotency_key)
+        keys = [
+            _idempotency_key(f"{base}.{n}" if n else base)
+            for n in range(-(-len(bodies) // MAX_BATCH_SIZE))
+        ]
         queued: list[Job] = []
         for start in range(0, len(bodies), MAX_BATCH_SIZE):
             chunk = bodies[start : start + MAX_BATCH_SIZE]
@@ -385,12 +454,12 @@ class Client:
                 logger.debug("submitting jobs %d..%d", start, start + len(chunk) - 1)
             try:
                 data = _expect_list(
-                    self._request(
-                        "POST",
+                    self._submit(
                         "/jobs/batch",
-                        json_body=chunk,
-                        timeout=timeout,
-                        max_retries=max_retries,
+                        chunk,
+                        keys[start // MAX_BATCH_SIZE],
+                        timeout,
+                        max_retries,
                     ),
                     "POST /jobs/batch",
                 )

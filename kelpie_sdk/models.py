@@ -27,13 +27,16 @@ from kelpie_sdk.errors import ResponseValidationError
 
 __all__ = [
     "EVENT_KINDS",
+    "IDEMPOTENCY_HEADER",
     "LEGACY_STORAGE_FIELDS",
     "MAX_BATCH_SIZE",
+    "MAX_IDEMPOTENCY_KEY_LENGTH",
     "MAX_LONG_POLL",
     "MAX_NAME_LENGTH",
     "MAX_TAGS",
     "MAX_TAG_LENGTH",
     "QUARANTINE_HEADER",
+    "REPLAYED_HEADER",
     "JSONValue",
     "Job",
     "JobEvent",
@@ -95,6 +98,14 @@ EVENT_KINDS = (
 #: The header of a ``GET /work`` answer (``[]``) that tells a quarantined
 #: machine until when it gets no work (ISO 8601); the original worker ignores it.
 QUARANTINE_HEADER = "Kelpie-Quarantined-Until"
+
+#: The request header that makes a job submission safe to repeat: a repeat
+#: with the same key and body queues nothing and gets the first answer again.
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+#: The answer header (``true``) of such a replayed answer.
+REPLAYED_HEADER = "Idempotent-Replayed"
+#: The longest ``Idempotency-Key`` (printable ASCII characters).
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
 #: The flat ("legacy") storage fields of a job, in wire order.
 LEGACY_STORAGE_FIELDS = (

@@ -14,10 +14,11 @@ import contextlib
 import dataclasses
 import datetime as dt
 import difflib
+import hashlib
 import logging
 import re
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -35,15 +36,24 @@ from litestar.exceptions import (
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, Operation, SecurityScheme
-from litestar.params import BodyKwarg, FromPath, FromQuery, JSONBody
+from litestar.params import (
+    BodyKwarg,
+    FromPath,
+    FromQuery,
+    HeaderParameter,
+    JSONBody,
+)
 from litestar.plugins.attrs import AttrsSchemaPlugin
 
 from kelpie_sdk.models import (
+    IDEMPOTENCY_HEADER,
     LEGACY_STORAGE_FIELDS,
     MAX_BATCH_SIZE,
+    MAX_IDEMPOTENCY_KEY_LENGTH,
     MAX_LONG_POLL,
     MAX_TAGS,
     QUARANTINE_HEADER,
+    REPLAYED_HEADER,
     Job,
     JobStatus,
     JobSubmission,
@@ -67,6 +77,7 @@ from kelpie_sdk.server._metrics import METRICS_PATH, MetricsMiddleware, ServerMe
 from kelpie_sdk.server._salad_auth import SaladAuth, SaladAuthError
 from kelpie_sdk.server._store import (
     DatabaseUnavailable,
+    IdempotencyConflict,
     Principal,
     ReportOutcome,
     Store,
@@ -531,18 +542,101 @@ async def _check_job_body(request: Request[Any, Any, Any]) -> None:
     _check_submission_fields(raw)
 
 
+_KEY_CHARS = re.compile(r"[\x20-\x7e]+")
+
+#: The ``Idempotency-Key`` header, as the submission endpoints declare it.
+_IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(
+        name=IDEMPOTENCY_HEADER,
+        required=False,
+        description=(
+            "Makes the submission safe to repeat: a repeat with the same key "
+            "and body within 24 hours queues nothing and gets the first answer "
+            f"again (with `{REPLAYED_HEADER}: true`); the same key with another "
+            "body is 409. 1 to 255 printable ASCII characters; keys are per "
+            "tenant."
+        ),
+    ),
+]
+
+
+def _idempotency_key(request: Request[Any, Any, Any]) -> str | None:
+    values = request.headers.getall(IDEMPOTENCY_HEADER, [])
+    if not values:
+        return None
+    if len(values) > 1:
+        raise HTTPProblem(
+            400, "Bad Request", f"send one {IDEMPOTENCY_HEADER} header, not several"
+        )
+    key: str = values[0]
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH or not _KEY_CHARS.fullmatch(key):
+        raise HTTPProblem(
+            400,
+            "Bad Request",
+            f"{IDEMPOTENCY_HEADER} must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} "
+            "printable ASCII characters",
+        )
+    return key
+
+
+async def _queue(
+    request: Request[Any, Any, Any],
+    principal: Principal,
+    subs: list[JobSubmission],
+    route: str,
+    render: Callable[[list[Job]], Any],
+) -> Response[Any]:
+    """
+    Queue validated submissions and answer 202 with ``render(jobs)``; with an
+    ``Idempotency-Key``, at most once per key (a repeat replays the answer).
+    """
+    store = _state(request).store
+    key = _idempotency_key(request)
+    if key is None:
+        return _json(render(store.insert_jobs(principal.user_id, subs)), 202)
+    # What was asked, whatever the JSON's key order or spacing.
+    canonical = msgspec.json.encode(await request.json(), order="sorted")
+    fingerprint = hashlib.sha256(route.encode() + b"\n" + canonical).hexdigest()
+    try:
+        answer = store.insert_jobs_once(
+            principal.user_id,
+            subs,
+            key=key,
+            fingerprint=fingerprint,
+            status=202,
+            render=lambda jobs: msgspec.json.encode(render(jobs)).decode(),
+        )
+    except IdempotencyConflict:
+        raise HTTPProblem(
+            409,
+            "Conflict",
+            f"{IDEMPOTENCY_HEADER} {key!r} was already used for a different "
+            "request (another body or endpoint); send a new key for a new "
+            "submission",
+        ) from None
+    response = Response(
+        content=answer.body.encode(), status_code=answer.status, media_type=_JSON
+    )
+    if answer.replayed:
+        response.headers[REPLAYED_HEADER] = "true"
+    return response
+
+
 @post("/jobs", status_code=202, before_request=_check_job_body)
 async def submit_job(
     request: Request[Any, Any, Any],
     data: JSONBody[JobSubmission],
     principal: NamedDependency[Principal],
+    idempotency_key: _IdempotencyKey = None,
 ) -> Response[Job]:
     """
     Queue one job.
     """
     sub = validate_submission(_decode_submission(await request.json()))
-    (job,) = _state(request).store.insert_jobs(principal.user_id, [sub])
-    return _job_response(job, 202)
+    return await _queue(
+        request, principal, [sub], "POST /jobs", lambda jobs: jobs[0].to_json()
+    )
 
 
 @post("/jobs/batch", status_code=202)
@@ -559,6 +653,7 @@ async def submit_batch(
         ),
     ],
     principal: NamedDependency[Principal],
+    idempotency_key: _IdempotencyKey = None,
 ) -> Response[list[Job]]:
     """
     Queue 1 to 1000 jobs in one transaction; the response keeps request order.
@@ -577,8 +672,13 @@ async def submit_batch(
         except HTTPProblem as exc:
             exc.extra["index"] = index
             raise
-    jobs = _state(request).store.insert_jobs(principal.user_id, subs)
-    return _json([j.to_json() for j in jobs], 202)
+    return await _queue(
+        request,
+        principal,
+        subs,
+        "POST /jobs/batch",
+        lambda jobs: [j.to_json() for j in jobs],
+    )
 
 
 @get("/jobs", sync_to_thread=False)

@@ -24,6 +24,7 @@ from kelpie_sdk.errors import ConfigError
 __all__ = [
     "ADMIN_ID",
     "API_KEYS",
+    "IDEMPOTENCY_KEYS",
     "JOBS",
     "JOB_BANS",
     "JOB_EVENTS",
@@ -253,6 +254,24 @@ MACHINES = sa.Table(
     sa.Column("quarantined_until", sa.BigInteger),
     sa.Column("quarantines", sa.Integer, nullable=False, server_default="0"),
     sa.Index("ix_machines_user_group", "user_id", "container_group_id"),
+)
+
+
+#: Each tenant's ``Idempotency-Key`` of a job submission, inserted in the
+#: transaction that queues the jobs (so a key exists only if its jobs do), with
+#: the answer to replay. The primary key makes concurrent repeats queue once.
+IDEMPOTENCY_KEYS = sa.Table(
+    "idempotency_keys",
+    METADATA,
+    sa.Column("user_id", sa.String(36), primary_key=True),
+    sa.Column("key", sa.String(255), primary_key=True),
+    # SHA-256 of the route and the canonical JSON body.
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("status", sa.Integer, nullable=False),
+    sa.Column("response", sa.Text, nullable=False),
+    sa.Column("created", sa.BigInteger, nullable=False),
+    sa.Column("expires", sa.BigInteger, nullable=False),
+    sa.Index("ix_idempotency_keys_expires", "expires"),
 )
 
 

@@ -16,6 +16,10 @@ The queue's guarantees live here, in single SQL statements:
   claim's ``attempt`` when the worker sends it). Final states never change.
 - **Failures.** Below ``max_failures`` a failure bans that machine from the job
   and puts the job straight back in the queue.
+- **Idempotent submission.** ``insert_jobs_once()`` inserts the tenant's
+  ``Idempotency-Key`` row (primary key ``(user_id, key)``, ``ON CONFLICT DO
+  NOTHING``) in the jobs' transaction: one set of jobs per key, whatever runs
+  at the same time.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from typing import (
 
 import attrs
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine, RowMapping
 
 from kelpie_sdk.models import (
@@ -63,6 +69,7 @@ from kelpie_sdk.models import (
 from kelpie_sdk.server._db import (
     ADMIN_ID,
     API_KEYS,
+    IDEMPOTENCY_KEYS,
     JOB_BANS,
     JOB_EVENTS,
     JOBS,
@@ -78,11 +85,14 @@ if TYPE_CHECKING:
     from kelpie_sdk.server._pg import PgHotPath, PgListener
 
 __all__ = [
+    "IDEMPOTENCY_KEY_SECONDS",
     "DatabaseUnavailable",
+    "IdempotencyConflict",
     "Principal",
     "ReportOutcome",
     "ReputationPolicy",
     "Store",
+    "SubmitAnswer",
     "hash_key",
 ]
 
@@ -96,6 +106,33 @@ class DatabaseUnavailable(Exception):
     The database cannot be reached (or stays busy) even after retries; the
     request may succeed if repeated later (the API answers 503).
     """
+
+
+class IdempotencyConflict(Exception):
+    """
+    An ``Idempotency-Key`` already used by the tenant for another request (a
+    different body or endpoint); the API answers 409.
+    """
+
+
+#: How long a submission's ``Idempotency-Key`` is remembered (at least), in
+#: seconds: a repeat within this time replays the first answer.
+IDEMPOTENCY_KEY_SECONDS = 24 * 3600
+#: The most expired keys one keyed submission deletes in passing: enough to
+#: keep up with the rate keys are made, too few to slow a submission down.
+_KEY_SWEEP_LIMIT = 100
+
+
+@attrs.frozen
+class SubmitAnswer:
+    """
+    The answer to a keyed submission: the status and JSON body sent the first
+    time, and whether this is a repeat that queued nothing.
+    """
+
+    status: int
+    body: str
+    replayed: bool
 
 
 #: Pauses before each retry of a lost connection, a serialization failure or a
@@ -957,7 +994,115 @@ class Store:
 
         The submissions must already be validated and normalised.
         """
+        rows, events = self._new_jobs(user_id, subs, self.now_ms())
+        with self._write() as conn:
+            conn.execute(JOBS.insert(), rows)
+            conn.execute(JOB_EVENTS.insert(), events)
+        self._announce(user_id, rows)
+        return [self._row_to_job(row) for row in rows]
+
+    @_resilient
+    def insert_jobs_once(
+        self,
+        user_id: str,
+        subs: Sequence[JobSubmission],
+        *,
+        key: str,
+        fingerprint: str,
+        status: int,
+        render: Callable[[list[Job]], str],
+    ) -> SubmitAnswer:
+        """
+        Insert jobs as ``insert_jobs`` does, unless the tenant already used
+        ``key``: then insert nothing and return the first answer.
+
+        The key's row is inserted in the jobs' transaction, under the primary
+        key ``(user_id, key)``: a repeat running at the same time (on any
+        replica) waits for the first to commit and then finds its row, or, if
+        the first rolled back, inserts its own. A failed submission leaves no
+        key behind. Keys expire after ``IDEMPOTENCY_KEY_SECONDS``; each keyed
+        submission deletes up to 100 expired ones.
+
+        Args:
+            user_id: The tenant.
+            subs: Validated, normalised submissions.
+            key: The request's ``Idempotency-Key``.
+            fingerprint: A digest of what was asked (endpoint and body); a
+                repeat must match it.
+            status: The HTTP status of the answer.
+            render: Makes the answer's JSON body from the queued jobs.
+
+        Raises:
+            IdempotencyConflict: The key was used for another request.
+        """
         now = self.now_ms()
+        rows, events = self._new_jobs(user_id, subs, now)
+        body = render([self._row_to_job(row) for row in rows])
+        keys = IDEMPOTENCY_KEYS.c
+        mine = sa.and_(keys.user_id == user_id, keys.key == key)
+        insert: Any = (
+            pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
+        )
+        claim_key = (
+            insert(IDEMPOTENCY_KEYS)
+            .values(
+                user_id=user_id,
+                key=key,
+                fingerprint=fingerprint,
+                status=status,
+                response=body,
+                created=now,
+                expires=now + IDEMPOTENCY_KEY_SECONDS * 1000,
+            )
+            .on_conflict_do_nothing()
+            # A row back means this statement inserted the key (rowcount
+            # after ON CONFLICT is not reliable across drivers).
+            .returning(keys.key)
+        )
+        with self._write() as conn:
+            self._sweep_keys(conn, now)
+            conn.execute(IDEMPOTENCY_KEYS.delete().where(mine, keys.expires <= now))
+            if conn.execute(claim_key).first() is not None:
+                conn.execute(JOBS.insert(), rows)
+                conn.execute(JOB_EVENTS.insert(), events)
+                first = None
+            else:
+                # Committed by an earlier request (on PostgreSQL the insert
+                # waited for it), so this statement's snapshot sees it.
+                first = conn.execute(
+                    sa.select(keys.fingerprint, keys.status, keys.response).where(mine)
+                ).first()
+                if first is None:  # pragma: no cover - deleted in between
+                    raise DatabaseUnavailable(
+                        "an idempotency key vanished while it was read; retry"
+                    )
+        if first is None:
+            self._announce(user_id, rows)
+            return SubmitAnswer(status, body, replayed=False)
+        if first.fingerprint != fingerprint:
+            raise IdempotencyConflict(key)
+        return SubmitAnswer(first.status, first.response, replayed=True)
+
+    @staticmethod
+    def _sweep_keys(conn: Connection, now: int) -> None:
+        keys = IDEMPOTENCY_KEYS.c
+        expired = (
+            sa.select(keys.user_id, keys.key)
+            .where(keys.expires <= now)
+            .order_by(keys.expires)
+            .limit(_KEY_SWEEP_LIMIT)
+            # PostgreSQL: sweeps running at once take different rows.
+            .with_for_update(skip_locked=True)
+        )
+        conn.execute(
+            IDEMPOTENCY_KEYS.delete().where(
+                sa.tuple_(keys.user_id, keys.key).in_(expired)
+            )
+        )
+
+    def _new_jobs(
+        self, user_id: str, subs: Sequence[JobSubmission], now: int
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         rows = [self._submission_row(user_id, sub, now) for sub in subs]
         events = [
             {
@@ -970,12 +1115,11 @@ class Store:
             }
             for row in rows
         ]
-        with self._write() as conn:
-            conn.execute(JOBS.insert(), rows)
-            conn.execute(JOB_EVENTS.insert(), events)
+        return rows, events
+
+    def _announce(self, user_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
         for group in dict.fromkeys(row["container_group_id"] for row in rows):
             self._available(user_id, {"status": "pending", "container_group_id": group})
-        return [self._row_to_job(row) for row in rows]
 
     @staticmethod
     def _submission_row(user_id: str, sub: JobSubmission, now: int) -> dict[str, Any]:
@@ -1283,13 +1427,14 @@ class Store:
     @_resilient
     def delete_all_jobs(self) -> None:
         """
-        Delete every job (admin).
+        Delete every job (admin), and the submissions' idempotency keys.
         """
         with self._write() as conn:
             conn.execute(JOB_BANS.delete())
             delete_all_logs(conn)
             conn.execute(JOB_EVENTS.delete())
             conn.execute(JOBS.delete())
+            conn.execute(IDEMPOTENCY_KEYS.delete())
 
     # -- jobs: the worker protocol --------------------------------------------
     #
