@@ -22,8 +22,15 @@ from collections.abc import Callable, Iterator
 
 import attrs
 
-from kelpie_sdk.server import ReputationPolicy, Store, create_app, open_store
+from kelpie_sdk.server import (
+    ReputationPolicy,
+    Store,
+    WebhookSettings,
+    create_app,
+    open_store,
+)
 from kelpie_sdk.server._logs import DEFAULT_LOG_LIMIT
+from kelpie_sdk.server._webhooks import Dispatcher
 
 __all__ = ["ServerHandle", "run_server"]
 
@@ -53,6 +60,8 @@ def run_server(
     metrics_public: bool = False,
     log_limit: int | None = None,
     policy: ReputationPolicy | None = None,
+    webhooks: WebhookSettings | None = None,
+    webhook_dispatch: bool = True,
 ) -> Iterator[ServerHandle]:
     """
     Run the API server on 127.0.0.1 on a free port until the block ends.
@@ -67,6 +76,11 @@ def run_server(
         metrics_public: Serve ``GET /metrics`` without a key.
         log_limit: Bytes of job output kept per attempt; default 1 MiB.
         policy: Quarantine and placement settings (default: the defaults).
+        webhooks: Send webhooks with these settings (e.g. an allowlist for
+            a receiver on loopback); default: none are sent (the outbox still
+            fills), and literal forbidden addresses are refused at submission.
+        webhook_dispatch: With ``webhooks``, run the dispatcher thread; false
+            leaves sending to the test (``Dispatcher.run_once``).
     """
     import uvicorn
 
@@ -88,6 +102,7 @@ def run_server(
                 store,
                 metrics_public=metrics_public,
                 log_limit=DEFAULT_LOG_LIMIT if log_limit is None else log_limit,
+                webhooks=webhooks,
             ),
             log_level="warning",
             access_log=False,
@@ -100,6 +115,10 @@ def run_server(
 
         thread = threading.Thread(target=run, name="kelpie-test-server", daemon=True)
         thread.start()
+        dispatcher = None
+        if webhooks is not None and webhook_dispatch:
+            dispatcher = Dispatcher(store.engine, webhooks, clock=clock)
+            dispatcher.start()
         deadline = time.monotonic() + 10
         while not server.started:
             if not thread.is_alive() or time.monotonic() > deadline:
@@ -110,6 +129,8 @@ def run_server(
                 url=f"http://127.0.0.1:{port}", admin_key=admin_key, store=store
             )
         finally:
+            if dispatcher is not None:
+                dispatcher.stop()
             server.should_exit = True
             thread.join(timeout=10)
             sock.close()

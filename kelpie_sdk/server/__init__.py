@@ -29,6 +29,7 @@ from kelpie_sdk.server._db import (
 )
 from kelpie_sdk.server._logs import DEFAULT_LOG_LIMIT
 from kelpie_sdk.server._store import Principal, ReputationPolicy, Store
+from kelpie_sdk.server._webhooks import Dispatcher, WebhookSettings
 
 __all__ = [
     "ADMIN_ID",
@@ -38,6 +39,7 @@ __all__ = [
     "Principal",
     "ReputationPolicy",
     "Store",
+    "WebhookSettings",
     "create_app",
     "default_database_url",
     "open_store",
@@ -129,6 +131,7 @@ def serve(
     metrics_public: bool = False,
     log_limit: int = DEFAULT_LOG_LIMIT,
     secure_cookie: bool | None = None,
+    webhooks: WebhookSettings | None = None,
 ) -> None:
     """
     Run the server in the foreground until interrupted.
@@ -151,10 +154,15 @@ def serve(
         log_limit: Bytes of job output kept per attempt (the oldest lines go).
         secure_cookie: Mark the web dashboard's session cookie ``Secure``;
             ``None``: when the request came over https.
+        webhooks: How webhooks are checked and sent (the allowlist, the key
+            echo); default: ``KELPIE_WEBHOOK_ALLOW`` and the defaults. The
+            dispatcher runs in this process (every replica runs one).
     """
     import uvicorn
 
     store = open_store(database_url, migrate=migrate)
+    if webhooks is None:
+        webhooks = WebhookSettings.from_env(os.environ)
     generated = store.ensure_admin(admin_key or os.environ.get("KELPIE_ADMIN_KEY"))
     if generated:
         print(  # noqa: T201 - shown once, by design
@@ -166,7 +174,10 @@ def serve(
         metrics_public=metrics_public,
         log_limit=log_limit,
         secure_cookie=secure_cookie,
+        webhooks=webhooks,
     )
+    dispatcher = Dispatcher(store.engine, webhooks)
+    dispatcher.start()
     if access_log:
         app = AccessLog(app)
     log_config = _log_config(log_level)
@@ -197,6 +208,7 @@ def serve(
     finally:
         if scaler is not None:
             scaler.stop()
+        dispatcher.stop()
 
 
 def _log_config(level: str) -> dict[str, Any]:

@@ -71,6 +71,12 @@ from kelpie_sdk.server._store import (
     Store,
 )
 from kelpie_sdk.server._ui import UISessions, ui_handlers
+from kelpie_sdk.server._webhooks import (
+    WebhookSettings,
+    check_literal,
+    read_secret,
+    rotate_secret,
+)
 
 __all__ = ["MAX_PAGE_SIZE", "HTTPProblem", "create_app"]
 
@@ -427,6 +433,8 @@ class _State:
     log_waker: _Waker = attrs.field(factory=_Waker)
     #: The web dashboard's signed-in sessions.
     ui: UISessions = attrs.field(factory=UISessions)
+    #: How webhooks are checked and sent.
+    webhooks: WebhookSettings = attrs.field(factory=WebhookSettings)
 
 
 def _state(request: Request[Any, Any, Any]) -> _State:
@@ -505,6 +513,14 @@ async def _check_job_body(request: Request[Any, Any, Any]) -> None:
     _check_submission_fields(raw)
 
 
+def _check_webhook(request: Request[Any, Any, Any], sub: JobSubmission) -> None:
+    if sub.webhook is None:
+        return
+    reason = check_literal(sub.webhook, _state(request).webhooks.allow)
+    if reason is not None:
+        raise HTTPProblem(400, "Invalid request", reason)
+
+
 @post("/jobs", status_code=202, before_request=_check_job_body)
 async def submit_job(
     request: Request[Any, Any, Any],
@@ -515,6 +531,7 @@ async def submit_job(
     Queue one job.
     """
     sub = validate_submission(_decode_submission(await request.json()))
+    _check_webhook(request, sub)
     (job,) = _state(request).store.insert_jobs(principal.user_id, [sub])
     return _job_response(job, 202)
 
@@ -547,7 +564,9 @@ async def submit_batch(
     subs = []
     for index, item in enumerate(raw):
         try:
-            subs.append(validate_submission(_decode_submission(item, "job")))
+            sub = validate_submission(_decode_submission(item, "job"))
+            _check_webhook(request, sub)
+            subs.append(sub)
         except HTTPProblem as exc:
             exc.extra["index"] = index
             raise
@@ -1395,6 +1414,38 @@ def me(
     return _json(user.to_json())
 
 
+def _secret_response(secret: str, previous: str | None) -> Response[Any]:
+    return _json({"secret": secret, "previous": previous})
+
+
+@get("/users/me/webhook-secret", sync_to_thread=True)
+def get_webhook_secret(
+    request: Request[Any, Any, Any], principal: NamedDependency[Principal]
+) -> Response[Any]:
+    """
+    The caller's webhook signing secret (created on first use), and the
+    previous one while it still signs (a day after a rotation).
+    """
+    store = _state(request).store
+    return _secret_response(
+        *read_secret(store.engine, principal.user_id, store.now_ms())
+    )
+
+
+@post("/users/me/webhook-secret", status_code=200, sync_to_thread=True)
+def rotate_webhook_secret(
+    request: Request[Any, Any, Any], principal: NamedDependency[Principal]
+) -> Response[Any]:
+    """
+    Replace the caller's webhook secret; webhooks carry signatures by both
+    the new and the old secret for a day.
+    """
+    store = _state(request).store
+    return _secret_response(
+        *rotate_secret(store.engine, principal.user_id, store.now_ms())
+    )
+
+
 @post("/users", status_code=201)
 async def create_user(
     request: Request[Any, Any, Any],
@@ -1596,6 +1647,7 @@ def create_app(
     metrics_public: bool = False,
     log_limit: int = DEFAULT_LOG_LIMIT,
     secure_cookie: bool | None = None,
+    webhooks: WebhookSettings | None = None,
 ) -> Litestar:
     """
     Build the Kelpie API application around a store.
@@ -1608,6 +1660,8 @@ def create_app(
         log_limit: Bytes of output lines kept per job attempt (the oldest go).
         secure_cookie: Mark the dashboard's session cookie ``Secure``; by
             default it is when the request came over https.
+        webhooks: The webhook allowlist (checked at submission) and the
+            key echo; the dispatcher is started separately.
     """
     handlers: Sequence[Any] = [
         submit_job,
@@ -1635,6 +1689,8 @@ def create_app(
         delete_rule,
         delete_all_rules,
         me,
+        get_webhook_secret,
+        rotate_webhook_secret,
         create_user,
         create_token,
         delete_users,
@@ -1668,6 +1724,7 @@ def create_app(
         metrics_public=metrics_public,
         logs=JobLogs(store.engine, limit=log_limit),
         ui=UISessions(secure_cookie=secure_cookie),
+        webhooks=webhooks or WebhookSettings(),
     )
     store.on_available(state.waker.notify)
     store.on_lease_expired(state.metrics.lease_expiries.inc)

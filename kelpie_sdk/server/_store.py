@@ -69,10 +69,12 @@ from kelpie_sdk.server._db import (
     MACHINES,
     SCALING_RULES,
     USERS,
+    WEBHOOK_DELIVERIES,
     current_revision,
     head_revision,
 )
 from kelpie_sdk.server._logs import delete_all_logs, delete_logs_of
+from kelpie_sdk.server._webhooks import delivery_row
 
 if TYPE_CHECKING:
     from kelpie_sdk.server._pg import PgHotPath, PgListener
@@ -300,6 +302,9 @@ _CANCELED_COLUMNS = (
     JOBS.c.machine_id,
     JOBS.c.started,
     JOBS.c.progress,
+    JOBS.c.webhook,
+    JOBS.c.container_group_id,
+    JOBS.c.user_id,
 )
 
 # SQLite's planner may pick the plain (user, group, seq) index for the pending
@@ -476,8 +481,16 @@ _EVENT_SQL = """
 # The holder's attempt as it stands before the transition ends it.
 _ATTEMPT_SQL = """
     SELECT attempt, machine_id, started, heartbeat, progress,
-        num_failures, max_failures
+        num_failures, max_failures, webhook, container_group_id
     FROM jobs WHERE id = :id AND user_id = :user_id
+"""
+# A webhook delivery, written with the status change it announces (only for
+# jobs that have a webhook URL).
+_OUTBOX_SQL = """
+    INSERT INTO webhook_deliveries (id, user_id, job_id, event, url, body,
+        echo_key, created, state, attempts, next_attempt)
+    VALUES (:id, :user_id, :job_id, :event, :url, :body, :echo_key, :now,
+        'pending', 0, :now)
 """
 _COMPUTE_SQL = """
     UPDATE jobs SET compute_ms = compute_ms + :compute, lost_ms = lost_ms + :lost
@@ -607,6 +620,7 @@ class _HotPath:
     PROGRESS = _PROGRESS_SQL
     EVENT = _EVENT_SQL
     ATTEMPT = _ATTEMPT_SQL
+    OUTBOX = _OUTBOX_SQL
     COMPUTE = _COMPUTE_SQL
     TAKEOVER = _TAKEOVER_SQL
     QUARANTINED = _QUARANTINED_SQL
@@ -1215,6 +1229,23 @@ class Store:
                     .where(JOBS.c.id == job["id"])
                     .values(compute_ms=JOBS.c.compute_ms + compute)
                 )
+            if job["webhook"]:
+                row = delivery_row(
+                    user_id=job["user_id"],
+                    job_id=job["id"],
+                    url=job["webhook"],
+                    event="canceled",
+                    machine_id=machine,
+                    group=job["container_group_id"],
+                    now=now,
+                )
+                conn.execute(
+                    WEBHOOK_DELIVERIES.insert().values(
+                        {k: v for k, v in row.items() if k != "now"},
+                        created=now,
+                        next_attempt=now,
+                    )
+                )
             conn.execute(
                 JOB_EVENTS.insert().values(
                     job_id=job["id"],
@@ -1329,6 +1360,10 @@ class Store:
                 )
                 self._add_compute(cur, row["id"], compute, lost)
             self._event(cur, row["id"], "claimed", row["attempt"], machine_id, {}, now)
+            if row["webhook"]:
+                self._webhook(
+                    cur, row, row["id"], principal, "running", machine_id, now
+                )
         if took_over:
             for listener in self._takeover_listeners:
                 listener()
@@ -1355,6 +1390,34 @@ class Store:
                 "event_machine": machine_id,
                 "details": json.dumps(details),
             },
+        )
+
+    def _webhook(
+        self,
+        cur: Any,
+        job: Mapping[str, Any],
+        job_id: str,
+        principal: Principal,
+        event: str,
+        machine_id: str | None,
+        now: int,
+    ) -> None:
+        """
+        Queue the webhook of a status change in its transaction (the caller
+        checked that the job has a webhook URL).
+        """
+        self._hot.execute(
+            cur,
+            self._hot.OUTBOX,
+            delivery_row(
+                user_id=principal.user_id,
+                job_id=job_id,
+                url=job["webhook"],
+                event=event,
+                machine_id=machine_id,
+                group=job["container_group_id"],
+                now=now,
+            ),
         )
 
     def _add_compute(self, cur: Any, job_id: str, compute: int, lost: int) -> None:
@@ -1470,6 +1533,16 @@ class Store:
                     params["now"],
                 )
                 self._add_compute(cur, job_id, compute, 0)
+                if before["webhook"]:
+                    self._webhook(
+                        cur,
+                        before,
+                        job_id,
+                        principal,
+                        "completed",
+                        report.machine_id,
+                        params["now"],
+                    )
                 return "ok"
             state = self._state(cur, principal, job_id)
         if state is None:
@@ -1526,6 +1599,10 @@ class Store:
             }
             if final:
                 details["final"] = True
+                if before["webhook"]:
+                    self._webhook(
+                        cur, before, job_id, principal, "failed", report.machine_id, now
+                    )
             self._event(cur, job_id, "failed", attempt, report.machine_id, details, now)
             self._event(cur, job_id, "banned", attempt, report.machine_id, {}, now)
             if not final:
