@@ -24,12 +24,15 @@ import hmac
 import secrets
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from kelpie_sdk.errors import WebhookVerificationError
 
 __all__ = [
     "SECRET_PREFIX",
     "TOLERANCE_SECONDS",
+    "WebhookSecret",
     "WebhookVerificationError",
     "generate_secret",
     "sign",
@@ -41,6 +44,36 @@ SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
 
 #: How far (seconds) a request's timestamp may be from the receiver's clock.
 TOLERANCE_SECONDS = 300
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSecret:
+    """
+    A tenant's webhook signing secret, as ``GET /users/me/webhook-secret``
+    returns it.
+
+    Attributes:
+        secret: The current secret (``whsec_...``).
+        previous: The secret it replaced, while webhooks are still also
+            signed with it (a day after a rotation); else ``None``.
+    """
+
+    secret: str
+    previous: str | None = None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> WebhookSecret:
+        """
+        Read the API's JSON object.
+        """
+        previous = data.get("previous")
+        return cls(secret=str(data["secret"]), previous=previous and str(previous))
+
+    def to_json(self) -> dict[str, Any]:
+        """
+        The API's JSON object.
+        """
+        return {"secret": self.secret, "previous": self.previous}
 
 
 def generate_secret() -> str:

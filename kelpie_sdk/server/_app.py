@@ -513,6 +513,16 @@ async def _check_job_body(request: Request[Any, Any, Any]) -> None:
     _check_submission_fields(raw)
 
 
+def _echo_key(request: Request[Any, Any, Any]) -> str | None:
+    """
+    The request's X-Kelpie-Key for the webhooks it causes, if the operator
+    opted in to the original's echo (else ``None``: nothing is stored).
+    """
+    if not _state(request).webhooks.echo_key:
+        return None
+    return request.headers.get("x-kelpie-key", "")
+
+
 def _check_webhook(request: Request[Any, Any, Any], sub: JobSubmission) -> None:
     if sub.webhook is None:
         return
@@ -680,7 +690,9 @@ def cancel_job(
     """
     Cancel a pending or running job. A completed or failed job stays so (409).
     """
-    outcome = _state(request).store.cancel(principal, job_id)
+    outcome = _state(request).store.cancel(
+        principal, job_id, echo_key=_echo_key(request)
+    )
     if outcome == "not_found":
         raise _not_found()
     if isinstance(outcome, JobStatus):
@@ -699,7 +711,10 @@ def purge_group(
     """
     Delete the caller's pending jobs in a container group; cancel its running ones.
     """
-    return _json({"count": _state(request).store.purge_group(principal, group)})
+    count = _state(request).store.purge_group(
+        principal, group, echo_key=_echo_key(request)
+    )
+    return _json({"count": count})
 
 
 @delete("/jobs", status_code=204, sync_to_thread=False)
@@ -763,7 +778,10 @@ async def get_work(
     try:
         while True:
             job = state.store.claim(
-                principal, machine_id=machine_id, group=container_group_id
+                principal,
+                machine_id=machine_id,
+                group=container_group_id,
+                echo_key=_echo_key(request),
             )
             if job is not None:
                 state.metrics.claims.inc()
@@ -904,7 +922,10 @@ async def completed(
     report = await _report(request)
     state = _state(request)
     if _fenced(
-        state.store.complete(principal, job_id, report), "completion", job_id, report
+        state.store.complete(principal, job_id, report, echo_key=_echo_key(request)),
+        "completion",
+        job_id,
+        report,
     ):
         state.metrics.completions.inc()
         state.jobs.notify(job_id)
@@ -927,7 +948,8 @@ async def failed(
     """
     report = await _report(request)
     state = _state(request)
-    if _fenced(state.store.fail(principal, job_id, report), "failure", job_id, report):
+    outcome = state.store.fail(principal, job_id, report, echo_key=_echo_key(request))
+    if _fenced(outcome, "failure", job_id, report):
         state.metrics.failures.inc()
         state.jobs.notify(job_id)
     return _json({"message": "Failure reported"}, 202)
@@ -1418,7 +1440,7 @@ def _secret_response(secret: str, previous: str | None) -> Response[Any]:
     return _json({"secret": secret, "previous": previous})
 
 
-@get("/users/me/webhook-secret", sync_to_thread=True)
+@get("/users/me/webhook-secret", sync_to_thread=False)
 def get_webhook_secret(
     request: Request[Any, Any, Any], principal: NamedDependency[Principal]
 ) -> Response[Any]:
@@ -1432,7 +1454,7 @@ def get_webhook_secret(
     )
 
 
-@post("/users/me/webhook-secret", status_code=200, sync_to_thread=True)
+@post("/users/me/webhook-secret", status_code=200, sync_to_thread=False)
 def rotate_webhook_secret(
     request: Request[Any, Any, Any], principal: NamedDependency[Principal]
 ) -> Response[Any]:

@@ -1121,7 +1121,7 @@ class Store:
 
     @_resilient
     def cancel(
-        self, principal: Principal, job_id: str
+        self, principal: Principal, job_id: str, *, echo_key: str | None = None
     ) -> Literal["canceled", "not_found"] | JobStatus:
         """
         Cancel a pending or running job.
@@ -1154,7 +1154,9 @@ class Store:
                 )
             ).rowcount
             if done and before is not None:
-                self._canceled_events(conn, principal, [before], now, via=None)
+                self._canceled_events(
+                    conn, principal, [before], now, via=None, echo_key=echo_key
+                )
                 return "canceled"
             status = conn.execute(sa.select(JOBS.c.status).where(owner)).scalar()
         if status is None:
@@ -1164,7 +1166,9 @@ class Store:
         return JobStatus(status)
 
     @_resilient
-    def purge_group(self, principal: Principal, group: str) -> int:
+    def purge_group(
+        self, principal: Principal, group: str, *, echo_key: str | None = None
+    ) -> int:
         """
         Delete the caller's pending jobs in a group and cancel its running ones.
         """
@@ -1196,7 +1200,9 @@ class Store:
                 .where(mine, JOBS.c.status == "running")
                 .values(status="canceled", canceled=now, lease_expires=None)
             ).rowcount
-            self._canceled_events(conn, principal, running, now, via="purge")
+            self._canceled_events(
+                conn, principal, running, now, via="purge", echo_key=echo_key
+            )
         return int(deleted) + int(canceled)
 
     def _canceled_events(
@@ -1207,6 +1213,7 @@ class Store:
         now: int,
         *,
         via: str | None,
+        echo_key: str | None = None,
     ) -> None:
         """
         Record the cancellation of each job, in the transaction that made it.
@@ -1238,12 +1245,12 @@ class Store:
                     machine_id=machine,
                     group=job["container_group_id"],
                     now=now,
+                    echo_key=echo_key,
                 )
+                now_ = row.pop("now")
                 conn.execute(
                     WEBHOOK_DELIVERIES.insert().values(
-                        {k: v for k, v in row.items() if k != "now"},
-                        created=now,
-                        next_attempt=now,
+                        **row, created=now_, next_attempt=now_
                     )
                 )
             conn.execute(
@@ -1305,7 +1312,14 @@ class Store:
     # connection: measured 5x less time per transaction (docs/server.md).
 
     @_resilient
-    def claim(self, principal: Principal, *, machine_id: str, group: str) -> Job | None:
+    def claim(
+        self,
+        principal: Principal,
+        *,
+        machine_id: str,
+        group: str,
+        echo_key: str | None = None,
+    ) -> Job | None:
         """
         Atomically hand the next job of a queue to one machine.
 
@@ -1362,7 +1376,7 @@ class Store:
             self._event(cur, row["id"], "claimed", row["attempt"], machine_id, {}, now)
             if row["webhook"]:
                 self._webhook(
-                    cur, row, row["id"], principal, "running", machine_id, now
+                    cur, row, row["id"], principal, "running", machine_id, now, echo_key
                 )
         if took_over:
             for listener in self._takeover_listeners:
@@ -1401,6 +1415,7 @@ class Store:
         event: str,
         machine_id: str | None,
         now: int,
+        echo_key: str | None,
     ) -> None:
         """
         Queue the webhook of a status change in its transaction (the caller
@@ -1417,6 +1432,7 @@ class Store:
                 machine_id=machine_id,
                 group=job["container_group_id"],
                 now=now,
+                echo_key=echo_key,
             ),
         )
 
@@ -1505,7 +1521,12 @@ class Store:
 
     @_resilient
     def complete(
-        self, principal: Principal, job_id: str, report: WorkerReport
+        self,
+        principal: Principal,
+        job_id: str,
+        report: WorkerReport,
+        *,
+        echo_key: str | None = None,
     ) -> ReportOutcome:
         """
         Mark the holder's job completed. Repeating the same report is harmless.
@@ -1542,6 +1563,7 @@ class Store:
                         "completed",
                         report.machine_id,
                         params["now"],
+                        echo_key,
                     )
                 return "ok"
             state = self._state(cur, principal, job_id)
@@ -1557,7 +1579,12 @@ class Store:
 
     @_resilient
     def fail(
-        self, principal: Principal, job_id: str, report: WorkerReport
+        self,
+        principal: Principal,
+        job_id: str,
+        report: WorkerReport,
+        *,
+        echo_key: str | None = None,
     ) -> ReportOutcome:
         """
         Record a failure from the holder.
@@ -1601,7 +1628,14 @@ class Store:
                 details["final"] = True
                 if before["webhook"]:
                     self._webhook(
-                        cur, before, job_id, principal, "failed", report.machine_id, now
+                        cur,
+                        before,
+                        job_id,
+                        principal,
+                        "failed",
+                        report.machine_id,
+                        now,
+                        echo_key,
                     )
             self._event(cur, job_id, "failed", attempt, report.machine_id, details, now)
             self._event(cur, job_id, "banned", attempt, report.machine_id, {}, now)
