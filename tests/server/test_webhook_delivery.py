@@ -576,3 +576,35 @@ def test_echo_key_is_off_by_default_and_opt_in(receiver: Receiver) -> None:
         key = h.api.session.headers["X-Kelpie-Key"]
     (req,) = receiver.requests
     assert key == req["headers"]["x-kelpie-key"]
+
+
+# -- the SDK and the CLI ---------------------------------------------------------------
+
+
+def test_client_reads_and_rotates_the_secret(api_server: Any, user_key: str) -> None:
+    """Client.webhook_secret() reads; rotate=True replaces and reports the old one."""
+    from kelpie_sdk import Client
+
+    with Client(api_server.url, user_key) as client:
+        first = client.webhook_secret()
+        assert first == client.webhook_secret()
+        assert None is first.previous
+        rotated = client.webhook_secret(rotate=True)
+    assert first.secret == rotated.previous
+    assert first.secret != rotated.secret
+
+
+def test_cli_webhooks_secret(api_server: Any, user_key: str) -> None:
+    """`kelpie webhooks secret` prints the secret; --rotate shows both."""
+    from tests.test_cli import Run
+
+    kelpie = Run(api_server.url, user_key)
+    assert 0 == kelpie("webhooks", "secret")
+    first = kelpie.out.strip()
+    assert first.startswith("whsec_")
+    assert 0 == kelpie("webhooks", "secret", "--rotate", "--json")
+    data = kelpie.json()
+    assert first == data["previous"]
+    assert 0 == kelpie("webhooks", "secret")
+    assert data["secret"] in kelpie.out
+    assert "still signs" in kelpie.out
