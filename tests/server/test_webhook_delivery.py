@@ -449,6 +449,8 @@ def test_public_addresses_and_names_are_accepted_at_submit(api: Api) -> None:
         ("2606:4700::1111", None),
         ("127.0.0.1", "loopback"),
         ("::ffff:10.0.0.1", "private"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("::ffff:169.254.169.254", "link-local"),
         ("100.64.0.1", "not global"),
     ],
 )
@@ -457,6 +459,16 @@ def test_forbidden_reason(address: str, reason: str | None) -> None:
     ip = literal_address(address)
     assert ip is not None
     assert reason == forbidden_reason(ip)
+
+
+def test_allowlist_covers_ipv4_mapped_addresses() -> None:
+    """Allowing 127.0.0.0/8 also allows ::ffff:127.0.0.1, and nothing else."""
+    mapped = literal_address("::ffff:127.0.0.1")
+    assert mapped is not None
+    assert None is forbidden_reason(mapped, LOOPBACK[:1])
+    other = literal_address("::ffff:10.0.0.1")
+    assert other is not None
+    assert "private" == forbidden_reason(other, LOOPBACK[:1])
 
 
 def test_allowlist_permits_a_literal_at_submit() -> None:
