@@ -28,6 +28,7 @@ import logging
 import random
 import re
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -343,6 +344,8 @@ class Dispatcher:
         clock: Seconds since the epoch (the store's clock).
         rng: The jitter's random numbers.
         resolve: ``(host, port) -> addresses``; default: the system resolver.
+        verify: The TLS context that checks receivers' certificates (against
+            the URL's host name); default: the system's CAs.
     """
 
     def __init__(
@@ -353,12 +356,14 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         resolve: Callable[[str, int], list[str]] | None = None,
+        verify: ssl.SSLContext | None = None,
     ) -> None:
         self.engine = engine
         self.settings = settings or WebhookSettings()
         self._clock = clock
         self._rng = rng or random.Random()
         self._resolve = resolve or _system_resolve
+        self._verify: ssl.SSLContext | bool = True if verify is None else verify
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_cleanup = 0.0
@@ -517,8 +522,15 @@ class Dispatcher:
 
         s = self.settings
         timeout = httpx.Timeout(s.timeout, connect=s.connect_timeout)
+        # No connection is reused: the pool is keyed by the address connected
+        # to, and two hosts on one address must not share a TLS session
+        # checked for only one of them.
         async with httpx.AsyncClient(
-            timeout=timeout, follow_redirects=False, trust_env=False
+            timeout=timeout,
+            follow_redirects=False,
+            trust_env=False,
+            verify=self._verify,
+            limits=httpx.Limits(max_keepalive_connections=0),
         ) as client:
             return list(
                 await asyncio.gather(

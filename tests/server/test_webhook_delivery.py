@@ -13,6 +13,7 @@ import contextlib
 import http.server
 import json
 import random
+import ssl
 import threading
 import time
 import uuid
@@ -48,7 +49,7 @@ class Receiver:
     from a script (status, headers), then 200.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.requests: list[dict[str, Any]] = []
         self.script: list[tuple[int, dict[str, str]]] = []
         outer = self
@@ -71,6 +72,8 @@ class Receiver:
                 pass
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/hook"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -620,3 +623,109 @@ def test_cli_webhooks_secret(api_server: Any, user_key: str) -> None:
     assert 0 == kelpie("webhooks", "secret")
     assert data["secret"] in kelpie.out
     assert "still signs" in kelpie.out
+
+
+# -- https ---------------------------------------------------------------------------
+
+
+def _tls_contexts(tmp: Any, host: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A private CA, a receiver's context for ``host``, and a client's trusting the CA."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+
+    def cert(
+        name: str, key: Any, issuer: Any, signer: Any, ca: bool
+    ) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(
+                x509.BasicConstraints(ca=ca, path_length=None), critical=True
+            )
+        )
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False
+            )
+        else:
+            builder = builder.add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca = cert("test CA", ca_key, ca_name, ca_key, ca=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = cert(host, key, ca_name, ca_key, ca=False)
+    pem = serialization.Encoding.PEM
+    (tmp / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (tmp / "leaf.pem").write_bytes(leaf.public_bytes(pem))
+    (tmp / "leaf.key").write_bytes(
+        key.private_bytes(
+            pem,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(tmp / "leaf.pem", tmp / "leaf.key")
+    client = ssl.create_default_context(cafile=str(tmp / "ca.pem"))
+    return server, client
+
+
+def test_https_checks_the_certificate_of_the_name(tmp_path: Any) -> None:
+    """
+    Over https the server connects to the checked address but sends the URL's
+    name as SNI and checks the certificate against it: another name on the
+    same address fails.
+    """
+    server_tls, client_tls = _tls_contexts(tmp_path, "hooks.test")
+    names: list[str | None] = []
+    server_tls.sni_callback = lambda sock, name, ctx: names.append(name)
+    receiver = Receiver(tls=server_tls)
+    try:
+        with _hooks("sqlite") as h:
+            h.dispatcher = Dispatcher(
+                h.engine,
+                ALLOW_LOOPBACK,
+                clock=h.clock,
+                resolve=lambda host, port: ["127.0.0.1"],
+                verify=client_tls,
+            )
+            h.submit(f"https://hooks.test:{receiver.port}/hook")
+            h.submit(f"https://other.test:{receiver.port}/hook", group="g2")
+            h.claim()
+            h.claim(group="g2")
+            h.dispatcher.run_once()
+            rows = {r["url"].split("/")[2].split(":")[0]: r for r in h.rows()}
+    finally:
+        receiver.close()
+    assert "delivered" == rows["hooks.test"]["state"]
+    assert "pending" == rows["other.test"]["state"]
+    assert "CERTIFICATE_VERIFY_FAILED" in rows["other.test"]["last_error"]
+    assert 1 == len(receiver.requests)
+    assert f"hooks.test:{receiver.port}" == receiver.requests[0]["headers"]["Host"]
+    assert "hooks.test" in names
