@@ -729,3 +729,47 @@ def test_https_checks_the_certificate_of_the_name(tmp_path: Any) -> None:
     assert 1 == len(receiver.requests)
     assert f"hooks.test:{receiver.port}" == receiver.requests[0]["headers"]["Host"]
     assert "hooks.test" in names
+
+
+# -- kelpie server ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_kelpie_server_delivers_with_its_allowlist(
+    tmp_path: Any, receiver: Receiver, how: str
+) -> None:
+    """`kelpie server` runs the dispatcher; --webhook-allow or the env allows loopback."""
+    from .test_cli_server import kelpie_server
+
+    env = {"KELPIE_ADMIN_KEY": "sekrit"}
+    args: tuple[str, ...] = ("--webhook-allow", "127.0.0.1/32")
+    if how == "env":
+        env["KELPIE_WEBHOOK_ALLOW"] = "10.0.0.0/8, 127.0.0.1/32"
+        args = ()
+    with kelpie_server(tmp_path / "w.db", env, *args) as (url, _):
+        api = Api(url, "sekrit")
+        response = api.post("/jobs", json=sync_job("g", webhook=receiver.url))
+        assert 202 == response.status_code, response.text
+        api.get("/work", params={"machine_id": "m", "container_group_id": "g"})
+        deadline = time.monotonic() + 20
+        while not receiver.requests and time.monotonic() < deadline:
+            time.sleep(0.1)
+        secret = api.get("/users/me/webhook-secret").json()["secret"]
+    (req,) = receiver.requests
+    verify(req["body"], req["headers"], secret)
+
+
+def test_kelpie_server_refuses_a_bad_allowlist_entry() -> None:
+    """A --webhook-allow that is not a CIDR stops the server with a one-line error."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "kelpie_sdk", "server", "--webhook-allow", "intranet"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert 1 == proc.returncode
+    assert "not a CIDR for the webhook allowlist: 'intranet'" in proc.stderr
