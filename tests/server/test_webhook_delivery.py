@@ -369,6 +369,21 @@ def test_a_claimed_delivery_is_not_sent_twice(hooks: Hooks, receiver: Receiver) 
     assert 1 == len(other._claim(other._now_ms()))
 
 
+def test_postgresql_claim_skips_rows_another_replica_is_claiming(
+    receiver: Receiver,
+) -> None:
+    """On PostgreSQL a claim passes over locked rows at once instead of waiting."""
+    with _hooks("postgresql") as h:
+        h.submit(receiver.url)
+        h.claim()
+        with h.engine.connect() as conn, conn.begin():
+            conn.execute(sa.select(WEBHOOK_DELIVERIES).with_for_update())
+            start = time.monotonic()
+            assert [] == h.dispatcher._claim(h.dispatcher._now_ms())
+            assert time.monotonic() - start < 2
+        assert 1 == len(h.dispatcher._claim(h.dispatcher._now_ms()))
+
+
 def test_finished_rows_are_cleaned_up(hooks: Hooks, receiver: Receiver) -> None:
     """Delivered rows go a week after delivery; pending rows stay."""
     hooks.submit(receiver.url)
