@@ -54,7 +54,9 @@ __all__ = [
     "check_literal",
     "delivery_row",
     "forbidden_reason",
+    "literal_address",
     "parse_allow",
+    "parse_retry_after",
     "read_secret",
     "rotate_secret",
 ]
