@@ -53,6 +53,7 @@ from kelpie_sdk.models import (
     User,
     WorkerReport,
 )
+from kelpie_sdk.webhooks import WebhookSecret
 
 __all__ = ["DEFAULT_MAX_RETRIES", "DEFAULT_TIMEOUT", "Client", "Timeout"]
 
@@ -934,6 +935,38 @@ class Client:
             "GET", "/users/me", timeout=timeout, max_retries=max_retries
         )
         return User.from_json(data)
+
+    def webhook_secret(
+        self,
+        *,
+        rotate: bool = False,
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> WebhookSecret:
+        """
+        The caller's webhook signing secret (the server creates it on first
+        use); with ``rotate=True``, replace it first.
+
+        After a rotation the server signs each webhook with both the new and
+        the previous secret for a day, so receivers can switch without
+        missing a delivery.
+
+        Args:
+            rotate: Issue a new secret (the old one stays valid for a day).
+            timeout: Overrides the client's timeout for this call.
+            max_retries: Overrides the client's retries for this call
+                (a rotation is not retried unless this says so: a repeated
+                one would retire the secret it had just issued).
+        """
+        if rotate and max_retries is None:
+            max_retries = 0
+        data = self._request(
+            "POST" if rotate else "GET",
+            "/users/me/webhook-secret",
+            timeout=timeout,
+            max_retries=max_retries,
+        )
+        return WebhookSecret.from_json(data)
 
     def create_user(
         self,

@@ -19,6 +19,7 @@ The tree::
     │       └── ServerError            5xx
     ├── MachineQuarantined(KelpieError)               this machine gets no work for now
     ├── WaitTimeoutError(KelpieError, TimeoutError)   a caller-given deadline passed
+    ├── WebhookVerificationError(KelpieError, ValueError)  a webhook's signature is bad
     ├── ProviderError(KelpieError)                    the autoscaler's provider failed
     ├── StorageError(KelpieError, OSError)            a worker transfer failed
     │   ├── StorageNotFoundError(StorageError, FileNotFoundError)
@@ -71,6 +72,7 @@ __all__ = [
     "StorageNotFoundError",
     "StoragePermissionError",
     "WaitTimeoutError",
+    "WebhookVerificationError",
     "status_error_class",
 ]
 
@@ -244,6 +246,14 @@ def status_error_class(status_code: int) -> type[APIStatusError]:
 class WaitTimeoutError(KelpieError, TimeoutError):
     """
     A deadline that the caller gave (e.g. to ``Client.wait``) passed.
+    """
+
+
+class WebhookVerificationError(KelpieError, ValueError):
+    """
+    A webhook request failed verification (``kelpie_sdk.webhooks.verify``):
+    a header is missing, no signature matches, the scheme is unknown, or the
+    timestamp is too far from now.
     """
 
 

@@ -26,11 +26,13 @@ from kelpie_sdk.server import (
     ReputationPolicy,
     SaladAuthSettings,
     Store,
+    WebhookSettings,
     create_app,
     open_store,
 )
 from kelpie_sdk.server._logs import DEFAULT_LOG_LIMIT
 from kelpie_sdk.server._salad_auth import SaladAuth
+from kelpie_sdk.server._webhooks import Dispatcher
 
 __all__ = ["ServerHandle", "run_server"]
 
@@ -61,6 +63,8 @@ def run_server(
     log_limit: int | None = None,
     policy: ReputationPolicy | None = None,
     salad_auth: SaladAuthSettings | None = None,
+    webhooks: WebhookSettings | None = None,
+    webhook_dispatch: bool = True,
 ) -> Iterator[ServerHandle]:
     """
     Run the API server on 127.0.0.1 on a free port until the block ends.
@@ -77,6 +81,11 @@ def run_server(
         policy: Quarantine and placement settings (default: the defaults).
         salad_auth: Which SaladCloud workload tokens and API keys to accept
             (default: none).
+        webhooks: Send webhooks with these settings (e.g. an allowlist for
+            a receiver on loopback); default: none are sent (the outbox still
+            fills), and literal forbidden addresses are refused at submission.
+        webhook_dispatch: With ``webhooks``, run the dispatcher thread; false
+            leaves sending to the test (``Dispatcher.run_once``).
     """
     import uvicorn
 
@@ -99,6 +108,7 @@ def run_server(
                 metrics_public=metrics_public,
                 log_limit=DEFAULT_LOG_LIMIT if log_limit is None else log_limit,
                 salad_auth=None if salad_auth is None else SaladAuth(salad_auth),
+                webhooks=webhooks,
             ),
             log_level="warning",
             access_log=False,
@@ -111,6 +121,10 @@ def run_server(
 
         thread = threading.Thread(target=run, name="kelpie-test-server", daemon=True)
         thread.start()
+        dispatcher = None
+        if webhooks is not None and webhook_dispatch:
+            dispatcher = Dispatcher(store.engine, webhooks, clock=clock)
+            dispatcher.start()
         deadline = time.monotonic() + 10
         while not server.started:
             if not thread.is_alive() or time.monotonic() > deadline:
@@ -121,6 +135,8 @@ def run_server(
                 url=f"http://127.0.0.1:{port}", admin_key=admin_key, store=store
             )
         finally:
+            if dispatcher is not None:
+                dispatcher.stop()
             server.should_exit = True
             thread.join(timeout=10)
             sock.close()

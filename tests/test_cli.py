@@ -405,7 +405,7 @@ def test_jobs_get_shows_worker_fields(
         command="x",
         container_group_id=container_group_id,
         environment={"SECRET_TOKEN": "hidden"},
-        webhook="http://127.0.0.1:9/hook",
+        webhook="https://hooks.example.com/hook",
         **{f: "b" if f.endswith("bucket") else "p" for f in LEGACY_STORAGE_FIELDS},
     )
     claimed = client.claim_work(machine_id="m", container_group_id=container_group_id)
@@ -427,7 +427,7 @@ def test_jobs_get_shows_worker_fields(
         "disk full",
         "SECRET_TOKEN",
         "checkpoint prefix",
-        "http://127.0.0.1:9/hook",
+        "https://hooks.example.com/hook",
     ):
         assert text in kelpie.out
     assert "hidden" not in kelpie.out

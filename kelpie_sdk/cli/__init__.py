@@ -31,6 +31,7 @@ from kelpie_sdk.cli import (
     _machines,
     _server,
     _up,
+    _webhooks,
     _worker,
 )
 from kelpie_sdk.cli._common import (
@@ -53,6 +54,7 @@ _REGISTRARS: list[
     _jobs.register,
     _machines.register,
     _admin.register,
+    _webhooks.register,
     _server.register,
     _db.register,
     _worker.register,

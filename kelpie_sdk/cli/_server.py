@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from kelpie_sdk.cli._common import EXIT_OK, Context
 
@@ -95,6 +96,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "on this host included)"
         ),
     )
+    parser.add_argument(
+        "--webhook-allow",
+        metavar="CIDR",
+        action="append",
+        default=[],
+        help=(
+            "let webhooks go to addresses in this network, which are refused "
+            "otherwise (loopback, private, link-local ...); repeatable; also "
+            "KELPIE_WEBHOOK_ALLOW, comma-separated"
+        ),
+    )
+    parser.add_argument(
+        "--webhook-echo-key",
+        action="store_true",
+        help=(
+            "send the original's x-kelpie-key header on webhooks: the API key of "
+            "the request that caused the event (default: off; it hands the "
+            "receiver a usable key)"
+        ),
+    )
     parser.set_defaults(handler=_serve)
 
 
@@ -119,9 +140,13 @@ def _serve(args: argparse.Namespace, ctx: Context) -> int:
     from kelpie_sdk.server._autoscale import autoscale_settings
     from kelpie_sdk.server._logs import DEFAULT_LOG_LIMIT
     from kelpie_sdk.server._salad_auth import salad_auth_settings
+    from kelpie_sdk.server._webhooks import WebhookSettings
 
     autoscale = autoscale_settings(args)
     salad_auth = salad_auth_settings(args)
+    webhooks = WebhookSettings.from_env(
+        os.environ, args.webhook_allow, echo_key=args.webhook_echo_key
+    )
     database = args.database or default_database_url()
     ctx.console.print(
         f"Kelpie API on http://{args.host}:{args.port}  "
@@ -140,6 +165,7 @@ def _serve(args: argparse.Namespace, ctx: Context) -> int:
         log_limit=args.log_limit or DEFAULT_LOG_LIMIT,
         secure_cookie=args.secure_cookie,
         salad_auth=salad_auth,
+        webhooks=webhooks,
     )
     return EXIT_OK
 

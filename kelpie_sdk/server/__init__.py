@@ -30,6 +30,7 @@ from kelpie_sdk.server._db import (
 from kelpie_sdk.server._logs import DEFAULT_LOG_LIMIT
 from kelpie_sdk.server._salad_auth import SaladAuthSettings
 from kelpie_sdk.server._store import Principal, ReputationPolicy, Store
+from kelpie_sdk.server._webhooks import Dispatcher, WebhookSettings
 
 __all__ = [
     "ADMIN_ID",
@@ -40,6 +41,7 @@ __all__ = [
     "ReputationPolicy",
     "SaladAuthSettings",
     "Store",
+    "WebhookSettings",
     "create_app",
     "default_database_url",
     "open_store",
@@ -132,6 +134,7 @@ def serve(
     log_limit: int = DEFAULT_LOG_LIMIT,
     secure_cookie: bool | None = None,
     salad_auth: SaladAuthSettings | None = None,
+    webhooks: WebhookSettings | None = None,
 ) -> None:
     """
     Run the server in the foreground until interrupted.
@@ -156,12 +159,17 @@ def serve(
             ``None``: when the request came over https.
         salad_auth: Which SaladCloud workload tokens and API keys to accept;
             ``None``: none.
+        webhooks: How webhooks are checked and sent (the allowlist, the key
+            echo); default: ``KELPIE_WEBHOOK_ALLOW`` and the defaults. The
+            dispatcher runs in this process (every replica runs one).
     """
     import uvicorn
 
     from kelpie_sdk.server._salad_auth import SaladAuth
 
     store = open_store(database_url, migrate=migrate)
+    if webhooks is None:
+        webhooks = WebhookSettings.from_env(os.environ)
     generated = store.ensure_admin(admin_key or os.environ.get("KELPIE_ADMIN_KEY"))
     if generated:
         print(  # noqa: T201 - shown once, by design
@@ -176,7 +184,10 @@ def serve(
         salad_auth=SaladAuth(salad_auth)
         if salad_auth is not None and salad_auth.enabled
         else None,
+        webhooks=webhooks,
     )
+    dispatcher = Dispatcher(store.engine, webhooks)
+    dispatcher.start()
     if access_log:
         app = AccessLog(app)
     log_config = _log_config(log_level)
@@ -207,6 +218,7 @@ def serve(
     finally:
         if scaler is not None:
             scaler.stop()
+        dispatcher.stop()
 
 
 def _log_config(level: str) -> dict[str, Any]:

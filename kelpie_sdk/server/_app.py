@@ -83,6 +83,12 @@ from kelpie_sdk.server._store import (
     Store,
 )
 from kelpie_sdk.server._ui import UISessions, ui_handlers
+from kelpie_sdk.server._webhooks import (
+    WebhookSettings,
+    check_literal,
+    read_secret,
+    rotate_secret,
+)
 
 __all__ = ["MAX_PAGE_SIZE", "HTTPProblem", "create_app"]
 
@@ -441,6 +447,8 @@ class _State:
     ui: UISessions = attrs.field(factory=UISessions)
     #: Checks SaladCloud credentials; ``None``: they are refused.
     salad: SaladAuth | None = None
+    #: How webhooks are checked and sent.
+    webhooks: WebhookSettings = attrs.field(factory=WebhookSettings)
 
 
 def _state(request: Request[Any, Any, Any]) -> _State:
@@ -623,6 +631,24 @@ async def _queue(
     return response
 
 
+def _echo_key(request: Request[Any, Any, Any]) -> str | None:
+    """
+    The request's X-Kelpie-Key for the webhooks it causes, if the operator
+    opted in to the original's echo (else ``None``: nothing is stored).
+    """
+    if not _state(request).webhooks.echo_key:
+        return None
+    return request.headers.get("x-kelpie-key", "")
+
+
+def _check_webhook(request: Request[Any, Any, Any], sub: JobSubmission) -> None:
+    if sub.webhook is None:
+        return
+    reason = check_literal(sub.webhook, _state(request).webhooks.allow)
+    if reason is not None:
+        raise HTTPProblem(400, "Invalid request", reason)
+
+
 @post("/jobs", status_code=202, before_request=_check_job_body)
 async def submit_job(
     request: Request[Any, Any, Any],
@@ -634,6 +660,7 @@ async def submit_job(
     Queue one job.
     """
     sub = validate_submission(_decode_submission(await request.json()))
+    _check_webhook(request, sub)
     return await _queue(
         request, principal, [sub], "POST /jobs", lambda jobs: jobs[0].to_json()
     )
@@ -668,7 +695,9 @@ async def submit_batch(
     subs = []
     for index, item in enumerate(raw):
         try:
-            subs.append(validate_submission(_decode_submission(item, "job")))
+            sub = validate_submission(_decode_submission(item, "job"))
+            _check_webhook(request, sub)
+            subs.append(sub)
         except HTTPProblem as exc:
             exc.extra["index"] = index
             raise
@@ -787,7 +816,9 @@ def cancel_job(
     """
     Cancel a pending or running job. A completed or failed job stays so (409).
     """
-    outcome = _state(request).store.cancel(principal, job_id)
+    outcome = _state(request).store.cancel(
+        principal, job_id, echo_key=_echo_key(request)
+    )
     if outcome == "not_found":
         raise _not_found()
     if isinstance(outcome, JobStatus):
@@ -806,7 +837,10 @@ def purge_group(
     """
     Delete the caller's pending jobs in a container group; cancel its running ones.
     """
-    return _json({"count": _state(request).store.purge_group(principal, group)})
+    count = _state(request).store.purge_group(
+        principal, group, echo_key=_echo_key(request)
+    )
+    return _json({"count": count})
 
 
 @delete("/jobs", status_code=204, sync_to_thread=False)
@@ -870,7 +904,10 @@ async def get_work(
     try:
         while True:
             job = state.store.claim(
-                principal, machine_id=machine_id, group=container_group_id
+                principal,
+                machine_id=machine_id,
+                group=container_group_id,
+                echo_key=_echo_key(request),
             )
             if job is not None:
                 state.metrics.claims.inc()
@@ -1011,7 +1048,10 @@ async def completed(
     report = await _report(request)
     state = _state(request)
     if _fenced(
-        state.store.complete(principal, job_id, report), "completion", job_id, report
+        state.store.complete(principal, job_id, report, echo_key=_echo_key(request)),
+        "completion",
+        job_id,
+        report,
     ):
         state.metrics.completions.inc()
         state.jobs.notify(job_id)
@@ -1034,7 +1074,8 @@ async def failed(
     """
     report = await _report(request)
     state = _state(request)
-    if _fenced(state.store.fail(principal, job_id, report), "failure", job_id, report):
+    outcome = state.store.fail(principal, job_id, report, echo_key=_echo_key(request))
+    if _fenced(outcome, "failure", job_id, report):
         state.metrics.failures.inc()
         state.jobs.notify(job_id)
     return _json({"message": "Failure reported"}, 202)
@@ -1544,6 +1585,38 @@ def me(
     return _json(user.to_json())
 
 
+def _secret_response(secret: str, previous: str | None) -> Response[Any]:
+    return _json({"secret": secret, "previous": previous})
+
+
+@get("/users/me/webhook-secret", sync_to_thread=False)
+def get_webhook_secret(
+    request: Request[Any, Any, Any], principal: NamedDependency[Principal]
+) -> Response[Any]:
+    """
+    The caller's webhook signing secret (created on first use), and the
+    previous one while it still signs (a day after a rotation).
+    """
+    store = _state(request).store
+    return _secret_response(
+        *read_secret(store.engine, principal.user_id, store.now_ms())
+    )
+
+
+@post("/users/me/webhook-secret", status_code=200, sync_to_thread=False)
+def rotate_webhook_secret(
+    request: Request[Any, Any, Any], principal: NamedDependency[Principal]
+) -> Response[Any]:
+    """
+    Replace the caller's webhook secret; webhooks carry signatures by both
+    the new and the old secret for a day.
+    """
+    store = _state(request).store
+    return _secret_response(
+        *rotate_secret(store.engine, principal.user_id, store.now_ms())
+    )
+
+
 @post("/users", status_code=201)
 async def create_user(
     request: Request[Any, Any, Any],
@@ -1748,6 +1821,7 @@ def create_app(
     log_limit: int = DEFAULT_LOG_LIMIT,
     secure_cookie: bool | None = None,
     salad_auth: SaladAuth | None = None,
+    webhooks: WebhookSettings | None = None,
 ) -> Litestar:
     """
     Build the Kelpie API application around a store.
@@ -1762,6 +1836,8 @@ def create_app(
             default it is when the request came over https.
         salad_auth: Accept SaladCloud workload tokens and API keys as it
             says; ``None``: refuse them (403).
+        webhooks: The webhook allowlist (checked at submission) and the
+            key echo; the dispatcher is started separately.
     """
     handlers: Sequence[Any] = [
         submit_job,
@@ -1789,6 +1865,8 @@ def create_app(
         delete_rule,
         delete_all_rules,
         me,
+        get_webhook_secret,
+        rotate_webhook_secret,
         create_user,
         create_token,
         delete_users,
@@ -1823,6 +1901,7 @@ def create_app(
         logs=JobLogs(store.engine, limit=log_limit),
         ui=UISessions(secure_cookie=secure_cookie),
         salad=salad_auth,
+        webhooks=webhooks or WebhookSettings(),
     )
     store.on_available(state.waker.notify)
     store.on_lease_expired(state.metrics.lease_expiries.inc)

@@ -35,6 +35,8 @@ __all__ = [
     "METADATA",
     "SCALING_RULES",
     "USERS",
+    "WEBHOOK_DELIVERIES",
+    "WEBHOOK_SECRETS",
     "check_schema",
     "current_revision",
     "head_revision",
@@ -254,6 +256,46 @@ MACHINES = sa.Table(
     sa.Column("quarantined_until", sa.BigInteger),
     sa.Column("quarantines", sa.Integer, nullable=False, server_default="0"),
     sa.Index("ix_machines_user_group", "user_id", "container_group_id"),
+)
+
+#: The webhook outbox: one row per event to send, written in the transaction
+#: that changed the job's status (only for jobs with a webhook URL), sent and
+#: retried by the dispatcher, and deleted a while after it was delivered or
+#: given up. ``next_attempt`` doubles as the lease of the replica sending it.
+WEBHOOK_DELIVERIES = sa.Table(
+    "webhook_deliveries",
+    METADATA,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("user_id", sa.String(36), nullable=False),
+    sa.Column("job_id", sa.String(36), nullable=False),
+    sa.Column("event", sa.String(16), nullable=False),
+    sa.Column("url", sa.Text, nullable=False),
+    # The exact bytes sent (and signed) on every attempt.
+    sa.Column("body", sa.Text, nullable=False),
+    # The triggering request's X-Kelpie-Key, only with the opt-in echo.
+    sa.Column("echo_key", sa.Text),
+    sa.Column("created", sa.BigInteger, nullable=False),
+    # pending, delivered or abandoned.
+    sa.Column("state", sa.String(16), nullable=False, server_default="pending"),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt", sa.BigInteger, nullable=False),
+    sa.Column("finished", sa.BigInteger),
+    sa.Column("last_status", sa.Integer),
+    sa.Column("last_error", sa.Text),
+    sa.Index("ix_webhook_deliveries_due", "state", "next_attempt"),
+    sa.Index("ix_webhook_deliveries_finished", "finished"),
+)
+
+#: Each tenant's webhook signing secret, and the one it replaced while that
+#: is still accepted (signed with both until ``previous_until``).
+WEBHOOK_SECRETS = sa.Table(
+    "webhook_secrets",
+    METADATA,
+    sa.Column("user_id", sa.String(36), primary_key=True),
+    sa.Column("secret", sa.Text, nullable=False),
+    sa.Column("previous", sa.Text),
+    sa.Column("previous_until", sa.BigInteger),
+    sa.Column("created", sa.BigInteger, nullable=False),
 )
 
 

@@ -290,9 +290,15 @@ class PgHotPath:
     """
     ATTEMPT = """
         SELECT attempt, machine_id, started, heartbeat, progress,
-            num_failures, max_failures
+            num_failures, max_failures, webhook, container_group_id
         FROM jobs WHERE id = %(id)s AND user_id = %(user_id)s
         FOR UPDATE
+    """
+    OUTBOX = """
+        INSERT INTO webhook_deliveries (id, user_id, job_id, event, url, body,
+            echo_key, created, state, attempts, next_attempt)
+        VALUES (%(id)s, %(user_id)s, %(job_id)s, %(event)s, %(url)s, %(body)s,
+            %(echo_key)s, %(now)s, 'pending', 0, %(now)s)
     """
     COMPUTE = """
         UPDATE jobs SET compute_ms = compute_ms + %(compute)s,

@@ -76,10 +76,12 @@ from kelpie_sdk.server._db import (
     MACHINES,
     SCALING_RULES,
     USERS,
+    WEBHOOK_DELIVERIES,
     current_revision,
     head_revision,
 )
 from kelpie_sdk.server._logs import delete_all_logs, delete_logs_of
+from kelpie_sdk.server._webhooks import delivery_row
 
 if TYPE_CHECKING:
     from kelpie_sdk.server._pg import PgHotPath, PgListener
@@ -341,6 +343,9 @@ _CANCELED_COLUMNS = (
     JOBS.c.machine_id,
     JOBS.c.started,
     JOBS.c.progress,
+    JOBS.c.webhook,
+    JOBS.c.container_group_id,
+    JOBS.c.user_id,
 )
 
 # SQLite's planner may pick the plain (user, group, seq) index for the pending
@@ -517,8 +522,16 @@ _EVENT_SQL = """
 # The holder's attempt as it stands before the transition ends it.
 _ATTEMPT_SQL = """
     SELECT attempt, machine_id, started, heartbeat, progress,
-        num_failures, max_failures
+        num_failures, max_failures, webhook, container_group_id
     FROM jobs WHERE id = :id AND user_id = :user_id
+"""
+# A webhook delivery, written with the status change it announces (only for
+# jobs that have a webhook URL).
+_OUTBOX_SQL = """
+    INSERT INTO webhook_deliveries (id, user_id, job_id, event, url, body,
+        echo_key, created, state, attempts, next_attempt)
+    VALUES (:id, :user_id, :job_id, :event, :url, :body, :echo_key, :now,
+        'pending', 0, :now)
 """
 _COMPUTE_SQL = """
     UPDATE jobs SET compute_ms = compute_ms + :compute, lost_ms = lost_ms + :lost
@@ -648,6 +661,7 @@ class _HotPath:
     PROGRESS = _PROGRESS_SQL
     EVENT = _EVENT_SQL
     ATTEMPT = _ATTEMPT_SQL
+    OUTBOX = _OUTBOX_SQL
     COMPUTE = _COMPUTE_SQL
     TAKEOVER = _TAKEOVER_SQL
     QUARANTINED = _QUARANTINED_SQL
@@ -1275,7 +1289,7 @@ class Store:
 
     @_resilient
     def cancel(
-        self, principal: Principal, job_id: str
+        self, principal: Principal, job_id: str, *, echo_key: str | None = None
     ) -> Literal["canceled", "not_found"] | JobStatus:
         """
         Cancel a pending or running job.
@@ -1308,7 +1322,9 @@ class Store:
                 )
             ).rowcount
             if done and before is not None:
-                self._canceled_events(conn, principal, [before], now, via=None)
+                self._canceled_events(
+                    conn, principal, [before], now, via=None, echo_key=echo_key
+                )
                 return "canceled"
             status = conn.execute(sa.select(JOBS.c.status).where(owner)).scalar()
         if status is None:
@@ -1318,7 +1334,9 @@ class Store:
         return JobStatus(status)
 
     @_resilient
-    def purge_group(self, principal: Principal, group: str) -> int:
+    def purge_group(
+        self, principal: Principal, group: str, *, echo_key: str | None = None
+    ) -> int:
         """
         Delete the caller's pending jobs in a group and cancel its running ones.
         """
@@ -1350,7 +1368,9 @@ class Store:
                 .where(mine, JOBS.c.status == "running")
                 .values(status="canceled", canceled=now, lease_expires=None)
             ).rowcount
-            self._canceled_events(conn, principal, running, now, via="purge")
+            self._canceled_events(
+                conn, principal, running, now, via="purge", echo_key=echo_key
+            )
         return int(deleted) + int(canceled)
 
     def _canceled_events(
@@ -1361,6 +1381,7 @@ class Store:
         now: int,
         *,
         via: str | None,
+        echo_key: str | None = None,
     ) -> None:
         """
         Record the cancellation of each job, in the transaction that made it.
@@ -1382,6 +1403,23 @@ class Store:
                     JOBS.update()
                     .where(JOBS.c.id == job["id"])
                     .values(compute_ms=JOBS.c.compute_ms + compute)
+                )
+            if job["webhook"]:
+                row = delivery_row(
+                    user_id=job["user_id"],
+                    job_id=job["id"],
+                    url=job["webhook"],
+                    event="canceled",
+                    machine_id=machine,
+                    group=job["container_group_id"],
+                    now=now,
+                    echo_key=echo_key,
+                )
+                now_ = row.pop("now")
+                conn.execute(
+                    WEBHOOK_DELIVERIES.insert().values(
+                        **row, created=now_, next_attempt=now_
+                    )
                 )
             conn.execute(
                 JOB_EVENTS.insert().values(
@@ -1443,7 +1481,14 @@ class Store:
     # connection: measured 5x less time per transaction (docs/server.md).
 
     @_resilient
-    def claim(self, principal: Principal, *, machine_id: str, group: str) -> Job | None:
+    def claim(
+        self,
+        principal: Principal,
+        *,
+        machine_id: str,
+        group: str,
+        echo_key: str | None = None,
+    ) -> Job | None:
         """
         Atomically hand the next job of a queue to one machine.
 
@@ -1498,6 +1543,10 @@ class Store:
                 )
                 self._add_compute(cur, row["id"], compute, lost)
             self._event(cur, row["id"], "claimed", row["attempt"], machine_id, {}, now)
+            if row["webhook"]:
+                self._webhook(
+                    cur, row, row["id"], principal, "running", machine_id, now, echo_key
+                )
         if took_over:
             for listener in self._takeover_listeners:
                 listener()
@@ -1524,6 +1573,36 @@ class Store:
                 "event_machine": machine_id,
                 "details": json.dumps(details),
             },
+        )
+
+    def _webhook(
+        self,
+        cur: Any,
+        job: Mapping[str, Any],
+        job_id: str,
+        principal: Principal,
+        event: str,
+        machine_id: str | None,
+        now: int,
+        echo_key: str | None,
+    ) -> None:
+        """
+        Queue the webhook of a status change in its transaction (the caller
+        checked that the job has a webhook URL).
+        """
+        self._hot.execute(
+            cur,
+            self._hot.OUTBOX,
+            delivery_row(
+                user_id=principal.user_id,
+                job_id=job_id,
+                url=job["webhook"],
+                event=event,
+                machine_id=machine_id,
+                group=job["container_group_id"],
+                now=now,
+                echo_key=echo_key,
+            ),
         )
 
     def _add_compute(self, cur: Any, job_id: str, compute: int, lost: int) -> None:
@@ -1611,7 +1690,12 @@ class Store:
 
     @_resilient
     def complete(
-        self, principal: Principal, job_id: str, report: WorkerReport
+        self,
+        principal: Principal,
+        job_id: str,
+        report: WorkerReport,
+        *,
+        echo_key: str | None = None,
     ) -> ReportOutcome:
         """
         Mark the holder's job completed. Repeating the same report is harmless.
@@ -1639,6 +1723,17 @@ class Store:
                     params["now"],
                 )
                 self._add_compute(cur, job_id, compute, 0)
+                if before["webhook"]:
+                    self._webhook(
+                        cur,
+                        before,
+                        job_id,
+                        principal,
+                        "completed",
+                        report.machine_id,
+                        params["now"],
+                        echo_key,
+                    )
                 return "ok"
             state = self._state(cur, principal, job_id)
         if state is None:
@@ -1653,7 +1748,12 @@ class Store:
 
     @_resilient
     def fail(
-        self, principal: Principal, job_id: str, report: WorkerReport
+        self,
+        principal: Principal,
+        job_id: str,
+        report: WorkerReport,
+        *,
+        echo_key: str | None = None,
     ) -> ReportOutcome:
         """
         Record a failure from the holder.
@@ -1695,6 +1795,17 @@ class Store:
             }
             if final:
                 details["final"] = True
+                if before["webhook"]:
+                    self._webhook(
+                        cur,
+                        before,
+                        job_id,
+                        principal,
+                        "failed",
+                        report.machine_id,
+                        now,
+                        echo_key,
+                    )
             self._event(cur, job_id, "failed", attempt, report.machine_id, details, now)
             self._event(cur, job_id, "banned", attempt, report.machine_id, {}, now)
             if not final:
