@@ -39,6 +39,7 @@ from litestar.params import BodyKwarg, FromPath, FromQuery, JSONBody
 from litestar.plugins.attrs import AttrsSchemaPlugin
 
 from kelpie_sdk.models import (
+    INTEGER_RANGES,
     LEGACY_STORAGE_FIELDS,
     MAX_BATCH_SIZE,
     MAX_LONG_POLL,
@@ -55,8 +56,16 @@ from kelpie_sdk.models import (
     SyncSpec,
     User,
     WorkerReport,
+    check_integer,
     check_tag,
     format_timestamp,
+)
+from kelpie_sdk.server._guard import (
+    MAX_JSON_DEPTH,
+    RequestGuard,
+    json_has_nul,
+    json_too_deep,
+    request_id,
 )
 from kelpie_sdk.server._logs import (
     DEFAULT_LOG_LIMIT,
@@ -72,14 +81,16 @@ from kelpie_sdk.server._store import (
 )
 from kelpie_sdk.server._ui import UISessions, ui_handlers
 
-__all__ = ["MAX_PAGE_SIZE", "HTTPProblem", "create_app"]
+__all__ = ["MAX_BODY_BYTES", "MAX_PAGE_SIZE", "HTTPProblem", "create_app"]
 
 logger = logging.getLogger(__name__)
 
 #: The largest ``page_size`` that ``GET /jobs`` accepts.
-MAX_PAGE_SIZE = 1000
+MAX_PAGE_SIZE = INTEGER_RANGES["page_size"][1]
 #: The longest job id (the ``id`` column's width).
 MAX_ID_LENGTH = 36
+#: The largest request body (bytes); a larger one is answered 413.
+MAX_BODY_BYTES = 10 * 1024 * 1024
 #: How long a looked-up API key is trusted without asking the database again.
 KEY_CACHE_SECONDS = 5.0
 
@@ -174,10 +185,24 @@ def _on_unavailable(
     return response
 
 
-def _on_crash(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    logger.error("unhandled error", exc_info=exc)
+def _on_crash(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    # The exception's text may carry SQL, paths or data: it goes to the log
+    # only, under the request id that the answer gives.
+    rid = request_id(request.scope)
+    logger.error(
+        "unhandled error in %s %s (request id %s)",
+        request.method,
+        request.url.path,
+        rid,
+        exc_info=exc,
+    )
     return _json(
-        {"error": "Internal server error", "message": f"{type(exc).__name__}: {exc}"},
+        {
+            "error": "Internal server error",
+            "message": f"an unexpected error occurred; the server's log has its "
+            f"details under request id {rid}",
+            "request_id": rid,
+        },
         500,
     )
 
@@ -495,9 +520,42 @@ def _not_found(what: str = "Job") -> HTTPProblem:
 # Jobs ------------------------------------------------------------------------
 
 
+async def _check_body(request: Request[Any, Any, Any]) -> None:
+    """
+    Refuse a JSON body nested too deeply (before anything decodes it: the
+    decoder recurses, and ~1,000 levels exhaust the stack).
+    """
+    if request.method not in ("POST", "PATCH", "PUT"):
+        return
+    body = await request.body()
+    if json_too_deep(body):
+        raise HTTPProblem(
+            400,
+            "Bad Request",
+            f"JSON nested more than {MAX_JSON_DEPTH} levels deep",
+        )
+    if json_has_nul(body):
+        raise HTTPProblem(
+            400, "Bad Request", "strings must not contain NUL characters (\\u0000)"
+        )
+
+
+async def _check_log_body(request: Request[Any, Any, Any]) -> None:
+    """
+    Refuse a log batch nested too deeply; NULs in its lines are replaced.
+    """
+    if json_too_deep(await request.body()):
+        raise HTTPProblem(
+            400,
+            "Bad Request",
+            f"JSON nested more than {MAX_JSON_DEPTH} levels deep",
+        )
+
+
 async def _check_job_body(request: Request[Any, Any, Any]) -> None:
     # Runs before Litestar decodes the body, whose error for a misspelt
     # required field would name the missing field, not the misspelt one.
+    await _check_body(request)
     try:
         raw = await request.json()
     except SerializationException:
@@ -583,12 +641,7 @@ def list_jobs(
             f"unknown status {status!r}; expected one of "
             + ", ".join(s.value for s in JobStatus),
         )
-    if page < 1:
-        raise HTTPProblem(400, "Bad Request", "page must be at least 1")
-    if not 1 <= page_size <= MAX_PAGE_SIZE:
-        raise HTTPProblem(
-            400, "Bad Request", f"page_size must be between 1 and {MAX_PAGE_SIZE}"
-        )
+    _check_integers(page=page, page_size=page_size)
     if id_prefix is not None and len(id_prefix) > MAX_ID_LENGTH:
         raise HTTPProblem(
             400,
@@ -773,6 +826,18 @@ async def get_work(
             state.metrics.long_polls.labels("work").dec()
         if gone is not None:
             gone.cancel()
+
+
+def _check_integers(**values: int | None) -> None:
+    """
+    A 400 for a query parameter outside its range in ``INTEGER_RANGES``.
+    """
+    for name, value in values.items():
+        try:
+            check_integer(name, value)
+        except ValueError as exc:
+            message = str(exc).replace("log_attempt", "attempt")
+            raise HTTPProblem(400, "Bad Request", message) from exc
 
 
 def _check_wait(wait: float | None) -> None:
@@ -983,6 +1048,7 @@ async def holder_status(
     """
     if not machine_id:
         raise HTTPProblem(400, "Bad Request", "query parameter machine_id is required")
+    _check_integers(attempt=attempt)
     _check_wait(wait)
     state = _state(request)
     deadline = time.monotonic() + (wait or 0.0)
@@ -1016,7 +1082,7 @@ async def holder_status(
 #: The most lines one ``POST /jobs/{id}/logs`` may carry.
 MAX_LOG_BATCH = 10_000
 #: The most lines one ``GET /jobs/{id}/logs`` returns.
-MAX_LOG_PAGE = 10_000
+MAX_LOG_PAGE = INTEGER_RANGES["limit"][1]
 #: Line times from the year 5000 on are mistakes (seconds since the epoch).
 _MAX_LOG_TIME = 95_617_584_000.0
 #: How long ``GET /jobs/{id}/logs?follow=true`` waits for a line by default.
@@ -1101,7 +1167,12 @@ class _LogBatchOperation(Operation):
         )
 
 
-@post("/jobs/{job_id:str}/logs", status_code=200, operation_class=_LogBatchOperation)
+@post(
+    "/jobs/{job_id:str}/logs",
+    status_code=200,
+    operation_class=_LogBatchOperation,
+    before_request=_check_log_body,
+)
 async def ship_logs(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],
@@ -1125,12 +1196,11 @@ async def ship_logs(
         raise HTTPProblem(400, "Bad Request", f"malformed JSON: {exc}") from exc
     if not batch.machine_id:
         raise HTTPProblem(400, "Bad Request", "machine_id must not be empty")
-    if not 0 <= batch.offset < 2**53 or not 1 <= batch.attempt < 2**31:
+    if "\x00" in batch.machine_id + batch.container_group_id:
         raise HTTPProblem(
-            400,
-            "Bad Request",
-            "offset must be between 0 and 2**53 - 1, attempt between 1 and 2**31 - 1",
+            400, "Bad Request", "strings must not contain NUL characters (\\u0000)"
         )
+    _check_integers(offset=batch.offset, log_attempt=batch.attempt)
     if len(batch.lines) > MAX_LOG_BATCH:
         raise HTTPProblem(
             400,
@@ -1158,7 +1228,10 @@ async def ship_logs(
         attempt=batch.attempt,
         offset=batch.offset,
         lines=[
-            IncomingLine(item.stream, int(item.time * 1000), item.line)
+            # A job may print NULs; PostgreSQL cannot store them.
+            IncomingLine(
+                item.stream, int(item.time * 1000), item.line.replace("\x00", "\ufffd")
+            )
             for item in batch.lines
         ],
     )
@@ -1196,12 +1269,7 @@ async def read_logs(
     ``wait`` seconds (default 20, up to 60) until lines arrive or the job
     ends.
     """
-    if limit < 1 or limit > MAX_LOG_PAGE:
-        raise HTTPProblem(
-            400, "Bad Request", f"limit must be between 1 and {MAX_LOG_PAGE}"
-        )
-    if since < 0:
-        raise HTTPProblem(400, "Bad Request", "since must not be negative")
+    _check_integers(limit=limit, since=since, attempt=attempt)
     _check_wait(wait)
     state = _state(request)
     deadline = time.monotonic() + (
@@ -1659,6 +1727,8 @@ def create_app(
         exception_handlers=dict(exception_handlers),
         plugins=[AttrsSchemaPlugin()],
         openapi_config=_openapi_config(),
+        before_request=_check_body,
+        request_max_body_size=MAX_BODY_BYTES,
         debug=debug,
     )
     app.state.kelpie = state = _State(
@@ -1673,5 +1743,5 @@ def create_app(
     store.on_lease_expired(state.metrics.lease_expiries.inc)
     # Outside the router, as Litestar wraps its own CORS middleware, so that
     # every answer is timed, errors and unknown paths included.
-    app.asgi_handler = MetricsMiddleware(app.asgi_handler, state.metrics)
+    app.asgi_handler = RequestGuard(MetricsMiddleware(app.asgi_handler, state.metrics))
     return app
