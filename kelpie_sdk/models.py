@@ -81,7 +81,7 @@ MAX_TAG_LENGTH = 64
 
 #: The inclusive range of every integer the API accepts, in a request body or
 #: a query string, by its name; anything outside is answered 400. The same
-#: checks run in the SDK when a model is built, before anything is sent.
+#: checks run in the SDK when a model is built, before anything is sent (W-31).
 INTEGER_RANGES: Mapping[str, tuple[int, int]] = {
     # JobSubmission
     "max_failures": (1, 1000),

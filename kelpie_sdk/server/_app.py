@@ -159,6 +159,8 @@ def _on_validation(
 
 
 def _on_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    if exc.status_code >= 500:
+        return _on_crash(request, exc)
     if isinstance(exc, NotFoundException) and exc.detail == "Not Found":
         return _json({"error": "Route Not Found", "message": request.url.path}, 404)
     return _json(
@@ -171,13 +173,16 @@ UNAVAILABLE_RETRY_AFTER = 2
 
 
 def _on_unavailable(
-    _: Request[Any, Any, Any], exc: DatabaseUnavailable
+    request: Request[Any, Any, Any], exc: DatabaseUnavailable
 ) -> Response[Any]:
-    logger.warning("%s", exc)
+    # The driver's text names hosts, users and databases: log only (W-33).
+    rid = request_id(request.scope)
+    logger.warning("%s (request id %s)", exc, rid)
     response = _json(
         {
             "error": "Service Unavailable",
-            "message": f"{exc}; retry later",
+            "message": "the database is unavailable; retry later",
+            "request_id": rid,
         },
         503,
     )
@@ -187,7 +192,7 @@ def _on_unavailable(
 
 def _on_crash(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     # The exception's text may carry SQL, paths or data: it goes to the log
-    # only, under the request id that the answer gives.
+    # only, under the request id that the answer gives (W-33).
     rid = request_id(request.scope)
     logger.error(
         "unhandled error in %s %s (request id %s)",

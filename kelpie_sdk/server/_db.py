@@ -339,7 +339,7 @@ SQLITE_FILE_MODE = 0o600
 
 def secure_sqlite_file(path: pathlib.Path) -> None:
     """
-    Make a SQLite database readable and writable by its owner only.
+    Make a SQLite database readable and writable by its owner only (W-34).
 
     A new file is created empty with mode 0600 (SQLite gives the -wal and
     -shm files it creates later the database file's mode); an existing file,

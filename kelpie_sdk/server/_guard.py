@@ -5,7 +5,7 @@ route, and JSON nested too deeply to decode safely.
 Litestar decodes a path before routing it and ignores a trailing slash, so
 ``DELETE /jobs/%2F`` (a job id of ``/``) used to reach ``DELETE /jobs`` (delete
 every job), and ``/jobs/abc%2Fheartbeat`` the heartbeat route. Such paths are
-refused here, before the router sees them.
+refused here, before the router sees them (W-32 in docs/server.md).
 """
 
 from __future__ import annotations

@@ -465,3 +465,36 @@ def test_a_loose_sqlite_database_is_tightened_with_a_warning(
         open_store(f"sqlite:///{db}").close()
     assert 0o600 == _mode(db)
     assert any("0644" in r.getMessage() for r in caplog.records)
+
+
+def test_a_503_names_no_database_details() -> None:
+    """With PostgreSQL unreachable, the 503 gives the request id, not the driver's text."""
+    import psycopg
+    import requests
+
+    from kelpie_sdk.testing import run_server
+
+    from ..pg import ADMIN_URL, fresh_database
+
+    with fresh_database() as url, run_server(database_url=url) as handle:
+        name = url.rsplit("/", 1)[1]
+        with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s",
+                (name,),
+            )
+        try:
+            r = requests.get(
+                handle.url + "/jobs",
+                headers={"X-Kelpie-Key": handle.admin_key, "X-Request-Id": "probe-503"},
+                timeout=30,
+            )
+        finally:
+            with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+                conn.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+    assert 503 == r.status_code, r.text
+    assert "probe-503" == r.json()["request_id"]
+    assert name not in r.text
+    assert "Error" not in r.text
