@@ -878,11 +878,36 @@ async def _disconnect(request: Request[Any, Any, Any]) -> None:
         pass
 
 
+async def _check_report_body(request: Request[Any, Any, Any]) -> None:
+    """
+    Refuse a report nested too deeply; NULs are dealt with in ``_report``.
+    """
+    if json_too_deep(await request.body()):
+        raise HTTPProblem(
+            400,
+            "Bad Request",
+            f"JSON nested more than {MAX_JSON_DEPTH} levels deep",
+        )
+
+
+def _no_nul(text: str | None) -> str | None:
+    return None if text is None else text.replace("\x00", "\ufffd")
+
+
 async def _report(request: Request[Any, Any, Any]) -> WorkerReport:
     report = _strict(await request.json(), WorkerReport)
     if not report.machine_id:
         raise HTTPProblem(400, "Bad Request", "machine_id must not be empty")
-    return report
+    if "\x00" in report.machine_id + report.container_group_id:
+        raise HTTPProblem(
+            400, "Bad Request", "strings must not contain NUL characters (\\u0000)"
+        )
+    # ``error`` is the tail of the job's output, which may hold NULs that
+    # PostgreSQL cannot store; the report must not be refused for them.
+    # (``progress`` is stored as JSON text, where a NUL stays escaped.)
+    return attrs.evolve(
+        report, error=_no_nul(report.error), reason=_no_nul(report.reason)
+    )
 
 
 def _fenced(
@@ -922,7 +947,9 @@ def _fenced(
     return True
 
 
-@post("/jobs/{job_id:str}/heartbeat", status_code=200)
+@post(
+    "/jobs/{job_id:str}/heartbeat", status_code=200, before_request=_check_report_body
+)
 async def heartbeat(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],
@@ -939,7 +966,9 @@ async def heartbeat(
     return _json({"status": status.value})
 
 
-@post("/jobs/{job_id:str}/completed", status_code=200)
+@post(
+    "/jobs/{job_id:str}/completed", status_code=200, before_request=_check_report_body
+)
 async def completed(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],
@@ -962,7 +991,7 @@ async def completed(
     return _json({"message": "Completed reported"})
 
 
-@post("/jobs/{job_id:str}/failed", status_code=202)
+@post("/jobs/{job_id:str}/failed", status_code=202, before_request=_check_report_body)
 async def failed(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],
@@ -984,7 +1013,7 @@ async def failed(
     return _json({"message": "Failure reported"}, 202)
 
 
-@post("/jobs/{job_id:str}/release", status_code=200)
+@post("/jobs/{job_id:str}/release", status_code=200, before_request=_check_report_body)
 async def release(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],
@@ -1008,7 +1037,7 @@ async def release(
 # Progress and status between heartbeats (optional additions) ------------------------
 
 
-@post("/jobs/{job_id:str}/progress", status_code=200)
+@post("/jobs/{job_id:str}/progress", status_code=200, before_request=_check_report_body)
 async def report_progress(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],

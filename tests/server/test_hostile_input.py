@@ -320,6 +320,32 @@ def test_nul_in_a_log_line_is_stored_as_a_replacement_character(
     assert ["a\ufffdb"] == [x["line"] for x in lines]
 
 
+def test_nul_in_a_failure_report_error_is_kept_as_a_replacement_character(
+    api: Any, container_group_id: str
+) -> None:
+    """A failure whose output tail holds NUL is recorded, not refused."""
+    job = api.post("/jobs", json=sync_job(container_group_id, max_failures=1)).json()
+    api.get(
+        "/work", params={"machine_id": "m", "container_group_id": container_group_id}
+    )
+    body = report("m", container_group_id, attempt=1, error="boom\x00", reason="r\x00")
+    r = api.post(f"/jobs/{job['id']}/failed", json=body)
+    assert 202 == r.status_code, r.text
+    got = api.get(f"/jobs/{job['id']}").json()
+    assert "failed" == got["status"]
+    assert "boom\ufffd" == got["last_error"]
+
+
+def test_nul_in_a_report_machine_id_is_a_400(api: Any, container_group_id: str) -> None:
+    """A machine id with NUL cannot name a machine: 400."""
+    job = api.post("/jobs", json=sync_job(container_group_id)).json()
+    r = api.post(
+        f"/jobs/{job['id']}/heartbeat", json=report("m\x00", container_group_id)
+    )
+    assert 400 == r.status_code, r.text
+    assert "NUL" in r.json()["message"]
+
+
 def test_body_over_the_limit_is_a_413(api: Any) -> None:
     """A body past the documented limit is a 413 with the usual error body."""
     r = api.post(
