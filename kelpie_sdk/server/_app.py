@@ -204,7 +204,7 @@ def _on_crash(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     return _json(
         {
             "error": "Internal server error",
-            "message": f"an unexpected error occurred; the server's log has its "
+            "message": "an unexpected error occurred; the server's log has its "
             f"details under request id {rid}",
             "request_id": rid,
         },
@@ -525,35 +525,35 @@ def _not_found(what: str = "Job") -> HTTPProblem:
 # Jobs ------------------------------------------------------------------------
 
 
+async def _check_depth(request: Request[Any, Any, Any]) -> None:
+    """
+    Refuse a JSON body nested too deeply, before anything decodes it (the
+    decoder recurses, and ~1,000 levels exhaust the stack).
+
+    The ``before_request`` of the routes that carry a job's output (log
+    lines, a failure's error), where NULs are replaced, not refused.
+    """
+    if request.method in ("POST", "PATCH", "PUT") and json_too_deep(
+        await request.body()
+    ):
+        raise HTTPProblem(
+            400,
+            "Bad Request",
+            f"JSON nested more than {MAX_JSON_DEPTH} levels deep",
+        )
+
+
 async def _check_body(request: Request[Any, Any, Any]) -> None:
     """
-    Refuse a JSON body nested too deeply (before anything decodes it: the
-    decoder recurses, and ~1,000 levels exhaust the stack).
+    Every route's ``before_request``: ``_check_depth``, and no NUL in any
+    string (PostgreSQL cannot store it).
     """
-    if request.method not in ("POST", "PATCH", "PUT"):
-        return
-    body = await request.body()
-    if json_too_deep(body):
-        raise HTTPProblem(
-            400,
-            "Bad Request",
-            f"JSON nested more than {MAX_JSON_DEPTH} levels deep",
-        )
-    if json_has_nul(body):
+    await _check_depth(request)
+    if request.method in ("POST", "PATCH", "PUT") and json_has_nul(
+        await request.body()
+    ):
         raise HTTPProblem(
             400, "Bad Request", "strings must not contain NUL characters (\\u0000)"
-        )
-
-
-async def _check_log_body(request: Request[Any, Any, Any]) -> None:
-    """
-    Refuse a log batch nested too deeply; NULs in its lines are replaced.
-    """
-    if json_too_deep(await request.body()):
-        raise HTTPProblem(
-            400,
-            "Bad Request",
-            f"JSON nested more than {MAX_JSON_DEPTH} levels deep",
         )
 
 
@@ -878,18 +878,6 @@ async def _disconnect(request: Request[Any, Any, Any]) -> None:
         pass
 
 
-async def _check_report_body(request: Request[Any, Any, Any]) -> None:
-    """
-    Refuse a report nested too deeply; NULs are dealt with in ``_report``.
-    """
-    if json_too_deep(await request.body()):
-        raise HTTPProblem(
-            400,
-            "Bad Request",
-            f"JSON nested more than {MAX_JSON_DEPTH} levels deep",
-        )
-
-
 def _no_nul(text: str | None) -> str | None:
     return None if text is None else text.replace("\x00", "\ufffd")
 
@@ -947,9 +935,7 @@ def _fenced(
     return True
 
 
-@post(
-    "/jobs/{job_id:str}/heartbeat", status_code=200, before_request=_check_report_body
-)
+@post("/jobs/{job_id:str}/heartbeat", status_code=200, before_request=_check_depth)
 async def heartbeat(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],
@@ -966,9 +952,7 @@ async def heartbeat(
     return _json({"status": status.value})
 
 
-@post(
-    "/jobs/{job_id:str}/completed", status_code=200, before_request=_check_report_body
-)
+@post("/jobs/{job_id:str}/completed", status_code=200, before_request=_check_depth)
 async def completed(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],
@@ -991,7 +975,7 @@ async def completed(
     return _json({"message": "Completed reported"})
 
 
-@post("/jobs/{job_id:str}/failed", status_code=202, before_request=_check_report_body)
+@post("/jobs/{job_id:str}/failed", status_code=202, before_request=_check_depth)
 async def failed(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],
@@ -1013,7 +997,7 @@ async def failed(
     return _json({"message": "Failure reported"}, 202)
 
 
-@post("/jobs/{job_id:str}/release", status_code=200, before_request=_check_report_body)
+@post("/jobs/{job_id:str}/release", status_code=200, before_request=_check_depth)
 async def release(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],
@@ -1037,7 +1021,7 @@ async def release(
 # Progress and status between heartbeats (optional additions) ------------------------
 
 
-@post("/jobs/{job_id:str}/progress", status_code=200, before_request=_check_report_body)
+@post("/jobs/{job_id:str}/progress", status_code=200, before_request=_check_depth)
 async def report_progress(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],
@@ -1205,7 +1189,7 @@ class _LogBatchOperation(Operation):
     "/jobs/{job_id:str}/logs",
     status_code=200,
     operation_class=_LogBatchOperation,
-    before_request=_check_log_body,
+    before_request=_check_depth,
 )
 async def ship_logs(
     request: Request[Any, Any, Any],
