@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kelpie_sdk.models import INTEGER_RANGES
 from kelpie_sdk.server._app import MAX_BODY_BYTES
@@ -256,6 +258,20 @@ def test_depth_scan_ignores_brackets_in_strings() -> None:
     assert not json_too_deep(inside.encode())
     assert json_too_deep(_nested(MAX_JSON_DEPTH + 1).encode())
     assert not json_too_deep(_nested(MAX_JSON_DEPTH).encode())
+
+
+@given(
+    kinds=st.lists(st.sampled_from(["list", "dict"]), max_size=MAX_JSON_DEPTH + 8),
+    leaf=st.text(alphabet='[]{}"\\ab\x00', max_size=12),
+)
+def test_depth_scan_agrees_with_the_structure(kinds: list[str], leaf: str) -> None:
+    """For any nesting of lists and objects around any string, the scan is exact."""
+    value: Any = leaf
+    for kind in reversed(kinds):
+        value = [value, leaf] if kind == "list" else {leaf: value}
+    body = json.dumps(value).encode()
+    assert (len(kinds) > MAX_JSON_DEPTH) == json_too_deep(body)
+    assert ("\x00" in leaf) == json_has_nul(body)
 
 
 def test_nul_scan_tells_an_escaped_backslash_apart() -> None:
