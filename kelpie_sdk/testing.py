@@ -53,6 +53,8 @@ def run_server(
     metrics_public: bool = False,
     log_limit: int | None = None,
     policy: ReputationPolicy | None = None,
+    auth_failure_limit: int | None = None,
+    key_rate_limit: int | None = None,
 ) -> Iterator[ServerHandle]:
     """
     Run the API server on 127.0.0.1 on a free port until the block ends.
@@ -67,6 +69,10 @@ def run_server(
         metrics_public: Serve ``GET /metrics`` without a key.
         log_limit: Bytes of job output kept per attempt; default 1 MiB.
         policy: Quarantine and placement settings (default: the defaults).
+        auth_failure_limit: Failed authentications a minute from one address
+            before it is answered 429; default: no limit, since every test
+            client calls from 127.0.0.1.
+        key_rate_limit: Requests a minute allowed per API key; default: none.
     """
     import uvicorn
 
@@ -88,6 +94,8 @@ def run_server(
                 store,
                 metrics_public=metrics_public,
                 log_limit=DEFAULT_LOG_LIMIT if log_limit is None else log_limit,
+                auth_failure_limit=auth_failure_limit,
+                key_rate_limit=key_rate_limit,
             ),
             log_level="warning",
             access_log=False,

@@ -93,7 +93,29 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "on this host included)"
         ),
     )
+    parser.add_argument(
+        "--key-rate-limit",
+        metavar="N",
+        type=_rate,
+        default=None,
+        help=(
+            "answer 429 to an API key that makes more than N requests a minute, "
+            "counted per server process (default: no limit)"
+        ),
+    )
     parser.set_defaults(handler=_serve)
+
+
+def _rate(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of requests a minute, got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
 
 
 def _log_limit(text: str) -> int:
@@ -135,6 +157,7 @@ def _serve(args: argparse.Namespace, ctx: Context) -> int:
         metrics_public=args.metrics_public,
         log_limit=args.log_limit or DEFAULT_LOG_LIMIT,
         secure_cookie=args.secure_cookie,
+        key_rate_limit=args.key_rate_limit,
     )
     return EXIT_OK
 

@@ -129,6 +129,7 @@ def serve(
     metrics_public: bool = False,
     log_limit: int = DEFAULT_LOG_LIMIT,
     secure_cookie: bool | None = None,
+    key_rate_limit: int | None = None,
 ) -> None:
     """
     Run the server in the foreground until interrupted.
@@ -151,11 +152,22 @@ def serve(
         log_limit: Bytes of job output kept per attempt (the oldest lines go).
         secure_cookie: Mark the web dashboard's session cookie ``Secure``;
             ``None``: when the request came over https.
+        key_rate_limit: Requests a minute allowed per API key, per server
+            process (429 beyond); ``None``: no limit.
+
+    Raises:
+        ConfigError: The admin key is shorter than 32 characters, or the
+            database cannot be used.
     """
     import uvicorn
 
+    admin_key = admin_key or os.environ.get("KELPIE_ADMIN_KEY") or None
     store = open_store(database_url, migrate=migrate)
-    generated = store.ensure_admin(admin_key or os.environ.get("KELPIE_ADMIN_KEY"))
+    try:
+        generated = store.ensure_admin(admin_key)
+    except BaseException:
+        store.close()
+        raise
     if generated:
         print(  # noqa: T201 - shown once, by design
             f"Generated the admin API key (shown only once): {generated}",
@@ -166,6 +178,7 @@ def serve(
         metrics_public=metrics_public,
         log_limit=log_limit,
         secure_cookie=secure_cookie,
+        key_rate_limit=key_rate_limit,
     )
     if access_log:
         app = AccessLog(app)
