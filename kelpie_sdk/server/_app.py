@@ -1832,6 +1832,7 @@ def _docs_assets() -> Any:
         directories=[str(swagger_ui_path)],
         include_in_schema=False,
         name="docs-assets",
+        opt=ACCESS_PUBLIC,
     )
 
 
@@ -1874,6 +1875,30 @@ def _openapi_config() -> OpenAPIConfig:
         # The handlers' docstrings become each operation's description.
         use_handler_docstrings=True,
     )
+
+
+def _decide_remaining_routes(app: Litestar) -> None:
+    """
+    Give Litestar's own routes (CORS preflight ``OPTIONS``, the OpenAPI
+    pages under ``/docs``) their access decision, public; any other route
+    without one is a programming error, refused at start.
+    """
+    from litestar.routes import HTTPRoute
+
+    for route in app.routes:
+        if not isinstance(route, HTTPRoute):
+            raise RuntimeError(f"unexpected non-HTTP route {route.path}")
+        for handler in route.route_handlers:
+            if "access" in handler.opt:
+                continue
+            methods: set[str] = set(handler.http_methods)
+            if methods == {"OPTIONS"} or route.path.startswith("/docs"):
+                handler.opt["access"] = ACCESS_PUBLIC["access"]
+            else:
+                raise RuntimeError(
+                    f"the route {route.path} ({handler}) has no access decision: "
+                    "give its handler opt=ACCESS_..."
+                )
 
 
 def create_app(
@@ -1957,6 +1982,7 @@ def create_app(
         openapi_config=_openapi_config(),
         debug=debug,
     )
+    _decide_remaining_routes(app)
     app.state.kelpie = state = _State(
         store=store,
         waker=_Waker(store.wake_recheck_seconds),
