@@ -551,3 +551,50 @@ def test_key_rate_limiter_refills() -> None:
     now[0] = 1.0
     assert limiter.take("k") is None
     assert limiter.take("other") is None
+
+
+# -- the dashboard -----------------------------------------------------------------
+
+
+def _sign_in(url: str, key: str) -> Any:
+    import requests
+
+    session = requests.Session()
+    answer = session.post(f"{url}/ui/login", data={"key": key}, allow_redirects=False)
+    return session, answer
+
+
+def test_revoking_a_key_signs_its_dashboard_sessions_out(
+    api_server: Any, api: Api
+) -> None:
+    """A session signed in with a key ends when the key is revoked."""
+    made = api.post("/keys", json={"role": "user"}).json()
+    session, answer = _sign_in(api_server.url, made["key"])
+    assert (303, "/ui") == (answer.status_code, answer.headers["location"])
+    assert 200 == session.get(f"{api_server.url}/jobs", timeout=30).status_code
+    assert 204 == api.delete(f"/keys/{made['id']}").status_code
+    assert 401 == session.get(f"{api_server.url}/ui/session", timeout=30).status_code
+    assert 403 == session.get(f"{api_server.url}/jobs", timeout=30).status_code
+    page = session.get(f"{api_server.url}/ui", allow_redirects=False, timeout=30)
+    assert (303, "/ui/login") == (page.status_code, page.headers["location"])
+
+
+def test_worker_keys_cannot_sign_in_to_the_dashboard(api_server: Any, api: Api) -> None:
+    """The dashboard lists jobs, which a worker key may not."""
+    worker = api.post("/keys", json={"role": "worker"}).json()["key"]
+    _, answer = _sign_in(api_server.url, worker)
+    assert (303, "/ui/login?failed=1") == (
+        answer.status_code,
+        answer.headers["location"],
+    )
+
+
+def test_failed_dashboard_sign_ins_count_towards_the_limit() -> None:
+    """Wrong keys at /ui/login are failed authentications too."""
+    with run_server(auth_failure_limit=2) as server:
+        for _ in range(2):
+            _, answer = _sign_in(server.url, "wrong")
+            assert 303 == answer.status_code
+        _, answer = _sign_in(server.url, server.admin_key)
+        assert 429 == answer.status_code
+        assert "Retry-After" in answer.headers
