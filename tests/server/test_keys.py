@@ -598,3 +598,61 @@ def test_failed_dashboard_sign_ins_count_towards_the_limit() -> None:
         _, answer = _sign_in(server.url, server.admin_key)
         assert 429 == answer.status_code
         assert "Retry-After" in answer.headers
+
+
+# -- the migration -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_keys_made_before_roles_keep_working(tmp_path: Any, backend: str) -> None:
+    """Migration 0006 turns the admin's old keys into seeded admin keys, others into user keys."""
+    import contextlib
+
+    import sqlalchemy as sa
+
+    from kelpie_sdk.server import open_store
+    from kelpie_sdk.server._db import ADMIN_ID, make_engine, upgrade
+    from kelpie_sdk.server._store import hash_key, key_id_of
+
+    from ..pg import fresh_database
+
+    with contextlib.ExitStack() as stack:
+        url = (
+            stack.enter_context(fresh_database())
+            if backend == "postgresql"
+            else f"sqlite:///{tmp_path}/old.db"
+        )
+        engine = make_engine(url)
+        upgrade(engine, "0005")
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO users (id, username, created) VALUES "
+                    "(:a, 'admin', 0), ('u1', 'alice', 0)"
+                ),
+                {"a": ADMIN_ID},
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO api_keys (key_hash, user_id, created) VALUES "
+                    "(:admin, :a, 0), (:alice, 'u1', 0)"
+                ),
+                {
+                    "admin": hash_key("old-admin"),
+                    "a": ADMIN_ID,
+                    "alice": hash_key("k1"),
+                },
+            )
+        engine.dispose()
+        store = open_store(url)
+        stack.callback(store.close)
+        admin = store.principal_for_key("old-admin")
+        alice = store.principal_for_key("k1")
+        assert admin is not None
+        assert alice is not None
+        assert ("admin", key_id_of(hash_key("old-admin"))) == (admin.role, admin.key_id)
+        assert ("user", key_id_of(hash_key("k1"))) == (alice.role, alice.key_id)
+        # The old admin key was seeded from the environment: the next one replaces it.
+        store.ensure_admin("n" * 32)
+        assert store.principal_for_key("old-admin") is None
+        assert store.principal_for_key("k1") is not None
