@@ -37,7 +37,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-ADMIN_KEY = "bench-admin-key-0123456789abcdefghijklmnop"
+ADMIN_KEY = "bench-admin-key-" + "b" * 24  # the server wants 32+ characters
 GROUP = "bench-group"
 
 

@@ -39,6 +39,7 @@ from kelpie_sdk.models import (
     MAX_BATCH_SIZE,
     MAX_IDEMPOTENCY_KEY_LENGTH,
     QUARANTINE_HEADER,
+    ApiKey,
     Job,
     JobEvent,
     JobList,
@@ -1065,6 +1066,96 @@ class Client:
                 f"POST /users/{{id}}/token: 'token' must be a string, got {token!r}"
             )
         return token
+
+    def create_key(
+        self,
+        role: str = "user",
+        *,
+        container_groups: Sequence[str] | None = None,
+        expires_in: int | None = None,
+        user_id: str | None = None,
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> ApiKey:
+        """
+        Make an API key; its secret is in ``key``, and is shown only this once.
+
+        Args:
+            role: ``user``, ``worker`` or (admin only) ``admin``.
+            container_groups: The only container groups a worker key may
+                claim from; default: all of its user's.
+            expires_in: Seconds until the key stops working; default: never.
+            user_id: Whose key (admin only); default: these credentials' user.
+
+        Raises:
+            PermissionDeniedError: An admin key or another user's key asked
+                for without an admin key, or a worker key calling.
+            BadRequestError: An unknown role, or a bad ``expires_in``.
+        """
+        body: dict[str, Any] = {"role": role}
+        if container_groups is not None:
+            body["container_groups"] = list(container_groups)
+        if expires_in is not None:
+            body["expires_in"] = expires_in
+        if user_id is not None:
+            body["user_id"] = user_id
+        data = self._request(
+            "POST",
+            "/keys",
+            json_body=body,
+            timeout=timeout,
+            max_retries=max_retries,
+        )
+        return ApiKey.from_json(data)
+
+    def list_keys(
+        self,
+        *,
+        all_users: bool = False,
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> list[ApiKey]:
+        """
+        The live API keys of these credentials' user (every user's with
+        ``all_users``, admin only), without their secrets, oldest first.
+        """
+        data = _expect_mapping(
+            self._request(
+                "GET",
+                "/keys",
+                params={"all_users": "true"} if all_users else None,
+                timeout=timeout,
+                max_retries=max_retries,
+            ),
+            "GET /keys",
+        )
+        keys = data.get("keys")
+        if not isinstance(keys, list):
+            raise ResponseValidationError(
+                f"GET /keys: 'keys' must be a list, got {keys!r}"
+            )
+        return [ApiKey.from_json(k) for k in keys]
+
+    def revoke_key(
+        self,
+        key_id: str,
+        *,
+        timeout: Timeout | None = None,
+        max_retries: int | None = None,
+    ) -> None:
+        """
+        Revoke an API key by its id; it stops working at once on this server
+        (within seconds on its replicas).
+
+        Raises:
+            NotFoundError: No such live key that these credentials may revoke.
+        """
+        self._request(
+            "DELETE",
+            f"/keys/{_quote(key_id)}",
+            timeout=timeout,
+            max_retries=max_retries,
+        )
 
     def delete_all_users(
         self, *, timeout: Timeout | None = None, max_retries: int | None = None

@@ -29,6 +29,7 @@ __all__ = [
     "EVENT_KINDS",
     "IDEMPOTENCY_HEADER",
     "INTEGER_RANGES",
+    "KEY_ROLES",
     "LEGACY_STORAGE_FIELDS",
     "MAX_BATCH_SIZE",
     "MAX_IDEMPOTENCY_KEY_LENGTH",
@@ -39,6 +40,7 @@ __all__ = [
     "MAX_TAG_LENGTH",
     "QUARANTINE_HEADER",
     "REPLAYED_HEADER",
+    "ApiKey",
     "JSONValue",
     "Job",
     "JobEvent",
@@ -1324,6 +1326,87 @@ class User:
             id=_req_str("User", m, "id"),
             username=_req_str("User", m, "username"),
             created=_req_time("User", m, "created"),
+        )
+
+
+#: The roles an API key can have: ``admin`` may do everything; ``user``
+#: submits, lists and cancels its own jobs and manages its scaling rules and
+#: keys; ``worker`` only claims and reports on its user's jobs.
+KEY_ROLES = ("admin", "user", "worker")
+
+
+@attrs.frozen(kw_only=True)
+class ApiKey:
+    """
+    An API key as ``GET /keys`` describes it (this project's addition); never
+    the secret itself, except ``key`` in the answer to ``POST /keys``.
+
+    Attributes:
+        id: Names the key (in ``DELETE /keys/{id}``); not a secret.
+        user_id: The user whose jobs the key acts on.
+        role: ``admin``, ``user`` or ``worker``.
+        container_groups: The only container groups a worker key may claim
+            from; ``None``: all of its user's.
+        created: When it was made.
+        expires: When it stops working; ``None``: never.
+        last_used: Roughly when it was last used (updated at most once a
+            minute); ``None``: never.
+        key: The secret, shown once, when the key is created; else ``None``.
+    """
+
+    id: str
+    user_id: str
+    role: str
+    container_groups: tuple[str, ...] | None
+    created: dt.datetime
+    expires: dt.datetime | None
+    last_used: dt.datetime | None
+    key: str | None = None
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """
+        The wire form (``key`` only when set).
+        """
+        out: dict[str, JSONValue] = {
+            "id": self.id,
+            "user_id": self.user_id,
+            "role": self.role,
+            "container_groups": (
+                None if self.container_groups is None else list(self.container_groups)
+            ),
+            "created": format_timestamp(self.created),
+            "expires": None if self.expires is None else format_timestamp(self.expires),
+            "last_used": (
+                None if self.last_used is None else format_timestamp(self.last_used)
+            ),
+        }
+        if self.key is not None:
+            out["key"] = self.key
+        return out
+
+    @classmethod
+    def from_json(cls, data: object) -> Self:
+        """
+        Parse a key's description.
+
+        Raises:
+            ResponseValidationError: A field is missing or mistyped.
+        """
+        name = "ApiKey"
+        m = _mapping(name, data)
+        return cls(
+            id=_req_str(name, m, "id"),
+            user_id=_req_str(name, m, "user_id"),
+            role=_req_str(name, m, "role"),
+            container_groups=(
+                None
+                if m.get("container_groups") is None
+                else _str_list(name, m, "container_groups")
+            ),
+            created=_req_time(name, m, "created"),
+            expires=_opt_time(name, m, "expires"),
+            last_used=_opt_time(name, m, "last_used"),
+            key=_opt_str(name, m, "key"),
         )
 
 

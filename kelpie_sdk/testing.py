@@ -65,6 +65,8 @@ def run_server(
     salad_auth: SaladAuthSettings | None = None,
     webhooks: WebhookSettings | None = None,
     webhook_dispatch: bool = True,
+    auth_failure_limit: int | None = None,
+    key_rate_limit: int | None = None,
 ) -> Iterator[ServerHandle]:
     """
     Run the API server on 127.0.0.1 on a free port until the block ends.
@@ -86,6 +88,10 @@ def run_server(
             fills), and literal forbidden addresses are refused at submission.
         webhook_dispatch: With ``webhooks``, run the dispatcher thread; false
             leaves sending to the test (``Dispatcher.run_once``).
+        auth_failure_limit: Failed authentications a minute from one address
+            before it is answered 429; default: no limit, since every test
+            client calls from 127.0.0.1.
+        key_rate_limit: Requests a minute allowed per API key; default: none.
     """
     import uvicorn
 
@@ -109,6 +115,8 @@ def run_server(
                 log_limit=DEFAULT_LOG_LIMIT if log_limit is None else log_limit,
                 salad_auth=None if salad_auth is None else SaladAuth(salad_auth),
                 webhooks=webhooks,
+                auth_failure_limit=auth_failure_limit,
+                key_rate_limit=key_rate_limit,
             ),
             log_level="warning",
             access_log=False,

@@ -1,6 +1,7 @@
 """
-``kelpie users`` (who am I, users and API keys) and ``kelpie rules`` (scaling
-rules): what was curl-only before.
+``kelpie users`` (who am I, users and API keys), ``kelpie keys`` (make, list
+and revoke API keys) and ``kelpie rules`` (scaling rules): what was curl-only
+before.
 """
 
 from __future__ import annotations
@@ -21,16 +22,17 @@ from kelpie_sdk.cli._common import (
     non_negative_int,
     print_json,
 )
-from kelpie_sdk.models import ScalingRule, User
+from kelpie_sdk.models import ApiKey, ScalingRule, User
 
 __all__ = ["register"]
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """
-    Add the ``users`` and ``rules`` groups.
+    Add the ``users``, ``keys`` and ``rules`` groups.
     """
     _register_users(subparsers)
+    _register_keys(subparsers)
     _register_rules(subparsers)
 
 
@@ -127,6 +129,121 @@ def _token(args: argparse.Namespace, ctx: Context) -> int:
         print_json(ctx.console, {"token": token})
     else:
         ctx.console.out(token, highlight=False)
+    return EXIT_OK
+
+
+# -- API keys ------------------------------------------------------------------
+
+
+def _register_keys(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    keys = subparsers.add_parser(
+        "keys",
+        help="make, list and revoke API keys",
+        description=(
+            "API keys. A user key makes user and worker keys of its own user; "
+            "only the admin makes admin keys or keys of another user."
+        ),
+    )
+    actions = keys.add_subparsers(dest="keys_command", metavar="ACTION")
+    actions.required = True
+
+    create = leaf_parser(
+        actions,
+        "create",
+        "make an API key; prints the key alone (it is shown only once)",
+    )
+    create.add_argument(
+        "--role",
+        choices=["user", "worker", "admin"],
+        default="user",
+        help="user: submit, list, cancel; worker: only run jobs; admin: "
+        "everything (default: user)",
+    )
+    create.add_argument(
+        "--container-group",
+        dest="container_groups",
+        action="append",
+        metavar="ID",
+        help="a worker key may only claim from this container group "
+        "(repeatable; default: all)",
+    )
+    create.add_argument(
+        "--expires-in",
+        type=non_negative_int,
+        metavar="SECONDS",
+        help="the key stops working after this many seconds (default: never)",
+    )
+    create.add_argument(
+        "--user", dest="user_id", metavar="USER_ID", help="whose key (admin only)"
+    )
+    create.set_defaults(handler=_create_key)
+
+    listing = leaf_parser(actions, "list", "list your live API keys, not their secrets")
+    listing.add_argument(
+        "--all-users", action="store_true", help="every user's keys (admin only)"
+    )
+    listing.set_defaults(handler=_list_keys)
+
+    revoke = leaf_parser(actions, "revoke", "revoke an API key at once, by its id")
+    revoke.add_argument("key_id", metavar="KEY_ID")
+    revoke.set_defaults(handler=_revoke_key)
+
+
+def _create_key(args: argparse.Namespace, ctx: Context) -> int:
+    made = ctx.client().create_key(
+        args.role,
+        container_groups=args.container_groups,
+        expires_in=args.expires_in,
+        user_id=args.user_id,
+    )
+    if args.json:
+        print_json(ctx.console, made.to_json())
+    else:
+        ctx.console.out(made.key or "", highlight=False)
+    return EXIT_OK
+
+
+def _keys_table(keys: Sequence[ApiKey]) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
+    table.add_column("Id", no_wrap=True)
+    table.add_column("Role", no_wrap=True)
+    table.add_column("User", overflow="fold")
+    table.add_column("Container groups", overflow="fold")
+    table.add_column("Created", no_wrap=True)
+    table.add_column("Expires", no_wrap=True)
+    table.add_column("Last used", no_wrap=True)
+    for key in keys:
+        table.add_row(
+            Text(key.id),
+            key.role,
+            Text(key.user_id),
+            Text(", ".join(key.container_groups or ()) or "all"),
+            format_time(key.created, seconds=False),
+            format_time(key.expires, seconds=False) or "never",
+            format_time(key.last_used, seconds=False) or "never",
+        )
+    return table
+
+
+def _list_keys(args: argparse.Namespace, ctx: Context) -> int:
+    keys = ctx.client().list_keys(all_users=args.all_users)
+    if args.json:
+        print_json(ctx.console, [k.to_json() for k in keys])
+    elif keys:
+        ctx.console.print(_keys_table(keys))
+    else:
+        ctx.console.print("No API keys.")
+    return EXIT_OK
+
+
+def _revoke_key(args: argparse.Namespace, ctx: Context) -> int:
+    ctx.client().revoke_key(args.key_id)
+    if args.json:
+        print_json(ctx.console, {"revoked": args.key_id})
+    else:
+        ctx.console.print(Text(f"Revoked the API key {args.key_id}"))
     return EXIT_OK
 
 

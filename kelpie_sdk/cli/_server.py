@@ -116,7 +116,29 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "receiver a usable key)"
         ),
     )
+    parser.add_argument(
+        "--key-rate-limit",
+        metavar="N",
+        type=_rate,
+        default=None,
+        help=(
+            "answer 429 to an API key that makes more than N requests a minute, "
+            "counted per server process (default: no limit)"
+        ),
+    )
     parser.set_defaults(handler=_serve)
+
+
+def _rate(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of requests a minute, got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
 
 
 def _log_limit(text: str) -> int:
@@ -166,6 +188,7 @@ def _serve(args: argparse.Namespace, ctx: Context) -> int:
         secure_cookie=args.secure_cookie,
         salad_auth=salad_auth,
         webhooks=webhooks,
+        key_rate_limit=args.key_rate_limit,
     )
     return EXIT_OK
 

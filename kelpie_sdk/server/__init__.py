@@ -135,6 +135,7 @@ def serve(
     secure_cookie: bool | None = None,
     salad_auth: SaladAuthSettings | None = None,
     webhooks: WebhookSettings | None = None,
+    key_rate_limit: int | None = None,
 ) -> None:
     """
     Run the server in the foreground until interrupted.
@@ -162,15 +163,26 @@ def serve(
         webhooks: How webhooks are checked and sent (the allowlist, the key
             echo); default: ``KELPIE_WEBHOOK_ALLOW`` and the defaults. The
             dispatcher runs in this process (every replica runs one).
+        key_rate_limit: Requests a minute allowed per API key, per server
+            process (429 beyond); ``None``: no limit.
+
+    Raises:
+        ConfigError: The admin key is shorter than 32 characters, or the
+            database cannot be used.
     """
     import uvicorn
 
     from kelpie_sdk.server._salad_auth import SaladAuth
 
+    admin_key = admin_key or os.environ.get("KELPIE_ADMIN_KEY") or None
     store = open_store(database_url, migrate=migrate)
     if webhooks is None:
         webhooks = WebhookSettings.from_env(os.environ)
-    generated = store.ensure_admin(admin_key or os.environ.get("KELPIE_ADMIN_KEY"))
+    try:
+        generated = store.ensure_admin(admin_key)
+    except BaseException:
+        store.close()
+        raise
     if generated:
         print(  # noqa: T201 - shown once, by design
             f"Generated the admin API key (shown only once): {generated}",
@@ -185,6 +197,7 @@ def serve(
         if salad_auth is not None and salad_auth.enabled
         else None,
         webhooks=webhooks,
+        key_rate_limit=key_rate_limit,
     )
     dispatcher = Dispatcher(store.engine, webhooks)
     dispatcher.start()

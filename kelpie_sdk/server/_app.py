@@ -48,6 +48,7 @@ from litestar.plugins.attrs import AttrsSchemaPlugin
 from kelpie_sdk.models import (
     IDEMPOTENCY_HEADER,
     INTEGER_RANGES,
+    KEY_ROLES,
     LEGACY_STORAGE_FIELDS,
     MAX_BATCH_SIZE,
     MAX_IDEMPOTENCY_KEY_LENGTH,
@@ -71,6 +72,7 @@ from kelpie_sdk.models import (
     check_tag,
     format_timestamp,
 )
+from kelpie_sdk.server._db import ADMIN_ID
 from kelpie_sdk.server._guard import (
     MAX_JSON_DEPTH,
     RequestGuard,
@@ -84,8 +86,20 @@ from kelpie_sdk.server._logs import (
     JobLogs,
 )
 from kelpie_sdk.server._metrics import METRICS_PATH, MetricsMiddleware, ServerMetrics
+from kelpie_sdk.server._ratelimit import (
+    AUTH_FAILURE_LIMIT,
+    FailureLimiter,
+    KeyRateLimiter,
+)
+from kelpie_sdk.server._roles import (
+    ACCESS_ADMIN,
+    ACCESS_ANY,
+    ACCESS_PUBLIC,
+    ACCESS_USERS,
+)
 from kelpie_sdk.server._salad_auth import SaladAuth, SaladAuthError
 from kelpie_sdk.server._store import (
+    LAST_USED_EVERY_MS,
     DatabaseUnavailable,
     IdempotencyConflict,
     Principal,
@@ -110,7 +124,9 @@ MAX_PAGE_SIZE = INTEGER_RANGES["page_size"][1]
 MAX_ID_LENGTH = 36
 #: The largest request body (bytes); a larger one is answered 413.
 MAX_BODY_BYTES = 10 * 1024 * 1024
-#: How long a looked-up API key is trusted without asking the database again.
+#: How long a looked-up API key is trusted without asking the database again:
+#: a key revoked through another replica stops working here within this bound
+#: (at once through this one).
 KEY_CACHE_SECONDS = 5.0
 
 _JSON = "application/json"
@@ -124,12 +140,19 @@ class HTTPProblem(Exception):
     """
 
     def __init__(
-        self, status: int, error: str, message: str | None = None, **extra: Any
+        self,
+        status: int,
+        error: str,
+        message: str | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
     ) -> None:
         super().__init__(message or error)
         self.status = status
         self.error = error
         self.message = message
+        self.headers = dict(headers or {})
         self.extra = extra
 
     def body(self) -> dict[str, Any]:
@@ -147,7 +170,9 @@ def _json(content: Any, status: int = 200) -> Response[Any]:
 
 
 def _problem_response(problem: HTTPProblem) -> Response[Any]:
-    return _json(problem.body(), problem.status)
+    response = _json(problem.body(), problem.status)
+    response.headers.update(problem.headers)
+    return response
 
 
 # -- error handlers -----------------------------------------------------------
@@ -480,6 +505,10 @@ class _State:
     salad: SaladAuth | None = None
     #: How webhooks are checked and sent.
     webhooks: WebhookSettings = attrs.field(factory=WebhookSettings)
+    #: Failed authentications per client address; ``None``: not limited.
+    failures: FailureLimiter | None = None
+    #: Requests per API key; ``None``: not limited.
+    key_limit: KeyRateLimiter | None = None
 
 
 def _state(request: Request[Any, Any, Any]) -> _State:
@@ -487,7 +516,55 @@ def _state(request: Request[Any, Any, Any]) -> _State:
     return state
 
 
+def _client_address(request: Request[Any, Any, Any]) -> str:
+    client = request.client
+    return client.host if client is not None else "-"
+
+
+def _too_many(retry_after: int, message: str) -> HTTPProblem:
+    return HTTPProblem(
+        429,
+        "Too Many Requests",
+        message,
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
 def _authenticate(request: Request[Any, Any, Any]) -> Principal:
+    state = _state(request)
+    address = _client_address(request)
+    if state.failures is not None:
+        wait = state.failures.retry_after(address)
+        if wait is not None:
+            raise _too_many(
+                wait,
+                "too many requests with a wrong API key from this address; "
+                f"retry in {wait} s",
+            )
+    principal = _principal(request, state, address)
+    access = request.route_handler.opt.get("access")
+    if access is None or access == "public" or principal.role not in access:
+        if access == ("admin",):
+            raise HTTPProblem(403, "Forbidden", "Admin Only")  # as the original
+        raise HTTPProblem(
+            403,
+            "Forbidden",
+            f"a {principal.role} key may not call {request.method} {request.url.path}",
+        )
+    if state.key_limit is not None and principal.key_id:
+        wait = state.key_limit.take(principal.key_id)
+        if wait is not None:
+            raise _too_many(
+                wait,
+                f"this API key made more than {state.key_limit.per_minute} "
+                f"requests a minute; retry in {wait} s",
+            )
+    return principal
+
+
+def _principal(
+    request: Request[Any, Any, Any], state: _State, address: str
+) -> Principal:
     headers = request.headers
     salad_key = headers.get("salad-api-key")
     org = headers.get("salad-organization")
@@ -506,21 +583,24 @@ def _authenticate(request: Request[Any, Any, Any]) -> Principal:
     if not key and not (salad_key or headers.get("authorization")):
         # The dashboard's session cookie; changes need its CSRF token.
         try:
-            key = _state(request).ui.principal_key(request)
+            key = state.ui.principal_key(request)
         except PermissionError as exc:
             raise HTTPProblem(403, "Forbidden", str(exc)) from exc
     if key:
-        state = _state(request)
         cached = state.keys.get(key)
         now = time.monotonic()
         if cached is not None and cached[1] > now:
             return cached[0]
         principal = state.store.principal_for_key(key)
         if principal is None:
+            state.keys.pop(key, None)
+            if state.failures is not None:
+                state.failures.failed(address)
             raise HTTPProblem(403, "Forbidden", "Invalid API Key")
         if len(state.keys) > 10_000:
             state.keys.clear()
         state.keys[key] = (principal, now + KEY_CACHE_SECONDS)
+        _mark_used(state.store, principal)
         return principal
     if salad_key or headers.get("authorization"):
         return _salad_principal(request, salad_key, org, project or "")
@@ -553,6 +633,34 @@ def _salad_principal(
     except SaladAuthError as exc:
         error = "Service Unavailable" if exc.status == 503 else "Forbidden"
         raise HTTPProblem(exc.status, error, str(exc)) from exc
+
+
+def _mark_used(store: Store, principal: Principal) -> None:
+    """
+    Update the key's ``last_used`` if it is more than a minute old.
+
+    Runs only when a key is looked up in the database (at most every
+    ``KEY_CACHE_SECONDS`` per key and process), so requests served from the
+    key cache never write.
+    """
+    if not principal.key_id:
+        return
+    last = principal.last_used
+    if last is not None and store.now_ms() - last < LAST_USED_EVERY_MS:
+        return
+    try:
+        store.mark_key_used(principal.key_id)
+    except DatabaseUnavailable:
+        logger.warning("could not record the use of key %s", principal.key_id)
+
+
+def _forget_key(state: _State, key_id: str) -> None:
+    """
+    Drop a revoked key from this process's key cache.
+    """
+    for key, (principal, _) in list(state.keys.items()):
+        if principal.key_id == key_id:
+            state.keys.pop(key, None)
 
 
 def _admin(principal: NamedDependency[Principal]) -> None:
@@ -713,7 +821,7 @@ def _check_webhook(request: Request[Any, Any, Any], sub: JobSubmission) -> None:
         raise HTTPProblem(400, "Invalid request", reason)
 
 
-@post("/jobs", status_code=202, before_request=_check_job_body)
+@post("/jobs", status_code=202, before_request=_check_job_body, opt=ACCESS_USERS)
 async def submit_job(
     request: Request[Any, Any, Any],
     data: JSONBody[JobSubmission],
@@ -730,7 +838,7 @@ async def submit_job(
     )
 
 
-@post("/jobs/batch", status_code=202)
+@post("/jobs/batch", status_code=202, opt=ACCESS_USERS)
 async def submit_batch(
     request: Request[Any, Any, Any],
     # Decoded item by item below, so that an error names the item's index;
@@ -774,7 +882,7 @@ async def submit_batch(
     )
 
 
-@get("/jobs", sync_to_thread=False)
+@get("/jobs", sync_to_thread=False, opt=ACCESS_USERS)
 def list_jobs(
     request: Request[Any, Any, Any],
     principal: NamedDependency[Principal],
@@ -833,7 +941,7 @@ def list_jobs(
     return _json({"_count": len(jobs), "jobs": [j.to_json() for j in jobs]})
 
 
-@get("/jobs/{job_id:str}", sync_to_thread=False)
+@get("/jobs/{job_id:str}", sync_to_thread=False, opt=ACCESS_USERS)
 def get_job(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],
@@ -848,7 +956,7 @@ def get_job(
     return _job_response(job)
 
 
-@get("/jobs/{job_id:str}/events", sync_to_thread=False)
+@get("/jobs/{job_id:str}/events", sync_to_thread=False, opt=ACCESS_USERS)
 def job_events(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],
@@ -866,7 +974,7 @@ def job_events(
     return _json({"_count": len(events), "events": [e.to_json() for e in events]})
 
 
-@delete("/jobs/{job_id:str}", status_code=202, sync_to_thread=False)
+@delete("/jobs/{job_id:str}", status_code=202, sync_to_thread=False, opt=ACCESS_USERS)
 def cancel_job(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],
@@ -887,7 +995,12 @@ def cancel_job(
     return _json({"message": "Job canceled"}, 202)
 
 
-@delete("/jobs/container-groups/{group:str}", status_code=200, sync_to_thread=False)
+@delete(
+    "/jobs/container-groups/{group:str}",
+    status_code=200,
+    sync_to_thread=False,
+    opt=ACCESS_USERS,
+)
 def purge_group(
     request: Request[Any, Any, Any],
     group: FromPath[str],
@@ -902,7 +1015,7 @@ def purge_group(
     return _json({"count": count})
 
 
-@delete("/jobs", status_code=204, sync_to_thread=False)
+@delete("/jobs", status_code=204, sync_to_thread=False, opt=ACCESS_ADMIN)
 def delete_all_jobs(
     request: Request[Any, Any, Any], principal: NamedDependency[Principal]
 ) -> None:
@@ -913,7 +1026,7 @@ def delete_all_jobs(
     _state(request).store.delete_all_jobs()
 
 
-@get("/machines", sync_to_thread=False)
+@get("/machines", sync_to_thread=False, opt=ACCESS_USERS)
 def list_machines(
     request: Request[Any, Any, Any], principal: NamedDependency[Principal]
 ) -> Response[dict[str, Any]]:
@@ -930,7 +1043,7 @@ def list_machines(
 # Worker protocol ------------------------------------------------------------------
 
 
-@get("/work")
+@get("/work", opt=ACCESS_ANY)
 async def get_work(
     request: Request[Any, Any, Any],
     principal: NamedDependency[Principal],
@@ -957,6 +1070,7 @@ async def get_work(
         )
     _check_keys(machine_id=machine_id, container_group_id=container_group_id)
     _check_wait(wait)
+    _check_group(principal, container_group_id)
     state = _state(request)
     deadline = time.monotonic() + (wait or 0.0)
     gone: asyncio.Task[None] | None = None
@@ -1021,6 +1135,34 @@ def _check_integers(**values: int | None) -> None:
         except ValueError as exc:
             message = str(exc).replace("log_attempt", "attempt")
             raise HTTPProblem(400, "Bad Request", message) from exc
+
+
+def _check_group(principal: Principal, group: str) -> None:
+    """
+    A 403 unless the key may work on the container group.
+    """
+    allowed = principal.container_groups
+    if allowed is not None and group not in allowed:
+        raise HTTPProblem(
+            403,
+            "Forbidden",
+            f"this key may only work on the container groups {', '.join(allowed)}",
+        )
+
+
+def _check_job_group(
+    request: Request[Any, Any, Any], principal: Principal, job_id: str
+) -> None:
+    """
+    For a key limited to some container groups: a 403 unless the job is in
+    one of them (a 404 if there is no such job of the key's user).
+    """
+    if principal.container_groups is None:
+        return
+    group = _state(request).store.job_group(principal.user_id, job_id)
+    if group is None:
+        raise _not_found()
+    _check_group(principal, group)
 
 
 def _check_wait(wait: float | None) -> None:
@@ -1113,7 +1255,12 @@ def _fenced(
     return True
 
 
-@post("/jobs/{job_id:str}/heartbeat", status_code=200, before_request=_check_depth)
+@post(
+    "/jobs/{job_id:str}/heartbeat",
+    status_code=200,
+    before_request=_check_depth,
+    opt=ACCESS_ANY,
+)
 async def heartbeat(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],
@@ -1124,13 +1271,19 @@ async def heartbeat(
     Extend the holder's lease. ``{"status": "canceled"}`` means: stop the job now.
     """
     report = await _report(request)
+    _check_job_group(request, principal, job_id)
     status = _state(request).store.heartbeat(principal, job_id, report)
     if status is None:
         raise _not_found()
     return _json({"status": status.value})
 
 
-@post("/jobs/{job_id:str}/completed", status_code=200, before_request=_check_depth)
+@post(
+    "/jobs/{job_id:str}/completed",
+    status_code=200,
+    before_request=_check_depth,
+    opt=ACCESS_ANY,
+)
 async def completed(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],
@@ -1144,6 +1297,7 @@ async def completed(
     ``attempt``, else ignored and answered as a success (as the original).
     """
     report = await _report(request)
+    _check_job_group(request, principal, job_id)
     state = _state(request)
     if _fenced(
         state.store.complete(principal, job_id, report, echo_key=_echo_key(request)),
@@ -1156,7 +1310,12 @@ async def completed(
     return _json({"message": "Completed reported"})
 
 
-@post("/jobs/{job_id:str}/failed", status_code=202, before_request=_check_depth)
+@post(
+    "/jobs/{job_id:str}/failed",
+    status_code=202,
+    before_request=_check_depth,
+    opt=ACCESS_ANY,
+)
 async def failed(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],
@@ -1171,6 +1330,7 @@ async def failed(
     ``attempt``, else ignored and answered as a success (as the original).
     """
     report = await _report(request)
+    _check_job_group(request, principal, job_id)
     state = _state(request)
     outcome = state.store.fail(principal, job_id, report, echo_key=_echo_key(request))
     if _fenced(outcome, "failure", job_id, report):
@@ -1179,7 +1339,12 @@ async def failed(
     return _json({"message": "Failure reported"}, 202)
 
 
-@post("/jobs/{job_id:str}/release", status_code=200, before_request=_check_depth)
+@post(
+    "/jobs/{job_id:str}/release",
+    status_code=200,
+    before_request=_check_depth,
+    opt=ACCESS_ANY,
+)
 async def release(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],
@@ -1191,6 +1356,7 @@ async def release(
     failure): a worker restarting, shutting down, or a job exiting with 85.
     """
     report = await _report(request)
+    _check_job_group(request, principal, job_id)
     state = _state(request)
     if _fenced(
         state.store.release(principal, job_id, report), "release", job_id, report
@@ -1203,7 +1369,12 @@ async def release(
 # Progress and status between heartbeats (optional additions) ------------------------
 
 
-@post("/jobs/{job_id:str}/progress", status_code=200, before_request=_check_depth)
+@post(
+    "/jobs/{job_id:str}/progress",
+    status_code=200,
+    before_request=_check_depth,
+    opt=ACCESS_ANY,
+)
 async def report_progress(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],
@@ -1217,6 +1388,7 @@ async def report_progress(
     heartbeat: ``{"status": "canceled"}`` means: stop the job now.
     """
     report = await _report(request)
+    _check_job_group(request, principal, job_id)
     if report.progress is None:
         raise HTTPProblem(
             400, "Bad Request", "progress is required: the job's latest progress record"
@@ -1227,7 +1399,7 @@ async def report_progress(
     return _json({"status": status.value})
 
 
-@get("/jobs/{job_id:str}/status")
+@get("/jobs/{job_id:str}/status", opt=ACCESS_ANY)
 async def holder_status(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],
@@ -1251,6 +1423,7 @@ async def holder_status(
     _check_keys(machine_id=machine_id)
     _check_integers(attempt=attempt)
     _check_wait(wait)
+    _check_job_group(request, principal, job_id)
     state = _state(request)
     deadline = time.monotonic() + (wait or 0.0)
     gone: asyncio.Task[None] | None = None
@@ -1373,6 +1546,7 @@ class _LogBatchOperation(Operation):
     status_code=200,
     operation_class=_LogBatchOperation,
     before_request=_check_depth,
+    opt=ACCESS_ANY,
 )
 async def ship_logs(
     request: Request[Any, Any, Any],
@@ -1424,6 +1598,7 @@ async def ship_logs(
                 "Bad Request",
                 f"time must be seconds since the epoch, got {item.time!r}",
             )
+    _check_job_group(request, principal, job_id)
     state = _state(request)
     outcome = state.logs.append(
         job_id=job_id,
@@ -1451,7 +1626,7 @@ async def ship_logs(
     return _json({"accepted": len(batch.lines)})
 
 
-@get("/jobs/{job_id:str}/logs")
+@get("/jobs/{job_id:str}/logs", opt=ACCESS_USERS)
 async def read_logs(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],
@@ -1520,7 +1695,7 @@ async def read_logs(
 # Scaling rules -------------------------------------------------------------------
 
 
-@post("/scaling-rules", status_code=201)
+@post("/scaling-rules", status_code=201, opt=ACCESS_USERS)
 async def create_rule(
     request: Request[Any, Any, Any],
     data: JSONBody[ScalingRuleSubmission],
@@ -1542,7 +1717,7 @@ async def create_rule(
     return _json(rule.to_json(), 201)
 
 
-@get("/scaling-rules", sync_to_thread=False)
+@get("/scaling-rules", sync_to_thread=False, opt=ACCESS_USERS)
 def list_rules(
     request: Request[Any, Any, Any], principal: NamedDependency[Principal]
 ) -> Response[dict[str, Any]]:
@@ -1568,7 +1743,7 @@ def _rule_ambiguous() -> HTTPProblem:
     )
 
 
-@get("/scaling-rules/{group:str}", sync_to_thread=False)
+@get("/scaling-rules/{group:str}", sync_to_thread=False, opt=ACCESS_USERS)
 def get_rule(
     request: Request[Any, Any, Any],
     group: FromPath[str],
@@ -1590,7 +1765,7 @@ def get_rule(
     return _json(rule.to_json())
 
 
-@patch("/scaling-rules/{group:str}")
+@patch("/scaling-rules/{group:str}", opt=ACCESS_USERS)
 async def update_rule(
     request: Request[Any, Any, Any],
     group: FromPath[str],
@@ -1621,7 +1796,12 @@ async def update_rule(
     return _json(result.to_json())
 
 
-@delete("/scaling-rules/{group:str}", status_code=204, sync_to_thread=False)
+@delete(
+    "/scaling-rules/{group:str}",
+    status_code=204,
+    sync_to_thread=False,
+    opt=ACCESS_USERS,
+)
 def delete_rule(
     request: Request[Any, Any, Any],
     group: FromPath[str],
@@ -1635,7 +1815,7 @@ def delete_rule(
         raise _rule_ambiguous()
 
 
-@delete("/scaling-rules", status_code=204, sync_to_thread=False)
+@delete("/scaling-rules", status_code=204, sync_to_thread=False, opt=ACCESS_ADMIN)
 def delete_all_rules(
     request: Request[Any, Any, Any], principal: NamedDependency[Principal]
 ) -> None:
@@ -1677,7 +1857,7 @@ class TokenResponse:
     token: str
 
 
-@get("/users/me", sync_to_thread=False)
+@get("/users/me", sync_to_thread=False, opt=ACCESS_ANY)
 def me(
     request: Request[Any, Any, Any], principal: NamedDependency[Principal]
 ) -> Response[User]:
@@ -1694,7 +1874,7 @@ def _secret_response(secret: str, previous: str | None) -> Response[Any]:
     return _json({"secret": secret, "previous": previous})
 
 
-@get("/users/me/webhook-secret", sync_to_thread=False)
+@get("/users/me/webhook-secret", sync_to_thread=False, opt=ACCESS_USERS)
 def get_webhook_secret(
     request: Request[Any, Any, Any], principal: NamedDependency[Principal]
 ) -> Response[Any]:
@@ -1708,7 +1888,12 @@ def get_webhook_secret(
     )
 
 
-@post("/users/me/webhook-secret", status_code=200, sync_to_thread=False)
+@post(
+    "/users/me/webhook-secret",
+    status_code=200,
+    sync_to_thread=False,
+    opt=ACCESS_USERS,
+)
 def rotate_webhook_secret(
     request: Request[Any, Any, Any], principal: NamedDependency[Principal]
 ) -> Response[Any]:
@@ -1722,7 +1907,7 @@ def rotate_webhook_secret(
     )
 
 
-@post("/users", status_code=201)
+@post("/users", status_code=201, opt=ACCESS_ADMIN)
 async def create_user(
     request: Request[Any, Any, Any],
     data: JSONBody[UserSubmission],
@@ -1742,7 +1927,7 @@ async def create_user(
     return _json(user.to_json(), 201)
 
 
-@post("/users/{user_id:str}/token", status_code=201)
+@post("/users/{user_id:str}/token", status_code=201, opt=ACCESS_ADMIN)
 async def create_token(
     request: Request[Any, Any, Any],
     user_id: FromPath[str],
@@ -1760,7 +1945,7 @@ async def create_token(
     return _json({"token": key}, 201)
 
 
-@delete("/users", status_code=204, sync_to_thread=False)
+@delete("/users", status_code=204, sync_to_thread=False, opt=ACCESS_ADMIN)
 def delete_users(
     request: Request[Any, Any, Any], principal: NamedDependency[Principal]
 ) -> None:
@@ -1775,10 +1960,129 @@ def delete_users(
         state.salad.forget_users()
 
 
+# API keys (this project's addition) ------------------------------------------------
+
+#: The longest ``expires_in`` accepted: ten years, in seconds.
+MAX_EXPIRES_IN = 10 * 365 * 24 * 3600
+#: The most container groups one worker key may name.
+MAX_KEY_GROUPS = 100
+
+
+@attrs.frozen
+class KeyRequest:
+    """
+    The body of ``POST /keys``.
+
+    Attributes:
+        role: ``user`` (default), ``worker``, or (admin keys only) ``admin``.
+        container_groups: A worker key's only container groups; default: all.
+        expires_in: Seconds until the key stops working; default: never.
+        user_id: Whose key it is (admin keys only); default: the caller's user.
+    """
+
+    role: str = "user"
+    container_groups: list[str] | None = None
+    expires_in: int | None = None
+    user_id: str | None = None
+
+
+@post("/keys", status_code=201, opt=ACCESS_USERS)
+async def create_api_key(
+    request: Request[Any, Any, Any],
+    data: JSONBody[KeyRequest],
+    principal: NamedDependency[Principal],
+) -> Response[dict[str, Any]]:
+    """
+    Make an API key; the answer's ``key`` is its secret, shown only here.
+
+    A user key makes ``user`` and ``worker`` keys of its own user; only an
+    admin key makes ``admin`` keys, or keys of another user (``user_id``).
+    """
+    body = _strict(await _raw_json(request), KeyRequest)
+    if body.role not in KEY_ROLES:
+        raise HTTPProblem(
+            400, "Bad Request", f"role must be one of {', '.join(KEY_ROLES)}"
+        )
+    if body.expires_in is not None and not 1 <= body.expires_in <= MAX_EXPIRES_IN:
+        raise HTTPProblem(
+            400,
+            "Bad Request",
+            f"expires_in must be between 1 and {MAX_EXPIRES_IN} seconds",
+        )
+    groups = body.container_groups
+    if groups is not None:
+        if body.role != "worker":
+            raise HTTPProblem(
+                400, "Bad Request", "only worker keys take container_groups"
+            )
+        if not 1 <= len(groups) <= MAX_KEY_GROUPS or not all(g.strip() for g in groups):
+            raise HTTPProblem(
+                400,
+                "Bad Request",
+                f"container_groups must list 1 to {MAX_KEY_GROUPS} non-empty names",
+            )
+    user_id = body.user_id or principal.user_id
+    if not principal.is_admin and (
+        body.role == "admin" or user_id != principal.user_id
+    ):
+        raise HTTPProblem(
+            403,
+            "Forbidden",
+            "only an admin key may make admin keys or keys of another user",
+        )
+    if body.role == "admin" and user_id != ADMIN_ID:
+        raise HTTPProblem(400, "Bad Request", "admin keys belong to the admin user")
+    own = user_id == principal.user_id
+    made = _state(request).store.create_api_key(
+        user_id,
+        role=body.role,
+        org_name=principal.org_name if own else "",
+        project_name=principal.project_name if own else "",
+        container_groups=groups,
+        expires_in=body.expires_in,
+    )
+    if made is None:
+        raise HTTPProblem(404, "User not found", "User not found")
+    return _json(made.to_json(), 201)
+
+
+@get("/keys", sync_to_thread=False, opt=ACCESS_USERS)
+def list_api_keys(
+    request: Request[Any, Any, Any],
+    principal: NamedDependency[Principal],
+    all_users: FromQuery[bool] = False,
+) -> Response[dict[str, Any]]:
+    """
+    The live keys of the caller's user, without their secrets:
+    ``{"_count": n, "keys": [...]}``. An admin key with ``all_users=true``
+    sees every user's.
+    """
+    if all_users:
+        _admin(principal)
+    keys = _state(request).store.list_api_keys(None if all_users else principal.user_id)
+    return _json({"_count": len(keys), "keys": [k.to_json() for k in keys]})
+
+
+@delete("/keys/{key_id:str}", status_code=204, sync_to_thread=False, opt=ACCESS_USERS)
+def revoke_api_key(
+    request: Request[Any, Any, Any],
+    key_id: FromPath[str],
+    principal: NamedDependency[Principal],
+) -> None:
+    """
+    Revoke a key at once. A user key revokes its user's user and worker
+    keys; an admin key any key.
+    """
+    state = _state(request)
+    if not state.store.revoke_api_key(principal, key_id):
+        raise _not_found("Key")
+    _forget_key(state, key_id)
+
+
 # Misc -------------------------------------------------------------------------------
 
 
-@get("/health", sync_to_thread=False, include_in_schema=False)
+@get("/health", sync_to_thread=False, include_in_schema=False, opt=ACCESS_PUBLIC)
 def health() -> Response[dict[str, str]]:
     """
     A no-op: the server is up. Needs no key.
@@ -1786,7 +2090,7 @@ def health() -> Response[dict[str, str]]:
     return _json({"status": "ok"})
 
 
-@get("/healthz", sync_to_thread=False, include_in_schema=False)
+@get("/healthz", sync_to_thread=False, include_in_schema=False, opt=ACCESS_PUBLIC)
 def healthz() -> Response[dict[str, str]]:
     """
     Liveness for load balancers: the process is up. Needs no key, touches no
@@ -1795,7 +2099,7 @@ def healthz() -> Response[dict[str, str]]:
     return _json({"status": "ok"})
 
 
-@get("/readyz", sync_to_thread=False, include_in_schema=False)
+@get("/readyz", sync_to_thread=False, include_in_schema=False, opt=ACCESS_PUBLIC)
 def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, str]]:
     """
     Readiness for load balancers: the database is reachable and its schema is
@@ -1809,7 +2113,7 @@ def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, str]]:
     return _json({"status": "ready"})
 
 
-@get("/openapi.json", sync_to_thread=False, include_in_schema=False)
+@get("/openapi.json", sync_to_thread=False, include_in_schema=False, opt=ACCESS_PUBLIC)
 def openapi_json(request: Request[Any, Any, Any]) -> Response[Any]:
     """
     The OpenAPI 3.1 document.
@@ -1817,7 +2121,7 @@ def openapi_json(request: Request[Any, Any, Any]) -> Response[Any]:
     return _json(request.app.openapi_schema.to_schema())
 
 
-@get(METRICS_PATH, sync_to_thread=False, include_in_schema=False)
+@get(METRICS_PATH, sync_to_thread=False, include_in_schema=False, opt=ACCESS_ADMIN)
 def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     """
     The server's metrics in the Prometheus text format.
@@ -1849,8 +2153,17 @@ def _metrics_admin(request: Request[Any, Any, Any]) -> None:
             "the metrics need the admin's API key (X-Kelpie-Key or "
             "Authorization: Bearer), or a server started with --metrics-public",
         )
-    principal = _state(request).store.principal_for_key(key)
+    state = _state(request)
+    address = _client_address(request)
+    wait = None if state.failures is None else state.failures.retry_after(address)
+    if wait is not None:
+        raise _too_many(
+            wait, f"too many requests with a wrong API key; retry in {wait} s"
+        )
+    principal = state.store.principal_for_key(key)
     if principal is None:
+        if state.failures is not None:
+            state.failures.failed(address)
         raise HTTPProblem(403, "Forbidden", "Invalid API Key")
     if not principal.is_admin:
         raise HTTPProblem(403, "Forbidden", "Admin Only")
@@ -1875,6 +2188,7 @@ def _docs_assets() -> Any:
         directories=[str(swagger_ui_path)],
         include_in_schema=False,
         name="docs-assets",
+        opt=ACCESS_PUBLIC,
     )
 
 
@@ -1919,6 +2233,30 @@ def _openapi_config() -> OpenAPIConfig:
     )
 
 
+def _decide_remaining_routes(app: Litestar) -> None:
+    """
+    Give Litestar's own routes (CORS preflight ``OPTIONS``, the OpenAPI
+    pages under ``/docs``) their access decision, public; any other route
+    without one is a programming error, refused at start.
+    """
+    from litestar.routes import HTTPRoute
+
+    for route in app.routes:
+        if not isinstance(route, HTTPRoute):
+            raise RuntimeError(f"unexpected non-HTTP route {route.path}")
+        for handler in route.route_handlers:
+            if "access" in handler.opt:
+                continue
+            methods: set[str] = set(handler.http_methods)
+            if methods == {"OPTIONS"} or route.path.startswith("/docs"):
+                handler.opt["access"] = ACCESS_PUBLIC["access"]
+            else:
+                raise RuntimeError(
+                    f"the route {route.path} ({handler}) has no access decision: "
+                    "give its handler opt=ACCESS_..."
+                )
+
+
 def create_app(
     store: Store,
     *,
@@ -1928,6 +2266,8 @@ def create_app(
     secure_cookie: bool | None = None,
     salad_auth: SaladAuth | None = None,
     webhooks: WebhookSettings | None = None,
+    auth_failure_limit: int | None = AUTH_FAILURE_LIMIT,
+    key_rate_limit: int | None = None,
 ) -> Litestar:
     """
     Build the Kelpie API application around a store.
@@ -1944,6 +2284,10 @@ def create_app(
             says; ``None``: refuse them (403).
         webhooks: The webhook allowlist (checked at submission) and the
             key echo; the dispatcher is started separately.
+        auth_failure_limit: Failed authentications a minute after which a
+            client address is answered 429; ``None``: no limit.
+        key_rate_limit: Requests a minute allowed per API key (429 beyond);
+            ``None``: no limit.
     """
     handlers: Sequence[Any] = [
         submit_job,
@@ -1976,6 +2320,9 @@ def create_app(
         create_user,
         create_token,
         delete_users,
+        create_api_key,
+        list_api_keys,
+        revoke_api_key,
         health,
         healthz,
         readyz,
@@ -2001,6 +2348,7 @@ def create_app(
         request_max_body_size=MAX_BODY_BYTES,
         debug=debug,
     )
+    _decide_remaining_routes(app)
     app.state.kelpie = state = _State(
         store=store,
         waker=_Waker(store.wake_recheck_seconds),
@@ -2010,6 +2358,10 @@ def create_app(
         ui=UISessions(secure_cookie=secure_cookie),
         salad=salad_auth,
         webhooks=webhooks or WebhookSettings(),
+        failures=(
+            None if auth_failure_limit is None else FailureLimiter(auth_failure_limit)
+        ),
+        key_limit=None if key_rate_limit is None else KeyRateLimiter(key_rate_limit),
     )
     store.on_available(state.waker.notify)
     store.on_lease_expired(state.metrics.lease_expiries.inc)

@@ -78,6 +78,19 @@ API_KEYS = sa.Table(
     sa.Column("org_name", sa.Text, nullable=False, server_default=""),
     sa.Column("project_name", sa.Text, nullable=False, server_default=""),
     sa.Column("created", sa.BigInteger, nullable=False),
+    # Names the key without revealing it: the first 16 hex digits of its hash.
+    sa.Column("key_id", sa.String(16), index=True, unique=True),
+    # admin, user or worker.
+    sa.Column("role", sa.String(16), nullable=False, server_default="user"),
+    # A worker key's container groups, as a JSON list; NULL: all of its user's.
+    sa.Column("container_groups", sa.Text),
+    sa.Column("expires", sa.BigInteger),
+    # Updated at most once a minute per key.
+    sa.Column("last_used", sa.BigInteger),
+    sa.Column("revoked", sa.BigInteger),
+    # An admin key from KELPIE_ADMIN_KEY (or generated at first start): the
+    # next one replaces it.
+    sa.Column("seeded", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
 _PENDING = sa.text("status = 'pending'")

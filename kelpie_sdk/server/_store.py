@@ -51,8 +51,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine, RowMapping
 
+from kelpie_sdk.errors import ConfigError
 from kelpie_sdk.models import (
     LEGACY_STORAGE_FIELDS,
+    ApiKey,
     Job,
     JobEvent,
     JobStatus,
@@ -88,6 +90,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IDEMPOTENCY_KEY_SECONDS",
+    "KEY_PREFIX",
+    "LAST_USED_EVERY_MS",
+    "MIN_ADMIN_KEY_LENGTH",
     "DatabaseUnavailable",
     "IdempotencyConflict",
     "Principal",
@@ -96,6 +101,8 @@ __all__ = [
     "Store",
     "SubmitAnswer",
     "hash_key",
+    "key_id_of",
+    "new_key",
 ]
 
 #: What a fenced worker report found: it took effect, the job is not known,
@@ -246,19 +253,60 @@ _AMBIGUOUS = object()
 @attrs.frozen
 class Principal:
     """
-    Who is calling: the user behind an API key.
+    Who is calling: the user behind an API key, and the key's role.
+
+    Attributes:
+        role: ``admin``, ``user`` or ``worker``; by default ``admin`` for the
+            admin user, else ``user``.
+        key_id: The key's id (``""`` for a principal made in code).
+        container_groups: A worker key's only container groups; ``None``: all.
+        last_used: When the key was last marked used (ms), if ever.
     """
 
     user_id: str
     org_name: str
     project_name: str
+    role: str = attrs.field(default="", kw_only=True)
+    key_id: str = attrs.field(default="", kw_only=True)
+    container_groups: tuple[str, ...] | None = attrs.field(default=None, kw_only=True)
+    last_used: int | None = attrs.field(
+        default=None, kw_only=True, eq=False, repr=False
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if not self.role:
+            role = "admin" if self.user_id == ADMIN_ID else "user"
+            object.__setattr__(self, "role", role)
 
     @property
     def is_admin(self) -> bool:
         """
-        Whether this is the seeded admin user.
+        Whether the key is an admin key (it sees every user's jobs).
         """
-        return self.user_id == ADMIN_ID
+        return self.role == "admin"
+
+
+#: Every key starts with this, then the role's letter and ``_``.
+KEY_PREFIX = "kelpie_"
+#: The shortest admin key accepted (``KELPIE_ADMIN_KEY``).
+MIN_ADMIN_KEY_LENGTH = 32
+#: How often (ms) a key's ``last_used`` is written at most.
+LAST_USED_EVERY_MS = 60_000
+
+
+def new_key(role: str) -> str:
+    """
+    A fresh random key: ``kelpie_`` + the role's letter (``a``, ``u``, ``w``)
+    + ``_`` + 43 URL-safe characters (256 random bits).
+    """
+    return f"{KEY_PREFIX}{role[0]}_{secrets.token_urlsafe(32)}"
+
+
+def key_id_of(digest: str) -> str:
+    """
+    The id of the key with this hash: the hash's first 16 hex digits.
+    """
+    return digest[:16]
 
 
 @attrs.frozen(kw_only=True)
@@ -870,15 +918,28 @@ class Store:
     @_resilient
     def ensure_admin(self, admin_key: str | None) -> str | None:
         """
-        Seed the admin user, and its key on first start.
+        Seed the admin user, and its key.
+
+        A key given here replaces the admin key given (or generated) at an
+        earlier start; admin keys made with ``POST /keys`` stay.
 
         Args:
-            admin_key: A key to accept for the admin (``KELPIE_ADMIN_KEY``).
-                If ``None`` and the admin has no key yet, one is generated.
+            admin_key: A key to accept for the admin (``KELPIE_ADMIN_KEY``),
+                at least 32 characters. If ``None`` and the admin has no
+                seeded key yet, one is generated.
 
         Returns:
             The generated key (to be shown once), or ``None``.
+
+        Raises:
+            ConfigError: The key is shorter than 32 characters.
         """
+        if admin_key is not None and len(admin_key) < MIN_ADMIN_KEY_LENGTH:
+            raise ConfigError(
+                f"the admin key (KELPIE_ADMIN_KEY) has {len(admin_key)} characters; "
+                f"it must have at least {MIN_ADMIN_KEY_LENGTH}, e.g. from "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            )
         try:
             return self._seed_admin(admin_key)
         except sa.exc.IntegrityError:
@@ -888,30 +949,53 @@ class Store:
 
     def _seed_admin(self, admin_key: str | None) -> str | None:
         now = self.now_ms()
+        seeded = sa.and_(API_KEYS.c.user_id == ADMIN_ID, API_KEYS.c.seeded)
         with self._write() as conn:
-            if conn.execute(
+            if not conn.execute(
                 sa.select(USERS.c.id).where(USERS.c.id == ADMIN_ID)
             ).first():
-                pass
-            else:
                 conn.execute(
                     USERS.insert().values(id=ADMIN_ID, username="admin", created=now)
                 )
             generated = None
             if admin_key is None:
                 has_key = conn.execute(
-                    sa.select(API_KEYS.c.key_hash).where(API_KEYS.c.user_id == ADMIN_ID)
+                    sa.select(API_KEYS.c.key_hash).where(
+                        seeded, API_KEYS.c.revoked.is_(None)
+                    )
                 ).first()
                 if has_key:
                     return None
-                admin_key = generated = secrets.token_urlsafe(32)
+                admin_key = generated = new_key("admin")
             digest = hash_key(admin_key)
+            # The previous seeded key stops working: changing
+            # KELPIE_ADMIN_KEY is how a leaked admin key is replaced.
+            conn.execute(API_KEYS.delete().where(seeded, API_KEYS.c.key_hash != digest))
             if not conn.execute(
                 sa.select(API_KEYS.c.key_hash).where(API_KEYS.c.key_hash == digest)
             ).first():
                 conn.execute(
                     API_KEYS.insert().values(
-                        key_hash=digest, user_id=ADMIN_ID, created=now
+                        key_hash=digest,
+                        key_id=key_id_of(digest),
+                        user_id=ADMIN_ID,
+                        role="admin",
+                        seeded=True,
+                        created=now,
+                    )
+                )
+            else:
+                conn.execute(
+                    API_KEYS.update()
+                    .where(API_KEYS.c.key_hash == digest)
+                    .values(
+                        key_id=key_id_of(digest),
+                        user_id=ADMIN_ID,
+                        role="admin",
+                        seeded=True,
+                        revoked=None,
+                        expires=None,
+                        container_groups=None,
                     )
                 )
             return generated
@@ -919,18 +1003,177 @@ class Store:
     @_resilient
     def principal_for_key(self, key: str) -> Principal | None:
         """
-        Look up the user behind an API key.
+        Look up the user and role behind an API key; ``None`` for an unknown,
+        revoked or expired key.
         """
         query = (
-            sa.select(API_KEYS.c.user_id, API_KEYS.c.org_name, API_KEYS.c.project_name)
+            sa.select(
+                API_KEYS.c.user_id,
+                API_KEYS.c.org_name,
+                API_KEYS.c.project_name,
+                API_KEYS.c.key_id,
+                API_KEYS.c.role,
+                API_KEYS.c.container_groups,
+                API_KEYS.c.last_used,
+            )
             .join(USERS, USERS.c.id == API_KEYS.c.user_id)
-            .where(API_KEYS.c.key_hash == hash_key(key))
+            .where(
+                API_KEYS.c.key_hash == hash_key(key),
+                API_KEYS.c.revoked.is_(None),
+                sa.or_(
+                    API_KEYS.c.expires.is_(None),
+                    API_KEYS.c.expires > self.now_ms(),
+                ),
+            )
         )
         with self._read() as conn:
             row = conn.execute(query).first()
         if row is None:
             return None
-        return Principal(row.user_id, row.org_name, row.project_name)
+        return Principal(
+            row.user_id,
+            row.org_name,
+            row.project_name,
+            role=row.role,
+            key_id=row.key_id or "",
+            container_groups=(
+                None
+                if row.container_groups is None
+                else tuple(json.loads(row.container_groups))
+            ),
+            last_used=row.last_used,
+        )
+
+    @_resilient
+    def mark_key_used(self, key_id: str) -> None:
+        """
+        Record that a key was used now (callers do so at most once a minute).
+        """
+        with self._write() as conn:
+            conn.execute(
+                API_KEYS.update()
+                .where(API_KEYS.c.key_id == key_id)
+                .values(last_used=self.now_ms())
+            )
+
+    @_resilient
+    def create_api_key(
+        self,
+        user_id: str,
+        *,
+        role: str = "user",
+        org_name: str = "",
+        project_name: str = "",
+        container_groups: Sequence[str] | None = None,
+        expires_in: float | None = None,
+    ) -> ApiKey | None:
+        """
+        Issue a new API key; ``None`` if there is no such user.
+
+        The answer's ``key`` is the secret: only its hash is stored.
+        """
+        if role == "admin" and user_id != ADMIN_ID:
+            raise ValueError("admin keys belong to the admin user")
+        key = new_key(role)
+        digest = hash_key(key)
+        now = self.now_ms()
+        expires = None if expires_in is None else now + int(expires_in * 1000)
+        groups = None if container_groups is None else list(container_groups)
+        with self._write() as conn:
+            if not conn.execute(
+                sa.select(USERS.c.id).where(USERS.c.id == user_id)
+            ).first():
+                return None
+            conn.execute(
+                API_KEYS.insert().values(
+                    key_hash=digest,
+                    key_id=key_id_of(digest),
+                    user_id=user_id,
+                    org_name=org_name,
+                    project_name=project_name,
+                    role=role,
+                    container_groups=None if groups is None else json.dumps(groups),
+                    expires=expires,
+                    created=now,
+                )
+            )
+        return ApiKey(
+            id=key_id_of(digest),
+            user_id=user_id,
+            role=role,
+            container_groups=None if groups is None else tuple(groups),
+            created=_ms_to_dt(now),  # type: ignore[arg-type]
+            expires=_ms_to_dt(expires),
+            last_used=None,
+            key=key,
+        )
+
+    def create_key(self, user_id: str, org_name: str, project_name: str) -> str | None:
+        """
+        Issue a new ``user`` key for a user; ``None`` if there is no such user.
+        """
+        made = self.create_api_key(
+            user_id, org_name=org_name, project_name=project_name
+        )
+        return None if made is None else made.key
+
+    @_resilient
+    def list_api_keys(self, user_id: str | None) -> list[ApiKey]:
+        """
+        The live (not revoked, not expired) keys of a user, or of every user
+        (``None``), oldest first; without their secrets.
+        """
+        query = (
+            sa.select(API_KEYS)
+            .where(
+                API_KEYS.c.revoked.is_(None),
+                sa.or_(
+                    API_KEYS.c.expires.is_(None),
+                    API_KEYS.c.expires > self.now_ms(),
+                ),
+            )
+            .order_by(API_KEYS.c.created, API_KEYS.c.key_id)
+        )
+        if user_id is not None:
+            query = query.where(API_KEYS.c.user_id == user_id)
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        return [
+            ApiKey(
+                id=row.key_id,
+                user_id=row.user_id,
+                role=row.role,
+                container_groups=(
+                    None
+                    if row.container_groups is None
+                    else tuple(json.loads(row.container_groups))
+                ),
+                created=_ms_to_dt(row.created),  # type: ignore[arg-type]
+                expires=_ms_to_dt(row.expires),
+                last_used=_ms_to_dt(row.last_used),
+            )
+            for row in rows
+        ]
+
+    @_resilient
+    def revoke_api_key(self, principal: Principal, key_id: str) -> bool:
+        """
+        Revoke a key at once; ``False`` if the caller has no such live key.
+
+        The admin may revoke any key; anyone else only the non-admin keys of
+        its own user.
+        """
+        where = [API_KEYS.c.key_id == key_id, API_KEYS.c.revoked.is_(None)]
+        if not principal.is_admin:
+            where += [
+                API_KEYS.c.user_id == principal.user_id,
+                API_KEYS.c.role != "admin",
+            ]
+        with self._write() as conn:
+            done = conn.execute(
+                API_KEYS.update().where(*where).values(revoked=self.now_ms())
+            )
+        return bool(done.rowcount)
 
     @_resilient
     def create_user(self, username: str) -> User | None:
@@ -982,26 +1225,17 @@ class Store:
         return User(id=row.id, username=row.username, created=_ms_to_dt(row.created))  # type: ignore[arg-type]
 
     @_resilient
-    def create_key(self, user_id: str, org_name: str, project_name: str) -> str | None:
+    def job_group(self, user_id: str, job_id: str) -> str | None:
         """
-        Issue a new API key for a user; ``None`` if there is no such user.
+        The container group of one of the user's jobs, if it exists.
         """
-        key = str(uuid.uuid4())
-        with self._write() as conn:
-            if not conn.execute(
-                sa.select(USERS.c.id).where(USERS.c.id == user_id)
-            ).first():
-                return None
-            conn.execute(
-                API_KEYS.insert().values(
-                    key_hash=hash_key(key),
-                    user_id=user_id,
-                    org_name=org_name,
-                    project_name=project_name,
-                    created=self.now_ms(),
+        with self._read() as conn:
+            group: str | None = conn.execute(
+                sa.select(JOBS.c.container_group_id).where(
+                    JOBS.c.id == job_id, JOBS.c.user_id == user_id
                 )
-            )
-        return key
+            ).scalar()
+        return group
 
     @_resilient
     def delete_users(self) -> None:

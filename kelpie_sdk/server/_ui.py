@@ -23,6 +23,7 @@ from litestar import Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
+from kelpie_sdk.server._roles import ACCESS_PUBLIC, ACCESS_USERS
 from kelpie_sdk.server._store import Principal, Store
 
 __all__ = [
@@ -184,11 +185,23 @@ def _redirect(location: str, status: int = 303) -> Response[bytes]:
     )
 
 
+def _dashboard_principal(store: Store, key: str) -> Principal | None:
+    """
+    The admin or user behind a key, asked of the database each time, so that
+    a revoked key signs its sessions out at once; ``None`` for a worker key,
+    which may not read jobs.
+    """
+    principal = store.principal_for_key(key)
+    if principal is None or principal.role == "worker":
+        return None
+    return principal
+
+
 def _signed_in(request: Request[Any, Any, Any]) -> Principal | None:
     session = _sessions(request).get(request.cookies.get(COOKIE))
     if session is None:
         return None
-    return _store(request).principal_for_key(session.key)
+    return _dashboard_principal(_store(request), session.key)
 
 
 def _same_origin(request: Request[Any, Any, Any]) -> bool:
@@ -202,7 +215,7 @@ def _same_origin(request: Request[Any, Any, Any]) -> bool:
     return urlsplit(origin).netloc == host
 
 
-@get("/ui", sync_to_thread=False, include_in_schema=False)
+@get("/ui", sync_to_thread=False, include_in_schema=False, opt=ACCESS_PUBLIC)
 def ui_jobs(request: Request[Any, Any, Any]) -> Response[bytes]:
     """The jobs table."""
     if _signed_in(request) is None:
@@ -210,7 +223,7 @@ def ui_jobs(request: Request[Any, Any, Any]) -> Response[bytes]:
     return _page("jobs.html")
 
 
-@get("/ui/groups", sync_to_thread=False, include_in_schema=False)
+@get("/ui/groups", sync_to_thread=False, include_in_schema=False, opt=ACCESS_PUBLIC)
 def ui_groups(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Pending, running and completed jobs per container group."""
     if _signed_in(request) is None:
@@ -218,7 +231,12 @@ def ui_groups(request: Request[Any, Any, Any]) -> Response[bytes]:
     return _page("groups.html")
 
 
-@get("/ui/jobs/{job_id:str}", sync_to_thread=False, include_in_schema=False)
+@get(
+    "/ui/jobs/{job_id:str}",
+    sync_to_thread=False,
+    include_in_schema=False,
+    opt=ACCESS_PUBLIC,
+)
 def ui_job(request: Request[Any, Any, Any], job_id: FromPath[str]) -> Response[bytes]:
     """One job; another user's job, or none, is not found."""
     principal = _signed_in(request)
@@ -229,13 +247,13 @@ def ui_job(request: Request[Any, Any, Any], job_id: FromPath[str]) -> Response[b
     return _page("job.html")
 
 
-@get("/ui/login", sync_to_thread=False, include_in_schema=False)
+@get("/ui/login", sync_to_thread=False, include_in_schema=False, opt=ACCESS_PUBLIC)
 def ui_login_page() -> Response[bytes]:
     """The sign-in form."""
     return _page("login.html")
 
 
-@post("/ui/login", status_code=303, include_in_schema=False)
+@post("/ui/login", status_code=303, include_in_schema=False, opt=ACCESS_PUBLIC)
 async def ui_login(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Sign in with an API key (form field ``key``); sets the session cookie."""
     if not _same_origin(request):
@@ -245,9 +263,21 @@ async def ui_login(request: Request[Any, Any, Any]) -> Response[bytes]:
             media_type="text/plain",
             headers=SECURITY_HEADERS,
         )
+    failures = _kelpie(request).failures
+    address = request.client.host if request.client is not None else "-"
+    wait = None if failures is None else failures.retry_after(address)
+    if wait is not None:
+        return Response(
+            b"Too many failed sign-ins from this address; try again later.",
+            status_code=429,
+            media_type="text/plain",
+            headers={**SECURITY_HEADERS, "retry-after": str(wait)},
+        )
     form = await request.form()
     key = str(form.get("key") or "").strip()
-    if not key or _store(request).principal_for_key(key) is None:
+    if not key or _dashboard_principal(_store(request), key) is None:
+        if key and failures is not None:
+            failures.failed(address)
         return _redirect("/ui/login?failed=1")
     sessions = _sessions(request)
     sid, _ = sessions.create(key)
@@ -264,7 +294,7 @@ async def ui_login(request: Request[Any, Any, Any]) -> Response[bytes]:
     return response
 
 
-@post("/ui/logout", status_code=303, include_in_schema=False)
+@post("/ui/logout", status_code=303, include_in_schema=False, opt=ACCESS_PUBLIC)
 async def ui_logout(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Sign out (needs the CSRF token, as every state change does)."""
     sessions = _sessions(request)
@@ -285,12 +315,12 @@ async def ui_logout(request: Request[Any, Any, Any]) -> Response[bytes]:
     return response
 
 
-@get("/ui/session", sync_to_thread=False, include_in_schema=False)
+@get("/ui/session", sync_to_thread=False, include_in_schema=False, opt=ACCESS_PUBLIC)
 def ui_session(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     """Who is signed in, and the CSRF token the page sends with changes."""
     session = _sessions(request).get(request.cookies.get(COOKIE))
     principal = (
-        None if session is None else _store(request).principal_for_key(session.key)
+        None if session is None else _dashboard_principal(_store(request), session.key)
     )
     if session is None or principal is None:
         return Response(
@@ -309,7 +339,7 @@ def ui_session(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     )
 
 
-@get("/ui/api/groups", sync_to_thread=False, include_in_schema=False)
+@get("/ui/api/groups", sync_to_thread=False, include_in_schema=False, opt=ACCESS_USERS)
 def ui_group_counts(
     request: Request[Any, Any, Any], principal: NamedDependency[Principal]
 ) -> Response[dict[str, Any]]:
@@ -328,7 +358,12 @@ def ui_group_counts(
     return Response({"groups": groups}, headers=SECURITY_HEADERS)
 
 
-@get("/ui/static/{name:str}", sync_to_thread=False, include_in_schema=False)
+@get(
+    "/ui/static/{name:str}",
+    sync_to_thread=False,
+    include_in_schema=False,
+    opt=ACCESS_PUBLIC,
+)
 def ui_static(name: FromPath[str]) -> Response[bytes]:
     """The pages' script and style sheet."""
     suffix = name[name.rfind(".") :] if "." in name else ""

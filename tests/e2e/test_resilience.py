@@ -39,7 +39,7 @@ class _Server:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.key = secrets.token_urlsafe(16)
+        self.key = secrets.token_urlsafe(32)
         self.db = f"sqlite:///{tmp / 'outage.db'}"
         self.log = (tmp / "server.log").open("ab")
         self.proc: subprocess.Popen[bytes] | None = None

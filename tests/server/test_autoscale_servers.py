@@ -24,6 +24,9 @@ from tests.salad_fake import FakeSalad, run_fake_salad
 GROUP = "44444444-4444-4444-8444-444444444444"
 KEY = "salad-test-key"
 
+#: The servers' admin key (at least 32 characters).
+ADMIN_KEY = "autoscale-admin-key-" + "a" * 16
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -52,7 +55,7 @@ class _Server:
             for k, v in os.environ.items()
             if not k.startswith(("SALAD_", "KELPIE_"))
         }
-        env.update(KELPIE_ADMIN_KEY="admin-key", SALAD_API_KEY=KEY)
+        env.update(KELPIE_ADMIN_KEY=ADMIN_KEY, SALAD_API_KEY=KEY)
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -117,7 +120,7 @@ def test_one_server_leads_and_the_other_takes_over(tmp_path: pathlib.Path) -> No
         servers = [first, second]
         try:
             _wait(second.ready)
-            with Client(first.url, "admin-key") as client:
+            with Client(first.url, ADMIN_KEY) as client:
                 client.create_scaling_rule(
                     container_group_id=GROUP,
                     min_replicas=0,
@@ -135,7 +138,7 @@ def test_one_server_leads_and_the_other_takes_over(tmp_path: pathlib.Path) -> No
                 assert [first] == leaders, [s.log() for s in servers]
                 assert "this process leads" in first.log()
                 first.stop()
-            with Client(second.url, "admin-key") as client:
+            with Client(second.url, ADMIN_KEY) as client:
                 for job in jobs:
                     client.cancel(job.id)
             _wait(lambda: fake.group("acme", "proj", "workers")["status"] == "stopped")

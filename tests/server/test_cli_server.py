@@ -18,6 +18,9 @@ from contextlib import contextmanager
 import pytest
 import requests
 
+#: The admin key the servers start with (at least 32 characters).
+ADMIN_KEY = "sekrit-sekrit-sekrit-sekrit-sekrit"
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -67,12 +70,12 @@ def kelpie_server(
 @pytest.mark.slow
 def test_server_serves_with_the_given_admin_key(tmp_path: pathlib.Path) -> None:
     """KELPIE_ADMIN_KEY is the admin's key; the process stops cleanly on SIGINT."""
-    with kelpie_server(tmp_path / "a.db", {"KELPIE_ADMIN_KEY": "sekrit"}) as (
+    with kelpie_server(tmp_path / "a.db", {"KELPIE_ADMIN_KEY": ADMIN_KEY}) as (
         url,
         proc,
     ):
         me = requests.get(
-            url + "/users/me", headers={"X-Kelpie-Key": "sekrit"}, timeout=5
+            url + "/users/me", headers={"X-Kelpie-Key": ADMIN_KEY}, timeout=5
         )
         assert "admin" == me.json()["username"]
     assert 0 == proc.returncode
@@ -143,9 +146,9 @@ def test_metrics_public_flag_serves_metrics_without_a_key(
 
 def test_log_limit_bounds_each_attempts_output(tmp_path: pathlib.Path) -> None:
     """--log-limit 2K keeps about the last 2 KiB of an attempt's lines."""
-    headers = {"X-Kelpie-Key": "sekrit"}
+    headers = {"X-Kelpie-Key": ADMIN_KEY}
     with kelpie_server(
-        tmp_path / "l.db", {"KELPIE_ADMIN_KEY": "sekrit"}, "--log-limit", "2K"
+        tmp_path / "l.db", {"KELPIE_ADMIN_KEY": ADMIN_KEY}, "--log-limit", "2K"
     ) as (url, _):
         job = requests.post(
             url + "/jobs",
@@ -204,10 +207,10 @@ def _login_cookie_flags(url: str, key: str, **headers: str) -> list[str]:
 @pytest.mark.slow
 def test_dashboard_cookie_is_secure_behind_https(tmp_path: pathlib.Path) -> None:
     """The session cookie is Secure over https (a local proxy's X-Forwarded-Proto), or always with --secure-cookie."""
-    env = {"KELPIE_ADMIN_KEY": "sekrit"}
+    env = {"KELPIE_ADMIN_KEY": ADMIN_KEY}
     with kelpie_server(tmp_path / "c.db", env) as (url, _):
-        assert "secure" not in _login_cookie_flags(url, "sekrit")
-        flags = _login_cookie_flags(url, "sekrit", **{"X-Forwarded-Proto": "https"})
+        assert "secure" not in _login_cookie_flags(url, ADMIN_KEY)
+        flags = _login_cookie_flags(url, ADMIN_KEY, **{"X-Forwarded-Proto": "https"})
         assert "secure" in flags
     with kelpie_server(tmp_path / "c.db", env, "--secure-cookie") as (url, _):
-        assert "secure" in _login_cookie_flags(url, "sekrit")
+        assert "secure" in _login_cookie_flags(url, ADMIN_KEY)

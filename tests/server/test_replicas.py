@@ -18,14 +18,18 @@ from ..conftest import Api
 from ..pg import fresh_database
 from .helpers import sync_job
 
+#: Admin keys (at least 32 characters).
+REPLICA_KEY = "replica-admin-key-" + "k" * 16
+SHARED_KEY = "shared-admin-key-" + "s" * 16
+
 
 @pytest.fixture
 def two_replicas() -> Iterator[tuple[ServerHandle, ServerHandle]]:
     """Two in-process servers sharing one fresh PostgreSQL database and key."""
     with (
         fresh_database() as url,
-        run_server(database_url=url, admin_key="k") as a,
-        run_server(database_url=url, admin_key="k") as b,
+        run_server(database_url=url, admin_key=REPLICA_KEY) as a,
+        run_server(database_url=url, admin_key=REPLICA_KEY) as b,
     ):
         assert a.store.wait_listening(10)
         assert b.store.wait_listening(10)
@@ -46,7 +50,7 @@ def test_a_long_poll_wakes_when_another_replica_gets_the_job(
     got: list[tuple[float, Any]] = []
 
     def poll() -> None:
-        answer = Api(a.url, "k").get(
+        answer = Api(a.url, REPLICA_KEY).get(
             "/work",
             params={"machine_id": "m", "container_group_id": group, "wait": 30},
         )
@@ -57,7 +61,7 @@ def test_a_long_poll_wakes_when_another_replica_gets_the_job(
     time.sleep(1.0)  # the poll is waiting by now
     assert not got
     submitted = time.monotonic()
-    job = Api(b.url, "k").post("/jobs", json=sync_job(group)).json()
+    job = Api(b.url, REPLICA_KEY).post("/jobs", json=sync_job(group)).json()
     waiter.join(timeout=30)
     ((answered, claimed),) = got
     assert [job["id"]] == [j["id"] for j in claimed]
@@ -129,13 +133,13 @@ def test_replicas_starting_together_both_seed_the_admin() -> None:
                 other.execute(
                     "INSERT INTO api_keys (key_hash, user_id, created)"
                     " VALUES (%s, %s, 0)",
-                    (hash_key("shared-key"), ADMIN_ID),
+                    (hash_key(SHARED_KEY), ADMIN_ID),
                 )
                 outcome: list[Any] = []
 
                 def seed() -> None:
                     try:
-                        outcome.append(store.ensure_admin("shared-key"))
+                        outcome.append(store.ensure_admin(SHARED_KEY))
                     except Exception as exc:
                         outcome.append(exc)
 
@@ -145,6 +149,6 @@ def test_replicas_starting_together_both_seed_the_admin() -> None:
                 other.commit()
                 racer.join(timeout=30)
             assert [None] == outcome
-            assert store.principal_for_key("shared-key") is not None
+            assert store.principal_for_key(SHARED_KEY) is not None
         finally:
             store.close()
