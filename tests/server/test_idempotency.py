@@ -213,7 +213,9 @@ def test_concurrent_repeats_on_three_replicas_queue_once(
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(_database(kind, tmp_path))
         servers = [
-            stack.enter_context(run_server(database_url=url, admin_key="admin"))
+            stack.enter_context(
+                run_server(database_url=url, admin_key="admin-" + "a" * 32)
+            )
             for _ in range(3)
         ]
         body = [sync_job("g", name=f"n{i}") for i in range(50)]

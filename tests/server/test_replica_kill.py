@@ -27,7 +27,7 @@ from .helpers import sync_job
 
 JOBS = 10_000
 CLIENTS = 32
-KEY = "fleet-admin-key"
+KEY = "fleet-admin-key-" + "k" * 24  # the server wants 32+ characters
 
 
 def _free_port() -> int:

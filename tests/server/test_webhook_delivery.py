@@ -756,7 +756,7 @@ def test_kelpie_server_delivers_with_its_allowlist(
     """`kelpie server` runs the dispatcher; --webhook-allow or the env allows loopback."""
     from .test_cli_server import kelpie_server
 
-    env = {"KELPIE_ADMIN_KEY": "sekrit"}
+    env = {"KELPIE_ADMIN_KEY": "sekrit-" + "s" * 32}
     args: tuple[str, ...] = ("--webhook-allow", "127.0.0.1/32")
     if how == "env":
         env["KELPIE_WEBHOOK_ALLOW"] = "10.0.0.0/8, 127.0.0.1/32"
