@@ -18,14 +18,13 @@ import logging
 import re
 import time
 from collections.abc import Coroutine, Mapping, Sequence
-from typing import Annotated, Any, TypeVar
-from urllib.parse import urlsplit
+from typing import Annotated, Any, TypeVar, cast
 
 import attrs
 import msgspec
 from litestar import Litestar, Request, Response, delete, get, patch, post
 from litestar.di import NamedDependency, Provide
-from litestar.enums import RequestEncodingType
+from litestar.enums import RequestEncodingType, ScopeType
 from litestar.exceptions import (
     HTTPException,
     NotFoundException,
@@ -37,6 +36,8 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, Operation, SecurityScheme
 from litestar.params import BodyKwarg, FromPath, FromQuery, JSONBody
 from litestar.plugins.attrs import AttrsSchemaPlugin
+from litestar.routes import HTTPRoute
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from kelpie_sdk.models import (
     LEGACY_STORAGE_FIELDS,
@@ -64,6 +65,7 @@ from kelpie_sdk.server._logs import (
     JobLogs,
 )
 from kelpie_sdk.server._metrics import METRICS_PATH, MetricsMiddleware, ServerMetrics
+from kelpie_sdk.server._openapi import WEBHOOK_PATTERN, describe
 from kelpie_sdk.server._store import (
     DatabaseUnavailable,
     Principal,
@@ -84,6 +86,7 @@ MAX_ID_LENGTH = 36
 KEY_CACHE_SECONDS = 5.0
 
 _JSON = "application/json"
+_WEBHOOK = re.compile(WEBHOOK_PATTERN)
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 M = TypeVar("M")
 
@@ -150,9 +153,12 @@ def _on_validation(
 def _on_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     if isinstance(exc, NotFoundException) and exc.detail == "Not Found":
         return _json({"error": "Route Not Found", "message": request.url.path}, 404)
-    return _json(
+    response = _json(
         {"error": _reason(exc.status_code), "message": exc.detail}, exc.status_code
     )
+    # A 405 carries the route's methods in Allow (RFC 9110).
+    response.headers.update(exc.headers or {})
+    return response
 
 
 #: The ``Retry-After`` (seconds) of a 503 while the database is unavailable.
@@ -301,12 +307,11 @@ def validate_submission(sub: JobSubmission) -> JobSubmission:
         raise HTTPProblem(
             400, "Invalid request", "container_group_id must not be empty"
         )
-    if sub.webhook is not None:
-        parts = urlsplit(sub.webhook)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise HTTPProblem(
-                400, "Invalid request", "webhook must be an http:// or https:// URL"
-            )
+    # The rule the OpenAPI document states (urlsplit raised on "http://[").
+    if sub.webhook is not None and not _WEBHOOK.search(sub.webhook):
+        raise HTTPProblem(
+            400, "Invalid request", "webhook must be an http:// or https:// URL"
+        )
     legacy = {k: getattr(sub, k) for k in LEGACY_STORAGE_FIELDS}
     if sub.sync is not None:
         if any(legacy.values()):
@@ -1019,6 +1024,9 @@ MAX_LOG_BATCH = 10_000
 MAX_LOG_PAGE = 10_000
 #: Line times from the year 5000 on are mistakes (seconds since the epoch).
 _MAX_LOG_TIME = 95_617_584_000.0
+#: The largest ``offset`` and ``attempt`` of a log batch.
+_MAX_LOG_OFFSET = 2**53 - 1
+_MAX_LOG_ATTEMPT = 2**31 - 1
 #: How long ``GET /jobs/{id}/logs?follow=true`` waits for a line by default.
 DEFAULT_LOG_WAIT = 20.0
 
@@ -1058,15 +1066,20 @@ _LOG_BATCH = msgspec.json.Decoder(LogBatch)
 def _log_batch_schema() -> Any:
     from litestar.openapi.spec import OpenAPIType, Schema
 
-    def typed(kind: OpenAPIType, description: str) -> Schema:
-        return Schema(type=kind, description=description)
+    def typed(kind: OpenAPIType, description: str, **rules: Any) -> Schema:
+        return Schema(type=kind, description=description, **rules)
 
     line = Schema(
         type=OpenAPIType.OBJECT,
         required=["stream", "time", "line"],
         properties={
             "stream": Schema(type=OpenAPIType.STRING, enum=["stdout", "stderr"]),
-            "time": typed(OpenAPIType.NUMBER, "seconds since the epoch"),
+            "time": typed(
+                OpenAPIType.NUMBER,
+                "seconds since the epoch",
+                minimum=0,
+                exclusive_maximum=_MAX_LOG_TIME,
+            ),
             "line": typed(OpenAPIType.STRING, "the text, without its line break"),
         },
     )
@@ -1074,12 +1087,19 @@ def _log_batch_schema() -> Any:
         type=OpenAPIType.OBJECT,
         required=["machine_id", "attempt", "offset", "lines"],
         properties={
-            "machine_id": typed(OpenAPIType.STRING, "the holder"),
+            "machine_id": typed(OpenAPIType.STRING, "the holder", min_length=1),
             "container_group_id": typed(OpenAPIType.STRING, "optional"),
-            "attempt": typed(OpenAPIType.INTEGER, "the claim's attempt"),
+            "attempt": typed(
+                OpenAPIType.INTEGER,
+                "the claim's attempt",
+                minimum=1,
+                maximum=_MAX_LOG_ATTEMPT,
+            ),
             "offset": typed(
                 OpenAPIType.INTEGER,
                 "the number of the first line among all the attempt's lines",
+                minimum=0,
+                maximum=_MAX_LOG_OFFSET,
             ),
             "lines": Schema(
                 type=OpenAPIType.ARRAY, items=line, max_items=MAX_LOG_BATCH
@@ -1125,7 +1145,9 @@ async def ship_logs(
         raise HTTPProblem(400, "Bad Request", f"malformed JSON: {exc}") from exc
     if not batch.machine_id:
         raise HTTPProblem(400, "Bad Request", "machine_id must not be empty")
-    if not 0 <= batch.offset < 2**53 or not 1 <= batch.attempt < 2**31:
+    if not (
+        0 <= batch.offset <= _MAX_LOG_OFFSET and 1 <= batch.attempt <= _MAX_LOG_ATTEMPT
+    ):
         raise HTTPProblem(
             400,
             "Bad Request",
@@ -1484,7 +1506,22 @@ def openapi_json(request: Request[Any, Any, Any]) -> Response[Any]:
     """
     The OpenAPI 3.1 document.
     """
-    return _json(request.app.openapi_schema.to_schema())
+    return _json(_openapi_document(request.app))
+
+
+def _openapi_document(app: Litestar) -> dict[str, Any]:
+    """
+    The OpenAPI document that ``/openapi.json`` and ``/docs`` serve: Litestar's,
+    completed by ``describe`` with what the handlers check and answer.
+    """
+    # Litestar caches the document as a dict in its (private) OpenAPI plugin,
+    # which /docs renders; completing that dict serves one document to both.
+    from litestar._openapi.plugin import OpenAPIPlugin
+
+    document = app.plugins.get(OpenAPIPlugin).provide_openapi_schema()
+    if "Error" not in document.get("components", {}).get("schemas", {}):
+        describe(document)
+    return document
 
 
 @get(METRICS_PATH, sync_to_thread=False, include_in_schema=False)
@@ -1589,6 +1626,48 @@ def _openapi_config() -> OpenAPIConfig:
     )
 
 
+class _AllowEveryMethod:
+    """
+    Answer ``OPTIONS`` with every method of the route in ``Allow``.
+
+    Litestar builds a route's ``OPTIONS`` answer when the route's first
+    handler is registered, so it listed only that handler's methods (``POST``
+    for ``/jobs``, not ``GET`` and ``DELETE``).
+    """
+
+    def __init__(self, app: ASGIApp, allow: Mapping[str, str]) -> None:
+        self.app = app
+        #: The ``Allow`` value of each route template.
+        self.allow = allow
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP or scope["method"] != "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_allow(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                # Litestar's router writes the matched template into the scope.
+                template = cast(dict[str, Any], scope).get("path_template", "")
+                allow = self.allow.get(template)
+                if allow is not None:
+                    headers = [
+                        (k, v) for k, v in message["headers"] if k.lower() != b"allow"
+                    ]
+                    message["headers"] = [*headers, (b"allow", allow.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_allow)
+
+
+def _allow_headers(app: Litestar) -> dict[str, str]:
+    allow: dict[str, set[str]] = {}
+    for route in app.routes:
+        if isinstance(route, HTTPRoute):
+            allow.setdefault(route.path_format, set()).update(route.methods)
+    return {path: ", ".join(sorted(methods)) for path, methods in allow.items()}
+
+
 def create_app(
     store: Store,
     *,
@@ -1669,9 +1748,13 @@ def create_app(
         logs=JobLogs(store.engine, limit=log_limit),
         ui=UISessions(secure_cookie=secure_cookie),
     )
+    # Completed now, so that /docs, which renders the same dict, shows it too.
+    _openapi_document(app)
     store.on_available(state.waker.notify)
     store.on_lease_expired(state.metrics.lease_expiries.inc)
     # Outside the router, as Litestar wraps its own CORS middleware, so that
     # every answer is timed, errors and unknown paths included.
-    app.asgi_handler = MetricsMiddleware(app.asgi_handler, state.metrics)
+    app.asgi_handler = MetricsMiddleware(
+        _AllowEveryMethod(app.asgi_handler, _allow_headers(app)), state.metrics
+    )
     return app
