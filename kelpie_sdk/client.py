@@ -27,6 +27,7 @@ from kelpie_sdk.config import SALAD_PROJECT_ENVS, Settings
 from kelpie_sdk.errors import (
     APIStatusError,
     ConfigError,
+    InvalidIdError,
     KelpieError,
     MachineQuarantined,
     ResponseValidationError,
@@ -61,9 +62,34 @@ CLAIM_WAIT_MARGIN = 5.0
 LOG_FOLLOW_WAIT = 20.0
 
 
-def _quote(segment: str) -> str:
+#: The longest id the client sends in a path.
+MAX_ID_LENGTH = 256
+
+
+def _quote(segment: str, what: str = "id") -> str:
+    """
+    An id as one path segment, refused if it could not be one.
+
+    An empty id would turn ``DELETE /jobs/{id}`` into ``DELETE /jobs``
+    (delete every job); a ``/`` would reach another route.
+
+    Raises:
+        InvalidIdError: The id is empty, blank, too long, ``.`` or ``..``, or
+            holds a ``/``, a ``\\`` or a control character.
+    """
     from urllib.parse import quote
 
+    if not isinstance(segment, str) or not segment.strip():  # type: ignore[redundant-expr]
+        raise InvalidIdError(f"{what} must be a non-empty string, got {segment!r}")
+    if (
+        len(segment) > MAX_ID_LENGTH
+        or segment in (".", "..")
+        or any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in segment)
+    ):
+        raise InvalidIdError(
+            f"{what} {segment[:80]!r} is not a valid id: at most {MAX_ID_LENGTH} "
+            "characters, no '/', '\\' or control characters"
+        )
     return quote(segment, safe="")
 
 
@@ -425,7 +451,7 @@ class Client:
         """
         data = self._request(
             "GET",
-            f"/jobs/{_quote(job_id)}",
+            f"/jobs/{_quote(job_id, 'job_id')}",
             timeout=timeout,
             max_retries=max_retries,
         )
@@ -524,7 +550,7 @@ class Client:
         data = _expect_mapping(
             self._request(
                 "GET",
-                f"/jobs/{_quote(job_id)}/events",
+                f"/jobs/{_quote(job_id, 'job_id')}/events",
                 timeout=timeout,
                 max_retries=max_retries,
             ),
@@ -551,7 +577,7 @@ class Client:
         """
         self._request(
             "DELETE",
-            f"/jobs/{_quote(job_id)}",
+            f"/jobs/{_quote(job_id, 'job_id')}",
             timeout=timeout,
             max_retries=max_retries,
         )
@@ -663,12 +689,25 @@ class Client:
             :class:`~kelpie_sdk.models.LogLine` objects.
 
         Raises:
+            InvalidIdError: The id is empty or malformed (raised at once, not
+                when iterating).
             NotFoundError: No such job (or not yours).
         """
-        path = f"/jobs/{_quote(job_id.id if isinstance(job_id, Job) else job_id)}/logs"
+        the_id = job_id.id if isinstance(job_id, Job) else job_id
+        path = f"/jobs/{_quote(the_id, 'job_id')}/logs"
         limits = normalize_timeout(self.timeout if timeout is None else timeout)
         if follow:
             limits = (limits[0], max(limits[1], LOG_FOLLOW_WAIT + CLAIM_WAIT_MARGIN))
+        return self._log_lines(path, follow, attempt, since, limits)
+
+    def _log_lines(
+        self,
+        path: str,
+        follow: bool,
+        attempt: int | None,
+        since: int,
+        limits: tuple[float, float],
+    ) -> Iterator[LogLine]:
         cursor = since
         while True:
             params: dict[str, str | int | float] = {"since": cursor}
@@ -716,7 +755,8 @@ class Client:
         data = _expect_mapping(
             self._request(
                 "DELETE",
-                f"/jobs/container-groups/{_quote(container_group_id)}",
+                "/jobs/container-groups/"
+                + _quote(container_group_id, "container_group_id"),
                 timeout=timeout,
                 max_retries=max_retries,
             ),
@@ -796,7 +836,7 @@ class Client:
         """
         data = self._request(
             "GET",
-            f"/scaling-rules/{_quote(container_group_id)}",
+            f"/scaling-rules/{_quote(container_group_id, 'container_group_id')}",
             timeout=timeout,
             max_retries=max_retries,
         )
@@ -828,7 +868,7 @@ class Client:
             raise ValueError("update_scaling_rule needs at least one limit to change")
         data = self._request(
             "PATCH",
-            f"/scaling-rules/{_quote(container_group_id)}",
+            f"/scaling-rules/{_quote(container_group_id, 'container_group_id')}",
             json_body=body,
             idempotent=True,
             timeout=timeout,
@@ -848,7 +888,7 @@ class Client:
         """
         self._request(
             "DELETE",
-            f"/scaling-rules/{_quote(container_group_id)}",
+            f"/scaling-rules/{_quote(container_group_id, 'container_group_id')}",
             timeout=timeout,
             max_retries=max_retries,
         )
@@ -910,7 +950,7 @@ class Client:
         data = _expect_mapping(
             self._request(
                 "POST",
-                f"/users/{_quote(user_id)}/token",
+                f"/users/{_quote(user_id, 'user_id')}/token",
                 json_body={"org_name": org_name, "project_name": project_name},
                 timeout=timeout,
                 max_retries=max_retries,
@@ -1050,7 +1090,7 @@ class Client:
         data = _expect_mapping(
             self._request(
                 "POST",
-                f"/jobs/{_quote(job_id)}/heartbeat",
+                f"/jobs/{_quote(job_id, 'job_id')}/heartbeat",
                 json_body=report.to_json(),
                 idempotent=True,
                 timeout=timeout,
@@ -1077,7 +1117,7 @@ class Client:
         body: dict[str, JSONValue] = report.to_json()
         self._request(
             "POST",
-            f"/jobs/{_quote(job_id)}/{outcome}",
+            f"/jobs/{_quote(job_id, 'job_id')}/{outcome}",
             json_body=body,
             idempotent=False,
             timeout=timeout,
@@ -1160,7 +1200,7 @@ class Client:
         """
         data = self._request(
             "POST",
-            f"/jobs/{_quote(job_id)}/progress",
+            f"/jobs/{_quote(job_id, 'job_id')}/progress",
             json_body=report.to_json(),
             idempotent=True,
             timeout=timeout,
@@ -1199,7 +1239,7 @@ class Client:
         """
         data = self._request(
             "POST",
-            f"/jobs/{_quote(job_id)}/logs",
+            f"/jobs/{_quote(job_id, 'job_id')}/logs",
             json_body={
                 "machine_id": machine_id,
                 "container_group_id": container_group_id,
@@ -1250,7 +1290,7 @@ class Client:
             limits = (limits[0], max(limits[1], wait + CLAIM_WAIT_MARGIN))
         data = self._request(
             "GET",
-            f"/jobs/{_quote(job_id)}/status",
+            f"/jobs/{_quote(job_id, 'job_id')}/status",
             params=params,
             idempotent=True,
             timeout=limits,

@@ -5,6 +5,7 @@ The tree::
 
     KelpieError(Exception)
     ├── ConfigError(KelpieError, ValueError)          missing or invalid settings
+    ├── InvalidIdError(KelpieError, ValueError)       an id that cannot name a resource
     ├── APIError(KelpieError)                         anything that involved the server
     │   ├── APIConnectionError                no usable response (cause: transport)
     │   │   └── APITimeoutError(APIConnectionError, TimeoutError)
@@ -59,6 +60,7 @@ __all__ = [
     "CheckpointStorageError",
     "ConfigError",
     "ConflictError",
+    "InvalidIdError",
     "KelpieError",
     "MachineQuarantined",
     "NotFoundError",
@@ -239,6 +241,13 @@ def status_error_class(status_code: int) -> type[APIStatusError]:
     if status_code >= 500:
         return ServerError
     return _STATUS_CLASSES.get(status_code, APIStatusError)
+
+
+class InvalidIdError(KelpieError, ValueError):
+    """
+    An id (of a job, container group, scaling rule or user) that is empty or
+    could not be one path segment: refused before any request is sent.
+    """
 
 
 class WaitTimeoutError(KelpieError, TimeoutError):

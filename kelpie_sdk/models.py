@@ -27,6 +27,7 @@ from kelpie_sdk.errors import ResponseValidationError
 
 __all__ = [
     "EVENT_KINDS",
+    "INTEGER_RANGES",
     "LEGACY_STORAGE_FIELDS",
     "MAX_BATCH_SIZE",
     "MAX_LONG_POLL",
@@ -51,6 +52,7 @@ __all__ = [
     "SyncSpec",
     "User",
     "WorkerReport",
+    "check_integer",
     "check_tag",
     "format_progress",
     "format_timestamp",
@@ -76,6 +78,46 @@ MAX_TAGS = 20
 
 #: The longest tag accepted, in characters.
 MAX_TAG_LENGTH = 64
+
+#: The inclusive range of every integer the API accepts, in a request body or
+#: a query string, by its name; anything outside is answered 400. The same
+#: checks run in the SDK when a model is built, before anything is sent (W-31).
+INTEGER_RANGES: Mapping[str, tuple[int, int]] = {
+    # JobSubmission
+    "max_failures": (1, 1000),
+    "heartbeat_interval": (1, 86_400),
+    # WorkerReport (attempt also in GET /jobs/{id}/status and /logs)
+    "attempt": (0, 2**31 - 1),
+    "exit_code": (-(2**31), 2**31 - 1),
+    # ScalingRuleSubmission, ScalingRuleUpdate
+    "min_replicas": (0, 500),
+    "max_replicas": (0, 500),
+    "idle_threshold_seconds": (0, 3600),
+    # GET /jobs
+    "page": (1, 2**31 - 1),
+    "page_size": (1, 1000),
+    # GET /jobs/{id}/logs
+    "since": (0, 2**63 - 1),
+    "limit": (1, 10_000),
+    # POST /jobs/{id}/logs
+    "offset": (0, 2**53 - 1),
+    "log_attempt": (1, 2**31 - 1),
+}
+
+
+def check_integer(name: str, value: int | None) -> None:
+    """
+    Check an integer against its range in ``INTEGER_RANGES`` (``None`` passes).
+
+    Raises:
+        ValueError: The value is outside the range; the message names both.
+    """
+    if value is None:
+        return
+    low, high = INTEGER_RANGES[name]
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+
 
 _TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/=+@-]*")
 
@@ -352,26 +394,8 @@ def _status(model: str, data: Mapping[str, Any]) -> JobStatus:
 # -- validators (run by attrs, hence also by the server's decoder) ------------
 
 
-def _at_least(minimum: int) -> Any:
-    def check(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-        if value < minimum:
-            raise ValueError(
-                f"{attribute.name} must be at least {minimum}, got {value}"
-            )
-
-    return check
-
-
-def _between(low: int, high: int) -> Any:
-    def check(
-        instance: object, attribute: attrs.Attribute[int | None], value: int | None
-    ) -> None:
-        if value is not None and not low <= value <= high:
-            raise ValueError(
-                f"{attribute.name} must be between {low} and {high}, got {value}"
-            )
-
-    return check
+def _in_range(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    check_integer(attribute.name, value)
 
 
 def _check_name(
@@ -565,8 +589,8 @@ class JobSubmission:
     checkpoint_prefix: str | None = None
     output_bucket: str | None = None
     output_prefix: str | None = None
-    max_failures: int = attrs.field(default=3, validator=_at_least(1))
-    heartbeat_interval: int = attrs.field(default=30, validator=_at_least(1))
+    max_failures: int = attrs.field(default=3, validator=_in_range)
+    heartbeat_interval: int = attrs.field(default=30, validator=_in_range)
     webhook: str | None = None
     compression: bool = False
     sync: SyncSpec | None = None
@@ -957,9 +981,9 @@ class WorkerReport:
 
     machine_id: str
     container_group_id: str
-    attempt: int | None = None
+    attempt: int | None = attrs.field(default=None, validator=_in_range)
     progress: dict[str, Any] | None = None
-    exit_code: int | None = None
+    exit_code: int | None = attrs.field(default=None, validator=_in_range)
     error: str | None = None
     reason: str | None = None
 
@@ -1011,9 +1035,9 @@ class ScalingRuleSubmission:
     """
 
     container_group_id: str
-    min_replicas: int = attrs.field(validator=_between(0, 500))
-    max_replicas: int = attrs.field(validator=_between(0, 500))
-    idle_threshold_seconds: int = attrs.field(validator=_between(0, 3600))
+    min_replicas: int = attrs.field(validator=_in_range)
+    max_replicas: int = attrs.field(validator=_in_range)
+    idle_threshold_seconds: int = attrs.field(validator=_in_range)
     container_group_name: str | None = None
 
     def __attrs_post_init__(self) -> None:
@@ -1044,11 +1068,9 @@ class ScalingRuleUpdate:
     The body of ``PATCH /scaling-rules/{id}``: any subset of the limits.
     """
 
-    min_replicas: int | None = attrs.field(default=None, validator=_between(0, 500))
-    max_replicas: int | None = attrs.field(default=None, validator=_between(0, 500))
-    idle_threshold_seconds: int | None = attrs.field(
-        default=None, validator=_between(0, 3600)
-    )
+    min_replicas: int | None = attrs.field(default=None, validator=_in_range)
+    max_replicas: int | None = attrs.field(default=None, validator=_in_range)
+    idle_threshold_seconds: int | None = attrs.field(default=None, validator=_in_range)
 
     def to_json(self) -> dict[str, JSONValue]:
         """

@@ -9,12 +9,14 @@ import json
 import time
 from typing import Any
 
+import attrs
 import pytest
 
 from kelpie_sdk import Client, JobStatus, SyncSpec
 from kelpie_sdk.errors import (
     BadRequestError,
     ConfigError,
+    InvalidIdError,
     ResponseValidationError,
     ServerError,
     WaitTimeoutError,
@@ -170,10 +172,48 @@ def test_with_options_overrides_and_shares(fault_server: FaultServer) -> None:
 
 
 def test_job_ids_are_quoted(fault_server: FaultServer) -> None:
-    """A job id is one path segment, whatever it contains."""
+    """A job id is one path segment: characters that need it are quoted."""
     fault_server.play(Reply(body=job_json()))
-    make(fault_server).get_job("a/b c")
-    assert "/jobs/a%2Fb%20c" == fault_server.requests[0].path
+    make(fault_server).get_job("a b?c#d%")
+    assert "/jobs/a%20b%3Fc%23d%25" == fault_server.requests[0].path
+
+
+_REPORT = WorkerReport(machine_id="m", container_group_id=CG)
+#: Every Client method that puts an id in the path, called with ``bad``.
+_ID_CALLS: dict[str, Any] = {
+    "get_job": lambda c, bad: c.get_job(bad),
+    "events": lambda c, bad: c.events(bad),
+    "cancel": lambda c, bad: c.cancel(bad),
+    "logs": lambda c, bad: c.logs(bad),
+    "purge_container_group": lambda c, bad: c.purge_container_group(bad),
+    "get_scaling_rule": lambda c, bad: c.get_scaling_rule(bad),
+    "update_scaling_rule": lambda c, bad: c.update_scaling_rule(bad, min_replicas=1),
+    "delete_scaling_rule": lambda c, bad: c.delete_scaling_rule(bad),
+    "create_token": lambda c, bad: c.create_token(bad),
+    "heartbeat": lambda c, bad: c.heartbeat(bad, _REPORT),
+    "report_completed": lambda c, bad: c.report_completed(bad, _REPORT),
+    "report_failed": lambda c, bad: c.report_failed(bad, _REPORT),
+    "release": lambda c, bad: c.release(bad, _REPORT),
+    "report_progress": lambda c, bad: c.report_progress(
+        bad, attrs.evolve(_REPORT, progress={"step": 1})
+    ),
+    "holder_status": lambda c, bad: c.holder_status(bad, machine_id="m"),
+    "ship_logs": lambda c, bad: c.ship_logs(
+        bad, machine_id="m", attempt=1, offset=0, lines=[]
+    ),
+}
+
+
+@pytest.mark.parametrize("bad", ["", " ", "/", "a/b", "..", "a\\b", "a\nb", "x" * 257])
+@pytest.mark.parametrize("call", sorted(_ID_CALLS))
+def test_a_malformed_id_is_refused_before_sending(
+    fault_server: FaultServer, call: str, bad: str
+) -> None:
+    """An empty or malformed id raises InvalidIdError and sends nothing."""
+    with pytest.raises(InvalidIdError) as info:
+        _ID_CALLS[call](make(fault_server), bad)
+    assert isinstance(info.value, ValueError)
+    assert [] == fault_server.requests
 
 
 def test_submit_job_wire_body(fault_server: FaultServer) -> None:

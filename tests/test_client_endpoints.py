@@ -110,10 +110,12 @@ def test_wrong_base_url_is_named(api_server: Any, user_key: str) -> None:
         pytest.raises(NotFoundError) as info,
     ):
         wrong.get_job(job_id)
-    assert (
+    # The server's X-Request-Id follows, as in every status error's text.
+    assert str(info.value).startswith(
         f"404 GET /jobs/{job_id}: {api_server.url}/api answered 404 for "
         f"/jobs/{job_id}: is KELPIE_API_URL the server's base URL?"
-    ) == str(info.value)
+    )
+    assert info.value.request_id
 
 
 def test_jobs_are_scoped_to_their_owner(

@@ -27,8 +27,10 @@ logger = logging.getLogger(ACCESS_LOGGER)
 
 class AccessLog:
     """
-    Log ``client - "METHOD /path?query HTTP/1.1" STATUS DURATION ms`` once a
-    response is sent (a long poll's duration includes its wait).
+    Log ``client - "METHOD /path?query HTTP/1.1" STATUS DURATION ms id=REQUEST_ID``
+    once a response is sent (a long poll's duration includes its wait). The
+    request id is the response's ``X-Request-Id``, which a server error's
+    body and log line also give.
 
     A request that ends without a response (the client went away) is logged
     with status ``-``.
@@ -43,11 +45,15 @@ class AccessLog:
             return
         start = time.perf_counter()
         status: int | None = None
+        rid = "-"
 
         async def send_and_note(message: MutableMapping[str, Any]) -> None:
-            nonlocal status
+            nonlocal status, rid
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                for name, value in message.get("headers", ()):
+                    if name.lower() == b"x-request-id":
+                        rid = value.decode("latin-1")
             await send(message)
 
         try:
@@ -60,11 +66,12 @@ class AccessLog:
             if query:
                 path = f"{path}?{query.decode('latin-1')}"
             logger.info(
-                '%s - "%s %s HTTP/%s" %s %.1f ms',
+                '%s - "%s %s HTTP/%s" %s %.1f ms id=%s',
                 f"{client[0]}:{client[1]}" if client else "-",
                 scope.get("method", "-"),
                 path,
                 scope.get("http_version", "1.1"),
                 "-" if status is None else status,
                 elapsed,
+                rid if rid != "-" else scope.get("kelpie.request_id", "-"),
             )

@@ -40,6 +40,7 @@ from litestar.routes import HTTPRoute
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from kelpie_sdk.models import (
+    INTEGER_RANGES,
     LEGACY_STORAGE_FIELDS,
     MAX_BATCH_SIZE,
     MAX_LONG_POLL,
@@ -56,8 +57,16 @@ from kelpie_sdk.models import (
     SyncSpec,
     User,
     WorkerReport,
+    check_integer,
     check_tag,
     format_timestamp,
+)
+from kelpie_sdk.server._guard import (
+    MAX_JSON_DEPTH,
+    RequestGuard,
+    json_has_nul,
+    json_too_deep,
+    request_id,
 )
 from kelpie_sdk.server._logs import (
     DEFAULT_LOG_LIMIT,
@@ -74,14 +83,16 @@ from kelpie_sdk.server._store import (
 )
 from kelpie_sdk.server._ui import UISessions, ui_handlers
 
-__all__ = ["MAX_PAGE_SIZE", "HTTPProblem", "create_app"]
+__all__ = ["MAX_BODY_BYTES", "MAX_PAGE_SIZE", "HTTPProblem", "create_app"]
 
 logger = logging.getLogger(__name__)
 
 #: The largest ``page_size`` that ``GET /jobs`` accepts.
-MAX_PAGE_SIZE = 1000
+MAX_PAGE_SIZE = INTEGER_RANGES["page_size"][1]
 #: The longest job id (the ``id`` column's width).
 MAX_ID_LENGTH = 36
+#: The largest request body (bytes); a larger one is answered 413.
+MAX_BODY_BYTES = 10 * 1024 * 1024
 #: How long a looked-up API key is trusted without asking the database again.
 KEY_CACHE_SECONDS = 5.0
 
@@ -151,6 +162,8 @@ def _on_validation(
 
 
 def _on_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    if exc.status_code >= 500:
+        return _on_crash(request, exc)
     if isinstance(exc, NotFoundException) and exc.detail == "Not Found":
         return _json({"error": "Route Not Found", "message": request.url.path}, 404)
     response = _json(
@@ -166,13 +179,16 @@ UNAVAILABLE_RETRY_AFTER = 2
 
 
 def _on_unavailable(
-    _: Request[Any, Any, Any], exc: DatabaseUnavailable
+    request: Request[Any, Any, Any], exc: DatabaseUnavailable
 ) -> Response[Any]:
-    logger.warning("%s", exc)
+    # The driver's text names hosts, users and databases: log only (W-33).
+    rid = request_id(request.scope)
+    logger.warning("%s (request id %s)", exc, rid)
     response = _json(
         {
             "error": "Service Unavailable",
-            "message": f"{exc}; retry later",
+            "message": "the database is unavailable; retry later",
+            "request_id": rid,
         },
         503,
     )
@@ -180,10 +196,24 @@ def _on_unavailable(
     return response
 
 
-def _on_crash(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    logger.error("unhandled error", exc_info=exc)
+def _on_crash(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    # The exception's text may carry SQL, paths or data: it goes to the log
+    # only, under the request id that the answer gives (W-33).
+    rid = request_id(request.scope)
+    logger.error(
+        "unhandled error in %s %s (request id %s)",
+        request.method,
+        request.url.path,
+        rid,
+        exc_info=exc,
+    )
     return _json(
-        {"error": "Internal server error", "message": f"{type(exc).__name__}: {exc}"},
+        {
+            "error": "Internal server error",
+            "message": "an unexpected error occurred; the server's log has its "
+            f"details under request id {rid}",
+            "request_id": rid,
+        },
         500,
     )
 
@@ -500,9 +530,42 @@ def _not_found(what: str = "Job") -> HTTPProblem:
 # Jobs ------------------------------------------------------------------------
 
 
+async def _check_depth(request: Request[Any, Any, Any]) -> None:
+    """
+    Refuse a JSON body nested too deeply, before anything decodes it (the
+    decoder recurses, and ~1,000 levels exhaust the stack).
+
+    The ``before_request`` of the routes that carry a job's output (log
+    lines, a failure's error), where NULs are replaced, not refused.
+    """
+    if request.method in ("POST", "PATCH", "PUT") and json_too_deep(
+        await request.body()
+    ):
+        raise HTTPProblem(
+            400,
+            "Bad Request",
+            f"JSON nested more than {MAX_JSON_DEPTH} levels deep",
+        )
+
+
+async def _check_body(request: Request[Any, Any, Any]) -> None:
+    """
+    Every route's ``before_request``: ``_check_depth``, and no NUL in any
+    string (PostgreSQL cannot store it).
+    """
+    await _check_depth(request)
+    if request.method in ("POST", "PATCH", "PUT") and json_has_nul(
+        await request.body()
+    ):
+        raise HTTPProblem(
+            400, "Bad Request", "strings must not contain NUL characters (\\u0000)"
+        )
+
+
 async def _check_job_body(request: Request[Any, Any, Any]) -> None:
     # Runs before Litestar decodes the body, whose error for a misspelt
     # required field would name the missing field, not the misspelt one.
+    await _check_body(request)
     try:
         raw = await request.json()
     except SerializationException:
@@ -588,12 +651,7 @@ def list_jobs(
             f"unknown status {status!r}; expected one of "
             + ", ".join(s.value for s in JobStatus),
         )
-    if page < 1:
-        raise HTTPProblem(400, "Bad Request", "page must be at least 1")
-    if not 1 <= page_size <= MAX_PAGE_SIZE:
-        raise HTTPProblem(
-            400, "Bad Request", f"page_size must be between 1 and {MAX_PAGE_SIZE}"
-        )
+    _check_integers(page=page, page_size=page_size)
     if id_prefix is not None and len(id_prefix) > MAX_ID_LENGTH:
         raise HTTPProblem(
             400,
@@ -780,6 +838,18 @@ async def get_work(
             gone.cancel()
 
 
+def _check_integers(**values: int | None) -> None:
+    """
+    A 400 for a query parameter outside its range in ``INTEGER_RANGES``.
+    """
+    for name, value in values.items():
+        try:
+            check_integer(name, value)
+        except ValueError as exc:
+            message = str(exc).replace("log_attempt", "attempt")
+            raise HTTPProblem(400, "Bad Request", message) from exc
+
+
 def _check_wait(wait: float | None) -> None:
     """
     A 400 for a long poll's ``wait`` outside 0 to ``MAX_LONG_POLL`` seconds.
@@ -813,11 +883,24 @@ async def _disconnect(request: Request[Any, Any, Any]) -> None:
         pass
 
 
+def _no_nul(text: str | None) -> str | None:
+    return None if text is None else text.replace("\x00", "\ufffd")
+
+
 async def _report(request: Request[Any, Any, Any]) -> WorkerReport:
     report = _strict(await request.json(), WorkerReport)
     if not report.machine_id:
         raise HTTPProblem(400, "Bad Request", "machine_id must not be empty")
-    return report
+    if "\x00" in report.machine_id + report.container_group_id:
+        raise HTTPProblem(
+            400, "Bad Request", "strings must not contain NUL characters (\\u0000)"
+        )
+    # ``error`` is the tail of the job's output, which may hold NULs that
+    # PostgreSQL cannot store; the report must not be refused for them.
+    # (``progress`` is stored as JSON text, where a NUL stays escaped.)
+    return attrs.evolve(
+        report, error=_no_nul(report.error), reason=_no_nul(report.reason)
+    )
 
 
 def _fenced(
@@ -857,7 +940,7 @@ def _fenced(
     return True
 
 
-@post("/jobs/{job_id:str}/heartbeat", status_code=200)
+@post("/jobs/{job_id:str}/heartbeat", status_code=200, before_request=_check_depth)
 async def heartbeat(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],
@@ -874,7 +957,7 @@ async def heartbeat(
     return _json({"status": status.value})
 
 
-@post("/jobs/{job_id:str}/completed", status_code=200)
+@post("/jobs/{job_id:str}/completed", status_code=200, before_request=_check_depth)
 async def completed(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],
@@ -897,7 +980,7 @@ async def completed(
     return _json({"message": "Completed reported"})
 
 
-@post("/jobs/{job_id:str}/failed", status_code=202)
+@post("/jobs/{job_id:str}/failed", status_code=202, before_request=_check_depth)
 async def failed(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],
@@ -919,7 +1002,7 @@ async def failed(
     return _json({"message": "Failure reported"}, 202)
 
 
-@post("/jobs/{job_id:str}/release", status_code=200)
+@post("/jobs/{job_id:str}/release", status_code=200, before_request=_check_depth)
 async def release(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],
@@ -943,7 +1026,7 @@ async def release(
 # Progress and status between heartbeats (optional additions) ------------------------
 
 
-@post("/jobs/{job_id:str}/progress", status_code=200)
+@post("/jobs/{job_id:str}/progress", status_code=200, before_request=_check_depth)
 async def report_progress(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],
@@ -988,6 +1071,7 @@ async def holder_status(
     """
     if not machine_id:
         raise HTTPProblem(400, "Bad Request", "query parameter machine_id is required")
+    _check_integers(attempt=attempt)
     _check_wait(wait)
     state = _state(request)
     deadline = time.monotonic() + (wait or 0.0)
@@ -1021,12 +1105,9 @@ async def holder_status(
 #: The most lines one ``POST /jobs/{id}/logs`` may carry.
 MAX_LOG_BATCH = 10_000
 #: The most lines one ``GET /jobs/{id}/logs`` returns.
-MAX_LOG_PAGE = 10_000
+MAX_LOG_PAGE = INTEGER_RANGES["limit"][1]
 #: Line times from the year 5000 on are mistakes (seconds since the epoch).
 _MAX_LOG_TIME = 95_617_584_000.0
-#: The largest ``offset`` and ``attempt`` of a log batch.
-_MAX_LOG_OFFSET = 2**53 - 1
-_MAX_LOG_ATTEMPT = 2**31 - 1
 #: How long ``GET /jobs/{id}/logs?follow=true`` waits for a line by default.
 DEFAULT_LOG_WAIT = 20.0
 
@@ -1092,14 +1173,14 @@ def _log_batch_schema() -> Any:
             "attempt": typed(
                 OpenAPIType.INTEGER,
                 "the claim's attempt",
-                minimum=1,
-                maximum=_MAX_LOG_ATTEMPT,
+                minimum=INTEGER_RANGES["log_attempt"][0],
+                maximum=INTEGER_RANGES["log_attempt"][1],
             ),
             "offset": typed(
                 OpenAPIType.INTEGER,
                 "the number of the first line among all the attempt's lines",
-                minimum=0,
-                maximum=_MAX_LOG_OFFSET,
+                minimum=INTEGER_RANGES["offset"][0],
+                maximum=INTEGER_RANGES["offset"][1],
             ),
             "lines": Schema(
                 type=OpenAPIType.ARRAY, items=line, max_items=MAX_LOG_BATCH
@@ -1121,7 +1202,12 @@ class _LogBatchOperation(Operation):
         )
 
 
-@post("/jobs/{job_id:str}/logs", status_code=200, operation_class=_LogBatchOperation)
+@post(
+    "/jobs/{job_id:str}/logs",
+    status_code=200,
+    operation_class=_LogBatchOperation,
+    before_request=_check_depth,
+)
 async def ship_logs(
     request: Request[Any, Any, Any],
     job_id: FromPath[str],
@@ -1145,14 +1231,11 @@ async def ship_logs(
         raise HTTPProblem(400, "Bad Request", f"malformed JSON: {exc}") from exc
     if not batch.machine_id:
         raise HTTPProblem(400, "Bad Request", "machine_id must not be empty")
-    if not (
-        0 <= batch.offset <= _MAX_LOG_OFFSET and 1 <= batch.attempt <= _MAX_LOG_ATTEMPT
-    ):
+    if "\x00" in batch.machine_id + batch.container_group_id:
         raise HTTPProblem(
-            400,
-            "Bad Request",
-            "offset must be between 0 and 2**53 - 1, attempt between 1 and 2**31 - 1",
+            400, "Bad Request", "strings must not contain NUL characters (\\u0000)"
         )
+    _check_integers(offset=batch.offset, log_attempt=batch.attempt)
     if len(batch.lines) > MAX_LOG_BATCH:
         raise HTTPProblem(
             400,
@@ -1180,7 +1263,10 @@ async def ship_logs(
         attempt=batch.attempt,
         offset=batch.offset,
         lines=[
-            IncomingLine(item.stream, int(item.time * 1000), item.line)
+            # A job may print NULs; PostgreSQL cannot store them.
+            IncomingLine(
+                item.stream, int(item.time * 1000), item.line.replace("\x00", "\ufffd")
+            )
             for item in batch.lines
         ],
     )
@@ -1218,12 +1304,7 @@ async def read_logs(
     ``wait`` seconds (default 20, up to 60) until lines arrive or the job
     ends.
     """
-    if limit < 1 or limit > MAX_LOG_PAGE:
-        raise HTTPProblem(
-            400, "Bad Request", f"limit must be between 1 and {MAX_LOG_PAGE}"
-        )
-    if since < 0:
-        raise HTTPProblem(400, "Bad Request", "since must not be negative")
+    _check_integers(limit=limit, since=since, attempt=attempt)
     _check_wait(wait)
     state = _state(request)
     deadline = time.monotonic() + (
@@ -1738,6 +1819,8 @@ def create_app(
         exception_handlers=dict(exception_handlers),
         plugins=[AttrsSchemaPlugin()],
         openapi_config=_openapi_config(),
+        before_request=_check_body,
+        request_max_body_size=MAX_BODY_BYTES,
         debug=debug,
     )
     app.state.kelpie = state = _State(
@@ -1754,7 +1837,9 @@ def create_app(
     store.on_lease_expired(state.metrics.lease_expiries.inc)
     # Outside the router, as Litestar wraps its own CORS middleware, so that
     # every answer is timed, errors and unknown paths included.
-    app.asgi_handler = MetricsMiddleware(
-        _AllowEveryMethod(app.asgi_handler, _allow_headers(app)), state.metrics
+    app.asgi_handler = RequestGuard(
+        MetricsMiddleware(
+            _AllowEveryMethod(app.asgi_handler, _allow_headers(app)), state.metrics
+        )
     )
     return app

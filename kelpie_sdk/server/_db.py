@@ -12,7 +12,10 @@ that the two agree.
 
 from __future__ import annotations
 
+import logging
+import os
 import pathlib
+import stat
 from typing import Any
 
 import sqlalchemy as sa
@@ -20,6 +23,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
 from kelpie_sdk.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ADMIN_ID",
@@ -275,7 +280,9 @@ def make_engine(url: str) -> Engine:
     write transaction opened with ``BEGIN IMMEDIATE`` so that it takes the write
     lock up front instead of failing with SQLITE_BUSY on upgrade. Connections
     with the execution option ``readonly=True`` open a plain deferred ``BEGIN``.
-    The parent directory of a database file is created.
+    The parent directory of a database file is created (mode 0700), and the
+    file itself with mode 0600, since it holds the jobs' environments in
+    plain text; see ``secure_sqlite_file``.
     """
     sa_url = sa.make_url(normalise_url(url))
     if sa_url.get_backend_name() == "postgresql":
@@ -293,7 +300,7 @@ def make_engine(url: str) -> Engine:
         return sa.create_engine(sa_url, pool_pre_ping=True)
     database = sa_url.database
     if database and database != ":memory:" and not database.startswith("file:"):
-        pathlib.Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        secure_sqlite_file(pathlib.Path(database).expanduser())
     engine = sa.create_engine(
         sa_url,
         connect_args={"check_same_thread": False, "timeout": 10.0},
@@ -324,6 +331,54 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+#: The permission bits of a SQLite database file (and its -wal and -shm).
+SQLITE_FILE_MODE = 0o600
+
+
+def secure_sqlite_file(path: pathlib.Path) -> None:
+    """
+    Make a SQLite database readable and writable by its owner only (W-34).
+
+    A new file is created empty with mode 0600 (SQLite gives the -wal and
+    -shm files it creates later the database file's mode); an existing file,
+    -wal or -shm with looser bits is tightened, with a warning in the log.
+    The parent directory is created (mode 0700) if missing.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SQLITE_FILE_MODE)
+    except FileExistsError:
+        pass
+    else:
+        os.close(fd)
+    for suffix in ("", "-wal", "-shm"):
+        one = path.with_name(path.name + suffix)
+        try:
+            mode = stat.S_IMODE(one.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        if not mode & ~SQLITE_FILE_MODE:
+            continue
+        try:
+            one.chmod(SQLITE_FILE_MODE)
+        except OSError as exc:  # not the owner: say so, and carry on
+            logger.warning(
+                "the database file %s has mode %04o (open to others; it holds "
+                "job environments) and could not be changed: %s",
+                one,
+                mode,
+                exc,
+            )
+        else:
+            logger.warning(
+                "the database file %s had mode %04o (open to others; it holds "
+                "job environments): changed to %04o",
+                one,
+                mode,
+                SQLITE_FILE_MODE,
+            )
 
 
 def _script() -> Any:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from kelpie_sdk.models import (
+    INTEGER_RANGES,
     LEGACY_STORAGE_FIELDS,
     MAX_BATCH_SIZE,
     MAX_LONG_POLL,
@@ -36,8 +37,6 @@ WEBHOOK_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#\s\[\]]+([/?#]\S*)?$"
 _NAME_PATTERN = r"^[^\x00-\x1f\x7f]*[^\x00-\x1f\x7f\s][^\x00-\x1f\x7f]*$"
 #: The scaling rules' container group ids.
 _UUID_PATTERN = r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$"
-#: The largest integer the database stores (a signed 64-bit column).
-MAX_INT64 = 2**63 - 1
 
 #: Every error the server answers (4xx and 5xx) has this body.
 ERROR_SCHEMA: dict[str, Any] = {
@@ -68,7 +67,8 @@ _RETRY_AFTER = {
 
 #: The answers every authenticated operation may give, with their meaning.
 _ALWAYS = {
-    "400": "The request breaks a rule; the message names it",
+    "400": "The request breaks a rule; the message names it (besides the rules in "
+    "the schemas: no NUL in strings, JSON nested at most 64 levels)",
     "401": "No API key (X-Kelpie-Key) was given",
     "403": "The API key is not valid, or the operation is the admin's",
     "503": "The database is unavailable; retry after Retry-After seconds",
@@ -103,8 +103,10 @@ def _string(**rules: Any) -> dict[str, Any]:
     return {"type": "string", **rules}
 
 
-def _integer(minimum: int, maximum: int = MAX_INT64) -> dict[str, Any]:
-    return {"type": "integer", "minimum": minimum, "maximum": maximum}
+def _integer(name: str) -> dict[str, Any]:
+    """An integer in its range from ``INTEGER_RANGES``."""
+    low, high = INTEGER_RANGES[name]
+    return {"type": "integer", "minimum": low, "maximum": high}
 
 
 def _component_rules() -> dict[str, dict[str, Any]]:
@@ -116,8 +118,8 @@ def _component_rules() -> dict[str, dict[str, Any]]:
         "JobSubmission": {
             "command": _string(pattern=NOT_BLANK),
             "container_group_id": _string(pattern=NOT_BLANK),
-            "max_failures": _integer(1),
-            "heartbeat_interval": _integer(1),
+            "max_failures": _integer("max_failures"),
+            "heartbeat_interval": _integer("heartbeat_interval"),
             "webhook": _nullable(_string(pattern=WEBHOOK_PATTERN)),
             "name": _nullable(
                 _string(minLength=1, maxLength=MAX_NAME_LENGTH, pattern=_NAME_PATTERN)
@@ -127,19 +129,19 @@ def _component_rules() -> dict[str, dict[str, Any]]:
         "SyncConfig": {"pattern": _nullable(_string(format="regex"))},
         "WorkerReport": {
             "machine_id": _string(minLength=1),
-            "attempt": _nullable(_integer(-MAX_INT64 - 1)),
-            "exit_code": _nullable(_integer(-MAX_INT64 - 1)),
+            "attempt": _nullable(_integer("attempt")),
+            "exit_code": _nullable(_integer("exit_code")),
         },
         "ScalingRuleSubmission": {
             "container_group_id": _string(pattern=_UUID_PATTERN),
-            "min_replicas": _integer(0, 500),
-            "max_replicas": _integer(0, 500),
-            "idle_threshold_seconds": _integer(0, 3600),
+            "min_replicas": _integer("min_replicas"),
+            "max_replicas": _integer("max_replicas"),
+            "idle_threshold_seconds": _integer("idle_threshold_seconds"),
         },
         "ScalingRuleUpdate": {
-            "min_replicas": _nullable(_integer(0, 500)),
-            "max_replicas": _nullable(_integer(0, 500)),
-            "idle_threshold_seconds": _nullable(_integer(0, 3600)),
+            "min_replicas": _nullable(_integer("min_replicas")),
+            "max_replicas": _nullable(_integer("max_replicas")),
+            "idle_threshold_seconds": _nullable(_integer("idle_threshold_seconds")),
         },
         "UserSubmission": {"username": _string(pattern=NOT_BLANK)},
     }
@@ -198,11 +200,8 @@ _QUERY_RULES: dict[tuple[str, str], dict[str, tuple[bool, dict[str, Any]]]] = {
                 "enum": ["pending", "running", "completed", "failed", "canceled"],
             },
         ),
-        "page": (False, {"type": "integer", "minimum": 1, "default": 1}),
-        "page_size": (
-            False,
-            {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
-        ),
+        "page": (False, {**_integer("page"), "default": 1}),
+        "page_size": (False, {**_integer("page_size"), "default": 100}),
         "id_prefix": (False, _string(maxLength=36)),
         "tag": (
             False,
@@ -221,15 +220,16 @@ _QUERY_RULES: dict[tuple[str, str], dict[str, tuple[bool, dict[str, Any]]]] = {
     },
     ("get", "/jobs/{job_id}/status"): {
         "machine_id": (True, _string(minLength=1)),
-        "attempt": (False, _integer(-MAX_INT64 - 1)),
+        "attempt": (False, _nullable(_integer("attempt"))),
     },
     ("get", "/jobs/{job_id}/logs"): {
-        "attempt": (False, _integer(-MAX_INT64 - 1)),
-        "since": (False, {**_integer(0), "default": 0}),
-        "limit": (False, {"type": "integer", "minimum": 1, "maximum": 10_000}),
+        "attempt": (False, _nullable(_integer("attempt"))),
+        "since": (False, {**_integer("since"), "default": 0}),
+        "limit": (False, {**_integer("limit"), "default": 1000}),
     },
 }
-_WAIT = {"type": "number", "minimum": 0, "maximum": MAX_LONG_POLL}
+#: ``wait``: seconds a long poll may be held (absent or null: not at all).
+_WAIT = _nullable({"type": "number", "minimum": 0, "maximum": MAX_LONG_POLL})
 
 
 def describe(document: dict[str, Any]) -> dict[str, Any]:

@@ -181,10 +181,23 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+#: The range of times a row may hold (milliseconds since the epoch): years
+#: 1 to 9999, what a ``datetime`` can represent.
+_MIN_MS = -62_135_596_800_000
+_MAX_MS = 253_402_300_799_999
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
 def _ms_to_dt(value: int | None) -> dt.datetime | None:
     if value is None:
         return None
-    return dt.datetime.fromtimestamp(value / 1000, dt.UTC)
+    # A time beyond what a datetime holds (a row written by an older server
+    # that took any heartbeat interval) is read as the nearest it can hold:
+    # one such row must not make every listing fail.
+    if _MIN_MS < value < _MAX_MS - 1000:
+        return dt.datetime.fromtimestamp(value / 1000, dt.UTC)
+    clamped = min(max(value, _MIN_MS), _MAX_MS)
+    return _EPOCH + dt.timedelta(milliseconds=clamped)
 
 
 @attrs.frozen

@@ -106,16 +106,15 @@ _ACCESS_LINE = re.compile(
 def test_access_log_shows_each_request_with_status_and_duration(
     tmp_path: pathlib.Path,
 ) -> None:
-    """--access-log logs one line per request: method, path, status, duration."""
+    """--access-log logs one line per request: method, path, status, duration, id."""
     with kelpie_server(tmp_path / "c.db", {}, "--access-log") as (url, proc):
-        requests.get(url + "/health", timeout=5)
+        requests.get(url + "/health", headers={"X-Request-Id": "probe-42"}, timeout=5)
         requests.get(url + "/jobs?status=running", timeout=5)
         requests.get(url + "/nowhere", headers={"X-Kelpie-Key": "x"}, timeout=5)
-    logged = [
-        (m["method"], m["path"], m["status"])
-        for m in _ACCESS_LINE.finditer(proc.stderr.read())  # type: ignore[union-attr]
-    ]
+    err = proc.stderr.read()  # type: ignore[union-attr]
+    logged = [(m["method"], m["path"], m["status"]) for m in _ACCESS_LINE.finditer(err)]
     assert ("GET", "/health", "200") in logged
+    assert re.search(r'"GET /health HTTP/1\.1" 200 \d+\.\d ms id=probe-42', err), err
     assert ("GET", "/jobs?status=running", "401") in logged
     assert ("GET", "/nowhere", "404") in logged
 

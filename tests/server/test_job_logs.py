@@ -158,11 +158,12 @@ def test_query_parameters_are_checked(api: Any, container_group_id: str) -> None
     job_id = claimed_job(api, container_group_id)
     for params, words in (
         ({"limit": 0}, "limit must be between 1 and 10000"),
-        ({"since": -1}, "since must not be negative"),
+        ({"since": -1}, "since must be between 0 and"),
         ({"follow": "true", "wait": 61}, "wait must be between 0 and 60 seconds"),
     ):
         r = api.get(f"/jobs/{job_id}/logs", params=params)
-        assert (400, words) == (r.status_code, r.json()["message"])
+        assert 400 == r.status_code
+        assert r.json()["message"].startswith(words)
 
 
 def test_pages_and_attempt_filter(api: Any, container_group_id: str) -> None:
