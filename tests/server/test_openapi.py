@@ -114,3 +114,11 @@ def test_a_webhook_with_a_broken_host_is_a_400(api: Api) -> None:
 
     assert 400 == answer.status_code
     assert "webhook" in answer.json()["message"]
+
+
+def test_the_docs_page_shows_the_same_document(api_server: Any) -> None:
+    """/docs renders the completed document (its Error schema), not Litestar's own."""
+    page = Api(api_server.url, None).get("/docs").text
+
+    assert '"Error"' in page
+    assert '"status_code"' not in page
