@@ -30,6 +30,7 @@ __all__ = [
     "INTEGER_RANGES",
     "LEGACY_STORAGE_FIELDS",
     "MAX_BATCH_SIZE",
+    "MAX_KEY_LENGTH",
     "MAX_LONG_POLL",
     "MAX_NAME_LENGTH",
     "MAX_TAGS",
@@ -72,6 +73,10 @@ MAX_LONG_POLL = 60.0
 
 #: The longest job ``name`` accepted, in characters.
 MAX_NAME_LENGTH = 200
+
+#: The longest ``container_group_id``, ``machine_id`` or ``username`` accepted,
+#: in characters: they are database index keys, which have a size limit.
+MAX_KEY_LENGTH = 256
 
 #: The most ``tags`` one job may carry.
 MAX_TAGS = 20
@@ -394,6 +399,14 @@ def _status(model: str, data: Mapping[str, Any]) -> JobStatus:
 # -- validators (run by attrs, hence also by the server's decoder) ------------
 
 
+def _key_length(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, str) and len(value) > MAX_KEY_LENGTH:
+        raise ValueError(
+            f"{attribute.name} must be at most {MAX_KEY_LENGTH} characters, "
+            f"got {len(value)}"
+        )
+
+
 def _in_range(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     check_integer(attribute.name, value)
 
@@ -580,7 +593,7 @@ class JobSubmission:
     """
 
     command: str
-    container_group_id: str
+    container_group_id: str = attrs.field(validator=_key_length)
     arguments: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
     environment: dict[str, str] = attrs.field(factory=dict, converter=_str_dict)
     input_bucket: str | None = None
@@ -979,8 +992,8 @@ class WorkerReport:
     ``reason`` says why a job is released (shown in its event history).
     """
 
-    machine_id: str
-    container_group_id: str
+    machine_id: str = attrs.field(validator=_key_length)
+    container_group_id: str = attrs.field(validator=_key_length)
     attempt: int | None = attrs.field(default=None, validator=_in_range)
     progress: dict[str, Any] | None = None
     exit_code: int | None = attrs.field(default=None, validator=_in_range)

@@ -43,6 +43,7 @@ from kelpie_sdk.models import (
     INTEGER_RANGES,
     LEGACY_STORAGE_FIELDS,
     MAX_BATCH_SIZE,
+    MAX_KEY_LENGTH,
     MAX_LONG_POLL,
     MAX_TAGS,
     QUARANTINE_HEADER,
@@ -799,6 +800,7 @@ async def get_work(
             "Bad Request",
             "query parameters machine_id and container_group_id are required",
         )
+    _check_keys(machine_id=machine_id, container_group_id=container_group_id)
     _check_wait(wait)
     state = _state(request)
     deadline = time.monotonic() + (wait or 0.0)
@@ -836,6 +838,19 @@ async def get_work(
             state.metrics.long_polls.labels("work").dec()
         if gone is not None:
             gone.cancel()
+
+
+def _check_keys(**values: str) -> None:
+    """
+    A 400 for an id longer than ``MAX_KEY_LENGTH`` (an index key's limit).
+    """
+    for name, value in values.items():
+        if len(value) > MAX_KEY_LENGTH:
+            raise HTTPProblem(
+                400,
+                "Bad Request",
+                f"{name} must be at most {MAX_KEY_LENGTH} characters, got {len(value)}",
+            )
 
 
 def _check_integers(**values: int | None) -> None:
@@ -1071,6 +1086,7 @@ async def holder_status(
     """
     if not machine_id:
         raise HTTPProblem(400, "Bad Request", "query parameter machine_id is required")
+    _check_keys(machine_id=machine_id)
     _check_integers(attempt=attempt)
     _check_wait(wait)
     state = _state(request)
@@ -1231,6 +1247,9 @@ async def ship_logs(
         raise HTTPProblem(400, "Bad Request", f"malformed JSON: {exc}") from exc
     if not batch.machine_id:
         raise HTTPProblem(400, "Bad Request", "machine_id must not be empty")
+    _check_keys(
+        machine_id=batch.machine_id, container_group_id=batch.container_group_id
+    )
     if "\x00" in batch.machine_id + batch.container_group_id:
         raise HTTPProblem(
             400, "Bad Request", "strings must not contain NUL characters (\\u0000)"
@@ -1511,6 +1530,7 @@ async def create_user(
     sub = _strict(await request.json(), UserSubmission)
     if not sub.username.strip():
         raise HTTPProblem(400, "Bad Request", "username must not be empty")
+    _check_keys(username=sub.username)
     user = _state(request).store.create_user(sub.username)
     if user is None:
         raise HTTPProblem(400, "User exists", "User exists")

@@ -75,6 +75,10 @@ def classify(exc: BaseException) -> str | None:
         return "retry"
     if isinstance(exc, psycopg.errors.QueryCanceled):
         return "busy"
+    if isinstance(exc, psycopg.errors.ProgramLimitExceeded):
+        # A value too large for an index, say: the request's fault, not an
+        # outage; holding the database "unreachable" would fail every caller.
+        return None
     if isinstance(exc, psycopg.OperationalError):
         return "connection"
     return None

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kelpie_sdk.models import INTEGER_RANGES
+from kelpie_sdk.models import INTEGER_RANGES, MAX_KEY_LENGTH
 from kelpie_sdk.server._app import MAX_BODY_BYTES
 from kelpie_sdk.server._guard import MAX_JSON_DEPTH, json_has_nul, json_too_deep
 
@@ -201,6 +201,71 @@ def test_out_of_range_log_batch_integers_are_400s(
         body = {"machine_id": "m", "attempt": 1, "offset": 0, "lines": [], **change}
         r = api.post(f"/jobs/{job['id']}/logs", json=body)
         assert 400 == r.status_code, r.text
+
+
+# -- ids that are index keys -------------------------------------------------------
+
+
+def _long_id() -> str:
+    # Random, so that PostgreSQL cannot compress it under its index size limit.
+    return uuid.uuid4().hex * 200
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "submit container_group_id",
+        "work machine_id",
+        "work container_group_id",
+        "status machine_id",
+        "heartbeat machine_id",
+        "logs machine_id",
+        "username",
+    ],
+)
+def test_an_overlong_key_is_a_400(
+    admin_api: Any, container_group_id: str, where: str
+) -> None:
+    """Ids stored as index keys longer than MAX_KEY_LENGTH are 400s, not 5xx."""
+    job = admin_api.post("/jobs", json=sync_job(container_group_id)).json()
+    long = _long_id()
+    work = {"machine_id": "m", "container_group_id": container_group_id}
+    calls = {
+        "submit container_group_id": lambda: admin_api.post(
+            "/jobs", json=sync_job(long)
+        ),
+        "work machine_id": lambda: admin_api.get(
+            "/work", params={**work, "machine_id": long}
+        ),
+        "work container_group_id": lambda: admin_api.get(
+            "/work", params={**work, "container_group_id": long}
+        ),
+        "status machine_id": lambda: admin_api.get(
+            f"/jobs/{job['id']}/status", params={"machine_id": long}
+        ),
+        "heartbeat machine_id": lambda: admin_api.post(
+            f"/jobs/{job['id']}/heartbeat", json=report(long, container_group_id)
+        ),
+        "logs machine_id": lambda: admin_api.post(
+            f"/jobs/{job['id']}/logs",
+            json={"machine_id": long, "attempt": 1, "offset": 0, "lines": []},
+        ),
+        "username": lambda: admin_api.post("/users", json={"username": long}),
+    }
+    r = calls[where]()
+    assert 400 == r.status_code, r.text
+    assert f"at most {MAX_KEY_LENGTH} characters" in r.json()["message"]
+    assert 200 == admin_api.get("/jobs", params={"page_size": 1}).status_code
+
+
+def test_a_value_too_large_for_an_index_is_not_an_outage() -> None:
+    """PostgreSQL's program-limit errors are not taken for a lost database."""
+    import psycopg
+
+    from kelpie_sdk.server._pg import classify
+
+    assert None is classify(psycopg.errors.ProgramLimitExceeded("index row too big"))
+    assert "connection" == classify(psycopg.OperationalError("connection refused"))
 
 
 # -- JSON depth, NULs, body size ------------------------------------------------------
