@@ -1184,8 +1184,15 @@ def _log_batch_schema() -> Any:
         type=OpenAPIType.OBJECT,
         required=["machine_id", "attempt", "offset", "lines"],
         properties={
-            "machine_id": typed(OpenAPIType.STRING, "the holder", min_length=1),
-            "container_group_id": typed(OpenAPIType.STRING, "optional"),
+            "machine_id": typed(
+                OpenAPIType.STRING,
+                "the holder",
+                min_length=1,
+                max_length=MAX_KEY_LENGTH,
+            ),
+            "container_group_id": typed(
+                OpenAPIType.STRING, "optional", max_length=MAX_KEY_LENGTH
+            ),
             "attempt": typed(
                 OpenAPIType.INTEGER,
                 "the claim's attempt",

@@ -19,6 +19,7 @@ from kelpie_sdk.models import (
     INTEGER_RANGES,
     LEGACY_STORAGE_FIELDS,
     MAX_BATCH_SIZE,
+    MAX_KEY_LENGTH,
     MAX_LONG_POLL,
     MAX_NAME_LENGTH,
     MAX_TAG_LENGTH,
@@ -117,7 +118,7 @@ def _component_rules() -> dict[str, dict[str, Any]]:
     return {
         "JobSubmission": {
             "command": _string(pattern=NOT_BLANK),
-            "container_group_id": _string(pattern=NOT_BLANK),
+            "container_group_id": _string(pattern=NOT_BLANK, maxLength=MAX_KEY_LENGTH),
             "max_failures": _integer("max_failures"),
             "heartbeat_interval": _integer("heartbeat_interval"),
             "webhook": _nullable(_string(pattern=WEBHOOK_PATTERN)),
@@ -128,7 +129,8 @@ def _component_rules() -> dict[str, dict[str, Any]]:
         },
         "SyncConfig": {"pattern": _nullable(_string(format="regex"))},
         "WorkerReport": {
-            "machine_id": _string(minLength=1),
+            "machine_id": _string(minLength=1, maxLength=MAX_KEY_LENGTH),
+            "container_group_id": _string(maxLength=MAX_KEY_LENGTH),
             "attempt": _nullable(_integer("attempt")),
             "exit_code": _nullable(_integer("exit_code")),
         },
@@ -143,7 +145,9 @@ def _component_rules() -> dict[str, dict[str, Any]]:
             "max_replicas": _nullable(_integer("max_replicas")),
             "idle_threshold_seconds": _nullable(_integer("idle_threshold_seconds")),
         },
-        "UserSubmission": {"username": _string(pattern=NOT_BLANK)},
+        "UserSubmission": {
+            "username": _string(pattern=NOT_BLANK, maxLength=MAX_KEY_LENGTH)
+        },
     }
 
 
@@ -190,6 +194,8 @@ def _storage_choice() -> list[dict[str, Any]]:
     return [with_sync, flat]
 
 
+#: A machine or container group id in a query: 1 to 256 characters.
+_KEY = _string(minLength=1, maxLength=MAX_KEY_LENGTH)
 #: Query parameters' rules, by (method, path).
 _QUERY_RULES: dict[tuple[str, str], dict[str, tuple[bool, dict[str, Any]]]] = {
     ("get", "/jobs"): {
@@ -215,11 +221,11 @@ _QUERY_RULES: dict[tuple[str, str], dict[str, tuple[bool, dict[str, Any]]]] = {
         ),
     },
     ("get", "/work"): {
-        "machine_id": (True, _string(minLength=1)),
-        "container_group_id": (True, _string(minLength=1)),
+        "machine_id": (True, _KEY),
+        "container_group_id": (True, _KEY),
     },
     ("get", "/jobs/{job_id}/status"): {
-        "machine_id": (True, _string(minLength=1)),
+        "machine_id": (True, _KEY),
         "attempt": (False, _nullable(_integer("attempt"))),
     },
     ("get", "/jobs/{job_id}/logs"): {
