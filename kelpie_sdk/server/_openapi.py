@@ -90,6 +90,9 @@ _CONFLICT = {
 #: Rules that a JSON schema cannot state (they compare fields or need state).
 _MORE_400 = {
     ("post", "/users"): "a user with that name exists (as the original answered)",
+    ("post", "/jobs"): "a sync pattern does not compile as a Python regular expression",
+    ("post", "/jobs/batch"): "a sync pattern does not compile as a Python regular "
+    "expression",
     ("post", "/scaling-rules"): "min_replicas is above max_replicas",
     ("patch", "/scaling-rules/{group}"): "min_replicas would be above max_replicas",
 }
@@ -127,7 +130,16 @@ def _component_rules() -> dict[str, dict[str, Any]]:
             ),
             "tags": {"type": "array", "items": tag, "maxItems": MAX_TAGS},
         },
-        "SyncConfig": {"pattern": _nullable(_string(format="regex"))},
+        # Not format "regex": that is ECMA-262's dialect, the server compiles
+        # the pattern with Python's re module (the 400 says so).
+        "SyncConfig": {
+            "pattern": _nullable(
+                _string(
+                    description="a Python regular expression that file names "
+                    "must match (one that does not compile is a 400)"
+                )
+            )
+        },
         "WorkerReport": {
             "machine_id": _string(minLength=1, maxLength=MAX_KEY_LENGTH),
             "container_group_id": _string(maxLength=MAX_KEY_LENGTH),

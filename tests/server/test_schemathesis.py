@@ -17,6 +17,7 @@ Reproduce (prints the counts):
 from __future__ import annotations
 
 import collections
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +27,7 @@ import requests
 from kelpie_sdk.testing import ServerHandle, run_server
 
 schemathesis = pytest.importorskip("schemathesis")
+GenerationMode = schemathesis.GenerationMode
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +64,36 @@ def _user_key(handle: ServerHandle) -> str:
     )
 
 
-def _short_waits(context: Any, case: Any, **kwargs: Any) -> None:
+def _prepare(context: Any, case: Any, **kwargs: Any) -> None:
+    """Adjust a generated request just before it is sent."""
+    _short_waits(case)
+    _compilable_patterns(case)
+
+
+def _compilable_patterns(case: Any) -> None:
+    """
+    In a schema-valid job, a ``sync`` pattern that Python's re module cannot
+    compile becomes its escaped (literal) form.
+
+    The server compiles patterns with Python's re module, a rule no JSON
+    Schema keyword states (format "regex" is another dialect); the document
+    says it in words.
+    """
+    if case.meta is None or case.meta.generation.mode != GenerationMode.POSITIVE:
+        return
+    for body in case.body if isinstance(case.body, list) else [case.body]:
+        sync = body.get("sync") if isinstance(body, dict) else None
+        for entries in sync.values() if isinstance(sync, dict) else []:
+            for entry in entries if isinstance(entries, list) else []:
+                pattern = entry.get("pattern") if isinstance(entry, dict) else None
+                if isinstance(pattern, str):
+                    try:
+                        re.compile(pattern)
+                    except re.error:
+                        entry["pattern"] = re.escape(pattern)
+
+
+def _short_waits(case: Any) -> None:
     """Cap a valid long-poll ``wait``, and give ``follow=true`` a short one."""
     query = case.query
     if not isinstance(query, dict):
@@ -83,9 +114,9 @@ def _short_long_polls() -> Iterator[None]:
     # before_call hooks exist only globally; removed again after each test.
     from schemathesis.hooks import GLOBAL_HOOK_DISPATCHER
 
-    schemathesis.hook("before_call")(_short_waits)
+    schemathesis.hook("before_call")(_prepare)
     yield
-    GLOBAL_HOOK_DISPATCHER.unregister(_short_waits)
+    GLOBAL_HOOK_DISPATCHER.unregister(_prepare)
 
 
 def _run(
@@ -171,7 +202,8 @@ def _failure(recorder: Any, case_id: str, check: Any) -> str:
         body = interaction.response.content[:200].decode("utf-8", "replace")
     return (
         f"{case.method} {case.formatted_path} {check.name}: "
-        f"{getattr(failure, 'title', '')}; query={case.query!r} "
+        f"{getattr(failure, 'title', '')} ({getattr(failure, 'message', '')[:300]}); "
+        f"query={case.query!r} "
         f"body={str(case.body)[:200]!r} -> {body}"
     )
 
