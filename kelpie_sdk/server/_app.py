@@ -19,14 +19,13 @@ import logging
 import re
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from typing import Annotated, Any, TypeVar
-from urllib.parse import urlsplit
+from typing import Annotated, Any, TypeVar, cast
 
 import attrs
 import msgspec
 from litestar import Litestar, Request, Response, delete, get, patch, post
 from litestar.di import NamedDependency, Provide
-from litestar.enums import RequestEncodingType
+from litestar.enums import RequestEncodingType, ScopeType
 from litestar.exceptions import (
     HTTPException,
     NotFoundException,
@@ -44,6 +43,8 @@ from litestar.params import (
     JSONBody,
 )
 from litestar.plugins.attrs import AttrsSchemaPlugin
+from litestar.routes import HTTPRoute
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from kelpie_sdk.models import (
     IDEMPOTENCY_HEADER,
@@ -86,6 +87,7 @@ from kelpie_sdk.server._logs import (
     JobLogs,
 )
 from kelpie_sdk.server._metrics import METRICS_PATH, MetricsMiddleware, ServerMetrics
+from kelpie_sdk.server._openapi import WEBHOOK_PATTERN, describe
 from kelpie_sdk.server._ratelimit import (
     AUTH_FAILURE_LIMIT,
     FailureLimiter,
@@ -130,6 +132,7 @@ MAX_BODY_BYTES = 10 * 1024 * 1024
 KEY_CACHE_SECONDS = 5.0
 
 _JSON = "application/json"
+_WEBHOOK = re.compile(WEBHOOK_PATTERN)
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 M = TypeVar("M")
 
@@ -207,9 +210,12 @@ def _on_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[An
         return _on_crash(request, exc)
     if isinstance(exc, NotFoundException) and exc.detail == "Not Found":
         return _json({"error": "Route Not Found", "message": request.url.path}, 404)
-    return _json(
+    response = _json(
         {"error": _reason(exc.status_code), "message": exc.detail}, exc.status_code
     )
+    # A 405 carries the route's methods in Allow (RFC 9110).
+    response.headers.update(exc.headers or {})
+    return response
 
 
 #: The ``Retry-After`` (seconds) of a 503 while the database is unavailable.
@@ -375,12 +381,11 @@ def validate_submission(sub: JobSubmission) -> JobSubmission:
         raise HTTPProblem(
             400, "Invalid request", "container_group_id must not be empty"
         )
-    if sub.webhook is not None:
-        parts = urlsplit(sub.webhook)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise HTTPProblem(
-                400, "Invalid request", "webhook must be an http:// or https:// URL"
-            )
+    # The rule the OpenAPI document states (urlsplit raised on "http://[").
+    if sub.webhook is not None and not _WEBHOOK.search(sub.webhook):
+        raise HTTPProblem(
+            400, "Invalid request", "webhook must be an http:// or https:// URL"
+        )
     legacy = {k: getattr(sub, k) for k in LEGACY_STORAGE_FIELDS}
     if sub.sync is not None:
         if any(legacy.values()):
@@ -1498,15 +1503,20 @@ _LOG_BATCH = msgspec.json.Decoder(LogBatch)
 def _log_batch_schema() -> Any:
     from litestar.openapi.spec import OpenAPIType, Schema
 
-    def typed(kind: OpenAPIType, description: str) -> Schema:
-        return Schema(type=kind, description=description)
+    def typed(kind: OpenAPIType, description: str, **rules: Any) -> Schema:
+        return Schema(type=kind, description=description, **rules)
 
     line = Schema(
         type=OpenAPIType.OBJECT,
         required=["stream", "time", "line"],
         properties={
             "stream": Schema(type=OpenAPIType.STRING, enum=["stdout", "stderr"]),
-            "time": typed(OpenAPIType.NUMBER, "seconds since the epoch"),
+            "time": typed(
+                OpenAPIType.NUMBER,
+                "seconds since the epoch",
+                minimum=0,
+                exclusive_maximum=_MAX_LOG_TIME,
+            ),
             "line": typed(OpenAPIType.STRING, "the text, without its line break"),
         },
     )
@@ -1514,12 +1524,26 @@ def _log_batch_schema() -> Any:
         type=OpenAPIType.OBJECT,
         required=["machine_id", "attempt", "offset", "lines"],
         properties={
-            "machine_id": typed(OpenAPIType.STRING, "the holder"),
-            "container_group_id": typed(OpenAPIType.STRING, "optional"),
-            "attempt": typed(OpenAPIType.INTEGER, "the claim's attempt"),
+            "machine_id": typed(
+                OpenAPIType.STRING,
+                "the holder",
+                min_length=1,
+                max_length=MAX_KEY_LENGTH,
+            ),
+            "container_group_id": typed(
+                OpenAPIType.STRING, "optional", max_length=MAX_KEY_LENGTH
+            ),
+            "attempt": typed(
+                OpenAPIType.INTEGER,
+                "the claim's attempt",
+                minimum=INTEGER_RANGES["log_attempt"][0],
+                maximum=INTEGER_RANGES["log_attempt"][1],
+            ),
             "offset": typed(
                 OpenAPIType.INTEGER,
                 "the number of the first line among all the attempt's lines",
+                minimum=INTEGER_RANGES["offset"][0],
+                maximum=INTEGER_RANGES["offset"][1],
             ),
             "lines": Schema(
                 type=OpenAPIType.ARRAY, items=line, max_items=MAX_LOG_BATCH
@@ -2118,7 +2142,22 @@ def openapi_json(request: Request[Any, Any, Any]) -> Response[Any]:
     """
     The OpenAPI 3.1 document.
     """
-    return _json(request.app.openapi_schema.to_schema())
+    return _json(_openapi_document(request.app))
+
+
+def _openapi_document(app: Litestar) -> dict[str, Any]:
+    """
+    The OpenAPI document that ``/openapi.json`` and ``/docs`` serve: Litestar's,
+    completed by ``describe`` with what the handlers check and answer.
+    """
+    # Litestar caches the document as a dict in its (private) OpenAPI plugin,
+    # which /docs renders; completing that dict serves one document to both.
+    from litestar._openapi.plugin import OpenAPIPlugin
+
+    document = app.plugins.get(OpenAPIPlugin).provide_openapi_schema()
+    if "Error" not in document.get("components", {}).get("schemas", {}):
+        describe(document)
+    return document
 
 
 @get(METRICS_PATH, sync_to_thread=False, include_in_schema=False, opt=ACCESS_ADMIN)
@@ -2257,6 +2296,48 @@ def _decide_remaining_routes(app: Litestar) -> None:
                 )
 
 
+class _AllowEveryMethod:
+    """
+    Answer ``OPTIONS`` with every method of the route in ``Allow``.
+
+    Litestar builds a route's ``OPTIONS`` answer when the route's first
+    handler is registered, so it listed only that handler's methods (``POST``
+    for ``/jobs``, not ``GET`` and ``DELETE``).
+    """
+
+    def __init__(self, app: ASGIApp, allow: Mapping[str, str]) -> None:
+        self.app = app
+        #: The ``Allow`` value of each route template.
+        self.allow = allow
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP or scope["method"] != "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_allow(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                # Litestar's router writes the matched template into the scope.
+                template = cast(dict[str, Any], scope).get("path_template", "")
+                allow = self.allow.get(template)
+                if allow is not None:
+                    headers = [
+                        (k, v) for k, v in message["headers"] if k.lower() != b"allow"
+                    ]
+                    message["headers"] = [*headers, (b"allow", allow.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_allow)
+
+
+def _allow_headers(app: Litestar) -> dict[str, str]:
+    allow: dict[str, set[str]] = {}
+    for route in app.routes:
+        if isinstance(route, HTTPRoute):
+            allow.setdefault(route.path_format, set()).update(route.methods)
+    return {path: ", ".join(sorted(methods)) for path, methods in allow.items()}
+
+
 def create_app(
     store: Store,
     *,
@@ -2363,9 +2444,15 @@ def create_app(
         ),
         key_limit=None if key_rate_limit is None else KeyRateLimiter(key_rate_limit),
     )
+    # Completed now, so that /docs, which renders the same dict, shows it too.
+    _openapi_document(app)
     store.on_available(state.waker.notify)
     store.on_lease_expired(state.metrics.lease_expiries.inc)
     # Outside the router, as Litestar wraps its own CORS middleware, so that
     # every answer is timed, errors and unknown paths included.
-    app.asgi_handler = RequestGuard(MetricsMiddleware(app.asgi_handler, state.metrics))
+    app.asgi_handler = RequestGuard(
+        MetricsMiddleware(
+            _AllowEveryMethod(app.asgi_handler, _allow_headers(app)), state.metrics
+        )
+    )
     return app
