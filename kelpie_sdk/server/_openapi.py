@@ -32,8 +32,32 @@ __all__ = ["ERROR_SCHEMA", "NOT_BLANK", "TAG_PATTERN", "WEBHOOK_PATTERN", "descr
 NOT_BLANK = r"\S"
 #: A job tag (the same rule as ``kelpie_sdk.models.check_tag``).
 TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:/=+@-]*$"
-#: A webhook: an http or https URL with a host, no white space, no brackets.
-WEBHOOK_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#\s\[\]]+([/?#]\S*)?$"
+_H16 = "[0-9A-Fa-f]{1,4}"
+_OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = rf"({_OCTET}\.){{3}}{_OCTET}"
+#: An IPv6 address as a URL writes it between brackets (RFC 3986's forms
+#: without a zone id); every address it matches, Python's ``urlsplit`` reads.
+_IPV6 = "|".join(
+    [
+        rf"({_H16}:){{7}}{_H16}",
+        rf"({_H16}:){{1,7}}:",
+        rf"({_H16}:){{1,6}}:{_H16}",
+        rf"({_H16}:){{1,5}}(:{_H16}){{1,2}}",
+        rf"({_H16}:){{1,4}}(:{_H16}){{1,3}}",
+        rf"({_H16}:){{1,3}}(:{_H16}){{1,4}}",
+        rf"({_H16}:){{1,2}}(:{_H16}){{1,5}}",
+        rf"{_H16}:(:{_H16}){{1,6}}",
+        rf":((:{_H16}){{1,7}}|:)",
+        rf"::([Ff]{{4}}(:0{{1,4}})?:)?{_IPV4}",
+        rf"({_H16}:){{1,4}}:{_IPV4}",
+    ]
+)
+#: A webhook: an http or https URL with a host (a name, an IPv4 address, or
+#: an IPv6 address in brackets), no white space.
+WEBHOOK_PATTERN = (
+    r"^[Hh][Tt][Tt][Pp][Ss]?://([^/?#\s\[\]@]*@)?"
+    rf"(\[({_IPV6})\]|[^/?#\s\[\]]+)(:[0-9]*)?([/?#]\S*)?$"
+)
 #: A job name: not blank, no control characters.
 _NAME_PATTERN = r"^[^\x00-\x1f\x7f]*[^\x00-\x1f\x7f\s][^\x00-\x1f\x7f]*$"
 #: The scaling rules' container group ids.

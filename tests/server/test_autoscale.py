@@ -453,6 +453,17 @@ def test_advisory_lock_election_on_postgres(pg_database: str) -> None:
                     "AND l.pid <> pg_backend_pid()"
                 )
             )
+            # pg_terminate_backend only signals: wait for the backend to go.
+            deadline = time.monotonic() + 30
+            while conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_database d "
+                    "ON d.oid = l.database WHERE l.locktype = 'advisory' "
+                    "AND d.datname = current_database()"
+                )
+            ).scalar_one():
+                assert time.monotonic() < deadline, "the backend did not exit"
+                time.sleep(0.01)
         assert a.acquire()
         assert not b.acquire()  # b notices it lost its connection
     finally:

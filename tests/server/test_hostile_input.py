@@ -545,7 +545,7 @@ def test_a_new_sqlite_database_is_readable_by_its_owner_only(
     try:
         store = open_store(f"sqlite:///{db}")
         try:
-            store.ensure_admin("admin-key-for-the-mode-test")
+            store.ensure_admin("admin-key-for-the-mode-test-" + "m" * 8)
             modes = {
                 p.name: _mode(p)
                 for p in db.parent.iterdir()

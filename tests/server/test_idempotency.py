@@ -35,6 +35,9 @@ from ..conftest import Api, FakeClock
 from ..pg import fresh_database
 from .helpers import sync_job
 
+#: The three servers' admin key (32+ characters, as the server wants).
+ADMIN_KEY = "admin-" + "a" * 32
+
 
 def _count(api: Api, group: str) -> int:
     listed = api.get(
@@ -213,9 +216,7 @@ def test_concurrent_repeats_on_three_replicas_queue_once(
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(_database(kind, tmp_path))
         servers = [
-            stack.enter_context(
-                run_server(database_url=url, admin_key="admin-" + "a" * 32)
-            )
+            stack.enter_context(run_server(database_url=url, admin_key=ADMIN_KEY))
             for _ in range(3)
         ]
         body = [sync_job("g", name=f"n{i}") for i in range(50)]
@@ -229,7 +230,7 @@ def test_concurrent_repeats_on_three_replicas_queue_once(
                 r = session.post(
                     servers[n % 3].url + "/jobs/batch",
                     json=body,
-                    headers={"X-Kelpie-Key": "admin", "Idempotency-Key": "same"},
+                    headers={"X-Kelpie-Key": ADMIN_KEY, "Idempotency-Key": "same"},
                     timeout=60,
                 )
             with lock:

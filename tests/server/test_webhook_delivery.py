@@ -756,13 +756,14 @@ def test_kelpie_server_delivers_with_its_allowlist(
     """`kelpie server` runs the dispatcher; --webhook-allow or the env allows loopback."""
     from .test_cli_server import kelpie_server
 
-    env = {"KELPIE_ADMIN_KEY": "sekrit-" + "s" * 32}
+    key = "sekrit-" + "s" * 32
+    env = {"KELPIE_ADMIN_KEY": key}
     args: tuple[str, ...] = ("--webhook-allow", "127.0.0.1/32")
     if how == "env":
         env["KELPIE_WEBHOOK_ALLOW"] = "10.0.0.0/8, 127.0.0.1/32"
         args = ()
     with kelpie_server(tmp_path / "w.db", env, *args) as (url, _):
-        api = Api(url, "sekrit")
+        api = Api(url, key)
         response = api.post("/jobs", json=sync_job("g", webhook=receiver.url))
         assert 202 == response.status_code, response.text
         api.get("/work", params={"machine_id": "m", "container_group_id": "g"})
@@ -788,3 +789,10 @@ def test_kelpie_server_refuses_a_bad_allowlist_entry() -> None:
     )
     assert 1 == proc.returncode
     assert "not a CIDR for the webhook allowlist: 'intranet'" in proc.stderr
+
+
+def test_a_public_ipv6_literal_webhook_is_accepted(api: Api) -> None:
+    """An IPv6 address in brackets is a host like any other: a public one is queued."""
+    url = "https://[2606:4700:4700::1111]:8443/hook"
+    response = api.post("/jobs", json=sync_job("g", webhook=url))
+    assert 202 == response.status_code, response.text
