@@ -162,8 +162,11 @@ def _serve(args: argparse.Namespace, ctx: Context) -> int:
     from kelpie_sdk.server._autoscale import autoscale_settings
     from kelpie_sdk.server._logs import DEFAULT_LOG_LIMIT
     from kelpie_sdk.server._salad_auth import salad_auth_settings
+    from kelpie_sdk.server._store import check_admin_key
     from kelpie_sdk.server._webhooks import WebhookSettings
 
+    # Before the banner: a refused key must not look like a started server.
+    check_admin_key(os.environ.get("KELPIE_ADMIN_KEY") or None)
     autoscale = autoscale_settings(args)
     salad_auth = salad_auth_settings(args)
     webhooks = WebhookSettings.from_env(

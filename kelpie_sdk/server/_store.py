@@ -100,6 +100,7 @@ __all__ = [
     "ReputationPolicy",
     "Store",
     "SubmitAnswer",
+    "check_admin_key",
     "hash_key",
     "key_id_of",
     "new_key",
@@ -292,6 +293,21 @@ KEY_PREFIX = "kelpie_"
 MIN_ADMIN_KEY_LENGTH = 32
 #: How often (ms) a key's ``last_used`` is written at most.
 LAST_USED_EVERY_MS = 60_000
+
+
+def check_admin_key(admin_key: str | None) -> None:
+    """
+    Refuse an admin key shorter than ``MIN_ADMIN_KEY_LENGTH``.
+
+    Raises:
+        ConfigError: The key is too short (the message says how to make one).
+    """
+    if admin_key is not None and len(admin_key) < MIN_ADMIN_KEY_LENGTH:
+        raise ConfigError(
+            f"the admin key (KELPIE_ADMIN_KEY) has {len(admin_key)} characters; "
+            f"it must have at least {MIN_ADMIN_KEY_LENGTH}, e.g. from "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+        )
 
 
 def new_key(role: str) -> str:
@@ -934,12 +950,7 @@ class Store:
         Raises:
             ConfigError: The key is shorter than 32 characters.
         """
-        if admin_key is not None and len(admin_key) < MIN_ADMIN_KEY_LENGTH:
-            raise ConfigError(
-                f"the admin key (KELPIE_ADMIN_KEY) has {len(admin_key)} characters; "
-                f"it must have at least {MIN_ADMIN_KEY_LENGTH}, e.g. from "
-                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
-            )
+        check_admin_key(admin_key)
         try:
             return self._seed_admin(admin_key)
         except sa.exc.IntegrityError:

@@ -498,12 +498,15 @@ def test_the_server_refuses_to_start_with_a_short_admin_key(
     from kelpie_sdk.cli import main
 
     monkeypatch.setenv("KELPIE_ADMIN_KEY", "a")
+    out = io.StringIO()
     code = main(
         ["server", "--port", "0", "--database", f"sqlite:///{tmp_path}/s.db"],
-        console=Console(file=io.StringIO(), width=200, color_system=None),
+        console=Console(file=out, width=200, color_system=None),
     )
     assert 1 == code
     assert "KELPIE_ADMIN_KEY" in capsys.readouterr().err
+    # No "Kelpie API on ..." banner first, as if the server had started.
+    assert "Kelpie API on" not in out.getvalue()
 
 
 # -- rate limits -------------------------------------------------------------------
