@@ -54,6 +54,7 @@ from kelpie_sdk.models import (
     SyncSpec,
     User,
     WorkerReport,
+    is_idempotency_key,
 )
 from kelpie_sdk.webhooks import WebhookSecret
 
@@ -120,9 +121,7 @@ def _idempotency_key(key: str | None) -> str:
     """
     if key is None:
         return str(uuid.uuid4())
-    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH or not all(
-        " " <= c <= "~" for c in key
-    ):
+    if not is_idempotency_key(key):
         raise ValueError(
             f"an idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} "
             f"printable ASCII characters, got {key!r}"

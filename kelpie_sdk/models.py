@@ -62,6 +62,7 @@ __all__ = [
     "check_tag",
     "format_progress",
     "format_timestamp",
+    "is_idempotency_key",
     "parse_timestamp",
     "progress_fraction",
 ]
@@ -155,6 +156,18 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 #: The longest ``Idempotency-Key`` (printable ASCII characters).
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
+
+
+def is_idempotency_key(key: str) -> bool:
+    """
+    Whether ``key`` is a valid ``Idempotency-Key``: 1 to
+    ``MAX_IDEMPOTENCY_KEY_LENGTH`` printable ASCII characters (the SDK and
+    the server check the same rule).
+    """
+    return 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH and all(
+        " " <= c <= "~" for c in key
+    )
+
 
 #: The flat ("legacy") storage fields of a job, in wire order.
 LEGACY_STORAGE_FIELDS = (

@@ -72,6 +72,7 @@ from kelpie_sdk.models import (
     check_integer,
     check_tag,
     format_timestamp,
+    is_idempotency_key,
 )
 from kelpie_sdk.server._db import ADMIN_ID
 from kelpie_sdk.server._guard import (
@@ -727,8 +728,6 @@ async def _check_job_body(request: Request[Any, Any, Any]) -> None:
     _check_submission_fields(raw)
 
 
-_KEY_CHARS = re.compile(r"[\x20-\x7e]+")
-
 #: The ``Idempotency-Key`` header, as the submission endpoints declare it.
 _IdempotencyKey = Annotated[
     str | None,
@@ -755,7 +754,7 @@ def _idempotency_key(request: Request[Any, Any, Any]) -> str | None:
             400, "Bad Request", f"send one {IDEMPOTENCY_HEADER} header, not several"
         )
     key: str = values[0]
-    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH or not _KEY_CHARS.fullmatch(key):
+    if not is_idempotency_key(key):
         raise HTTPProblem(
             400,
             "Bad Request",
