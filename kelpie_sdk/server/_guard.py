@@ -104,9 +104,16 @@ def json_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     """
     if body.count(b"[") + body.count(b"{") <= limit:
         return False
+    if b'\\"' in body:
+        structure = _JSON_STRING.sub(b"", body)
+    else:
+        # No escaped quote: every quote opens or closes a string, so the
+        # structure is every other piece between quotes, split in C (the
+        # regular expression was most of the scan's time on log batches).
+        structure = b"".join(body.split(b'"')[::2])
     # Each opening bracket a +1 byte, each closing one a -1 (as signed bytes):
     # the running sum's maximum is the depth, counted in C.
-    steps = _JSON_STRING.sub(b"", body).translate(_DEPTH_STEPS, _NOT_BRACKETS)
+    steps = structure.translate(_DEPTH_STEPS, _NOT_BRACKETS)
     return max(itertools.accumulate(memoryview(steps).cast("b")), default=0) > limit
 
 

@@ -321,6 +321,8 @@ def test_depth_scan_ignores_brackets_in_strings() -> None:
     """Brackets inside strings do not count, escaped quotes included."""
     inside = json.dumps({"a": "[" * 500 + '\\"{' * 100})
     assert not json_too_deep(inside.encode())
+    # Without an escaped quote (the scan's faster path).
+    assert not json_too_deep(json.dumps({"a": "[" * 500, "b": ["{" * 80]}).encode())
     assert json_too_deep(_nested(MAX_JSON_DEPTH + 1).encode())
     assert not json_too_deep(_nested(MAX_JSON_DEPTH).encode())
 
