@@ -58,6 +58,7 @@ _DEPTH_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 _JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 #: Encoded ``/`` and ``\``: decoded before routing, they would split an id.
 _ENCODED_SEPARATOR = re.compile(rb"%(2f|5c)", re.IGNORECASE)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def request_id(scope: Mapping[str, Any]) -> str:
@@ -89,7 +90,7 @@ def _confusable(raw: bytes, path: str) -> str | None:
         return "an empty path segment"
     if any(s in (".", "..") for s in segments):
         return "a '.' or '..' path segment"
-    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+    if _CONTROL.search(path):
         return "a control character in the path"
     return None
 

@@ -20,7 +20,7 @@ Portable SQLAlchemy Core: runs the same on SQLite and PostgreSQL.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import attrs
 import msgspec
@@ -51,10 +51,9 @@ STREAMS = frozenset({"stdout", "stderr", "kelpie"})
 ShipOutcome = Literal["ok", "not_found", "not_holder"]
 
 
-@attrs.frozen
-class IncomingLine:
+class IncomingLine(NamedTuple):
     """
-    One line of a shipped batch.
+    One line of a shipped batch (a named tuple: a batch holds hundreds).
     """
 
     stream: str
@@ -94,6 +93,37 @@ def delete_all_logs(conn: sa.Connection) -> None:
     conn.execute(JOB_LOG_ATTEMPTS.delete())
 
 
+#: ``append``'s statements, built once (building them per batch cost more
+#: than running them): the job's holder and attempt, and the attempt's log
+#: counters (``NULL`` before its first batch).
+_FIND = (
+    sa.select(
+        JOBS.c.machine_id,
+        JOBS.c.attempt,
+        JOB_LOG_ATTEMPTS.c.bytes,
+        JOB_LOG_ATTEMPTS.c.next_line,
+        JOB_LOG_ATTEMPTS.c.dropped,
+        JOB_LOG_ATTEMPTS.c.trimmed,
+    )
+    .select_from(
+        JOBS.outerjoin(
+            JOB_LOG_ATTEMPTS,
+            (JOB_LOG_ATTEMPTS.c.job_id == JOBS.c.id)
+            & (JOB_LOG_ATTEMPTS.c.attempt == sa.bindparam("attempt")),
+        )
+    )
+    .where(
+        JOBS.c.id == sa.bindparam("job_id"), JOBS.c.user_id == sa.bindparam("user_id")
+    )
+)
+_NEW_ATTEMPT = JOB_LOG_ATTEMPTS.insert()
+_ADD_ROW = JOB_LOGS.insert()
+_UPDATE_ATTEMPT = JOB_LOG_ATTEMPTS.update().where(
+    JOB_LOG_ATTEMPTS.c.job_id == sa.bindparam("key_job_id"),
+    JOB_LOG_ATTEMPTS.c.attempt == sa.bindparam("key_attempt"),
+)
+
+
 class JobLogs:
     """
     The job log table's queries.
@@ -127,53 +157,26 @@ class JobLogs:
         reported its end. A canceled job, or one claimed again, refuses it.
         """
         with self.engine.begin() as conn:
-            found = (
-                conn.execute(
-                    sa.select(
-                        JOBS.c.machine_id,
-                        JOBS.c.attempt,
-                        JOB_LOG_ATTEMPTS.c.bytes,
-                        JOB_LOG_ATTEMPTS.c.next_line,
-                        JOB_LOG_ATTEMPTS.c.dropped,
-                        JOB_LOG_ATTEMPTS.c.trimmed,
-                    )
-                    .select_from(
-                        JOBS.outerjoin(
-                            JOB_LOG_ATTEMPTS,
-                            (JOB_LOG_ATTEMPTS.c.job_id == JOBS.c.id)
-                            & (JOB_LOG_ATTEMPTS.c.attempt == attempt),
-                        )
-                    )
-                    .where(JOBS.c.id == job_id, JOBS.c.user_id == user_id)
-                )
-                .mappings()
-                .first()
-            )
+            found = conn.execute(
+                _FIND, {"job_id": job_id, "user_id": user_id, "attempt": attempt}
+            ).first()
             if found is None:
                 return "not_found"
-            if found["machine_id"] != machine_id or found["attempt"] != attempt:
+            holder, held, size, next_line, dropped, trimmed = found
+            if holder != machine_id or held != attempt:
                 return "not_holder"
-            key = (JOB_LOG_ATTEMPTS.c.job_id == job_id) & (
-                JOB_LOG_ATTEMPTS.c.attempt == attempt
-            )
-            if found["next_line"] is None:
+            if next_line is None:
                 size, next_line, dropped, trimmed = 0, 0, 0, 0
                 conn.execute(
-                    JOB_LOG_ATTEMPTS.insert().values(
-                        job_id=job_id,
-                        attempt=attempt,
-                        bytes=0,
-                        next_line=0,
-                        dropped=0,
-                        trimmed=0,
-                    )
-                )
-            else:
-                size, next_line, dropped, trimmed = (
-                    found["bytes"],
-                    found["next_line"],
-                    found["dropped"],
-                    found["trimmed"],
+                    _NEW_ATTEMPT,
+                    {
+                        "job_id": job_id,
+                        "attempt": attempt,
+                        "bytes": 0,
+                        "next_line": 0,
+                        "dropped": 0,
+                        "trimmed": 0,
+                    },
                 )
             fresh = lines[max(0, next_line - offset) :]
             end = offset + len(lines)
@@ -192,16 +195,17 @@ class JobLogs:
                 (item.stream, item.time_ms, item.line[:MAX_LINE_CHARS])
                 for item in fresh
             )
-            added = sum(_size(line) for _, _, line in data)
+            added = _size_of(data)
             conn.execute(
-                JOB_LOGS.insert().values(
-                    job_id=job_id,
-                    attempt=attempt,
-                    skip=0,
-                    count=len(data),
-                    size=added,
-                    data=_encode(data),
-                )
+                _ADD_ROW,
+                {
+                    "job_id": job_id,
+                    "attempt": attempt,
+                    "skip": 0,
+                    "count": len(data),
+                    "size": added,
+                    "data": _encode(data),
+                },
             )
             size += added
             if size > self.limit:
@@ -209,14 +213,15 @@ class JobLogs:
                 size -= freed
                 trimmed += removed
             conn.execute(
-                JOB_LOG_ATTEMPTS.update()
-                .where(key)
-                .values(
-                    bytes=size,
-                    next_line=max(next_line, end),
-                    dropped=dropped,
-                    trimmed=trimmed,
-                )
+                _UPDATE_ATTEMPT,
+                {
+                    "key_job_id": job_id,
+                    "key_attempt": attempt,
+                    "bytes": size,
+                    "next_line": max(next_line, end),
+                    "dropped": dropped,
+                    "trimmed": trimmed,
+                },
             )
         return "ok"
 
@@ -335,6 +340,14 @@ def _encode(data: list[tuple[str, int, str]]) -> str:
 
 def _decode(text: str) -> list[tuple[str, int, str]]:
     return _DECODER.decode(text)
+
+
+def _size_of(data: list[tuple[str, int, str]]) -> int:
+    """The lines' cost against the bound: ``_size`` summed, in one encode."""
+    if not data:
+        return 0
+    text = "\n".join([line for _, _, line in data])
+    return len(text.encode("utf-8", errors="replace")) + 1
 
 
 def _size(line: str) -> int:

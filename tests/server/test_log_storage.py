@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kelpie_sdk.server._db import (
     JOB_LOG_ATTEMPTS,
@@ -22,6 +24,8 @@ from kelpie_sdk.server._logs import (
     MAX_LINE_CHARS,
     IncomingLine,
     JobLogs,
+    _size,
+    _size_of,
     delete_all_logs,
     delete_logs_of,
 )
@@ -176,3 +180,10 @@ def test_the_limit_must_be_positive(engine: sa.Engine) -> None:
     """A zero limit is refused with a message that says what is wrong."""
     with pytest.raises(ValueError, match="at least 1 byte"):
         JobLogs(engine, limit=0)
+
+
+@given(st.lists(st.text(), max_size=20))
+def test_a_batch_costs_the_sum_of_its_lines(texts: list[str]) -> None:
+    """The one-encode size of a batch equals its lines' sizes summed."""
+    data = [("stdout", 0, text) for text in texts]
+    assert sum(_size(text) for text in texts) == _size_of(data)
