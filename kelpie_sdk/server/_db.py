@@ -140,10 +140,12 @@ JOBS = sa.Table(
     # lost to interruptions and failures, in milliseconds: its goodput.
     sa.Column("compute_ms", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("lost_ms", sa.BigInteger, nullable=False, server_default="0"),
+    # The group leads: the PostgreSQL claim orders by (group, user, seq), an
+    # order no other index gives (migration 0010).
     sa.Index(
         "ix_jobs_pending",
-        "user_id",
         "container_group_id",
+        "user_id",
         "seq",
         sqlite_where=_PENDING,
         postgresql_where=_PENDING,

@@ -117,19 +117,24 @@ class PgHotPath:
             ORDER BY j.lease_expires LIMIT 1
             FOR UPDATE SKIP LOCKED
         ), head AS (
-            -- The group as a range, ordered by (group, seq): only the partial
-            -- index (or a sort) yields that order, so the planner cannot
-            -- walk the primary key through the finished jobs ahead of the
-            -- first pending one (PostgreSQL has no INDEXED BY).
+            -- The group and the user as ranges, ordered by (group, user,
+            -- seq): only the partial index of pending jobs (or a sort)
+            -- yields that order, so no plan, not even the generic one a
+            -- server caches while the statistics are stale, walks the primary
+            -- key or the index of all the group's jobs through the finished
+            -- jobs ahead of the first pending one (PostgreSQL has no
+            -- INDEXED BY). With equalities the index of all jobs would give
+            -- the order too.
             -- Placement: a flaky machine looks at the first %(window)s jobs
             -- and takes the least-run one; any other takes the head.
             SELECT j.seq, j.attempt FROM jobs j
-            WHERE j.user_id = %(user_id)s
-              AND j.container_group_id >= %(group)s
+            WHERE j.container_group_id >= %(group)s
               AND j.container_group_id <= %(group)s
+              AND j.user_id >= %(user_id)s
+              AND j.user_id <= %(user_id)s
               AND j.status = 'pending'
               AND {_NOT_BANNED}
-            ORDER BY j.container_group_id, j.seq
+            ORDER BY j.container_group_id, j.user_id, j.seq
             LIMIT 1 + (%(window)s::integer - 1) * (
                 SELECT count(*) FROM machines f
                 WHERE f.user_id = %(user_id)s AND f.machine_id = %(machine_id)s

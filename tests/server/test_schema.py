@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
+import re
 from typing import Any
 
 import pytest
@@ -177,6 +178,76 @@ def test_postgresql_claim_uses_the_partial_indexes_with_many_finished_jobs(
     assert "Seq Scan on jobs" not in plan
     assert "jobs_pkey on jobs j" not in plan
     assert "Seq Scan on machines" not in plan
+
+
+def _generic_claim_plan(conn: Any, params: dict[str, Any]) -> str:
+    """
+    The plan PostgreSQL caches for the claim once the server has run it a few
+    times: a generic plan, made without the parameters' values (the server's
+    connections prepare it, and PostgreSQL keeps a generic plan that costs no
+    more than the custom ones; here it is forced).
+    """
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match[1] not in names:
+            names.append(match[1])
+        return f"${names.index(match[1]) + 1}"
+
+    text = re.sub(r"%\((\w+)\)s", number, PgHotPath.CLAIM)
+    conn.execute("SET plan_cache_mode = force_generic_plan")
+    conn.execute(f"PREPARE claim AS {text}")
+    try:
+        args = ", ".join(
+            "NULL" if params[n] is None else f"'{params[n]}'" for n in names
+        )
+        return "\n".join(
+            row[0] for row in conn.execute(f"EXPLAIN EXECUTE claim({args})")
+        )
+    finally:
+        conn.execute("DEALLOCATE claim")
+
+
+@pytest.mark.parametrize(
+    ("completed", "pending", "analyzed"),
+    [(0, 3000, False), (20_000, 10, False), (20_000, 10, True)],
+    ids=["new-queue", "stale-statistics", "analyzed"],
+)
+def test_postgresql_cached_claim_plan_reads_the_pending_index(
+    pg_url: str, completed: int, pending: int, analyzed: bool
+) -> None:
+    """
+    The plan a server process caches for the claim reads the partial index of
+    pending jobs, whatever the statistics say: not an index over every job of
+    the group, which walks each finished job ahead of the first pending one
+    (claims got slower with every job done, until the next ANALYZE).
+    """
+    import psycopg
+
+    open_store(pg_url).close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        for status, count in (("completed", completed), ("pending", pending)):
+            conn.execute(
+                "INSERT INTO jobs (id, user_id, status, created, command,"
+                " container_group_id) SELECT gen_random_uuid()::text, 'u', %s,"
+                " n, 'x', 'g' FROM generate_series(1, %s) AS n",
+                (status, count),
+            )
+        if analyzed:
+            conn.execute("ANALYZE jobs")
+        plan = _generic_claim_plan(
+            conn,
+            {
+                "machine_id": "m",
+                "group": "g",
+                "user_id": "u",
+                "now": 0,
+                **ReputationPolicy().params(),
+            },
+        )
+    assert "ix_jobs_pending" in plan, plan
+    assert "ix_jobs_user_group_seq" not in plan, plan
+    assert "Seq Scan on jobs" not in plan, plan
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
