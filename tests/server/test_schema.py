@@ -180,12 +180,12 @@ def test_postgresql_claim_uses_the_partial_indexes_with_many_finished_jobs(
     assert "Seq Scan on machines" not in plan
 
 
-def _generic_claim_plan(conn: Any, params: dict[str, Any]) -> str:
+def _generic_plan(conn: Any, statement: str, params: dict[str, Any]) -> str:
     """
-    The plan PostgreSQL caches for the claim once the server has run it a few
-    times: a generic plan, made without the parameters' values (the server's
-    connections prepare it, and PostgreSQL keeps a generic plan that costs no
-    more than the custom ones; here it is forced).
+    The plan PostgreSQL caches for a hot-path statement once a server has run
+    it a few times: a generic plan, made without the parameters' values (the
+    server's connections prepare it, and PostgreSQL keeps a generic plan that
+    costs no more than the custom ones; here it is forced).
     """
     names: list[str] = []
 
@@ -194,18 +194,16 @@ def _generic_claim_plan(conn: Any, params: dict[str, Any]) -> str:
             names.append(match[1])
         return f"${names.index(match[1]) + 1}"
 
-    text = re.sub(r"%\((\w+)\)s", number, PgHotPath.CLAIM)
+    text = re.sub(r"%\((\w+)\)s", number, statement)
     conn.execute("SET plan_cache_mode = force_generic_plan")
-    conn.execute(f"PREPARE claim AS {text}")
+    conn.execute(f"PREPARE hot AS {text}")
     try:
         args = ", ".join(
             "NULL" if params[n] is None else f"'{params[n]}'" for n in names
         )
-        return "\n".join(
-            row[0] for row in conn.execute(f"EXPLAIN EXECUTE claim({args})")
-        )
+        return "\n".join(row[0] for row in conn.execute(f"EXPLAIN EXECUTE hot({args})"))
     finally:
-        conn.execute("DEALLOCATE claim")
+        conn.execute("DEALLOCATE hot")
 
 
 @pytest.mark.parametrize(
@@ -235,8 +233,9 @@ def test_postgresql_cached_claim_plan_reads_the_pending_index(
             )
         if analyzed:
             conn.execute("ANALYZE jobs")
-        plan = _generic_claim_plan(
+        plan = _generic_plan(
             conn,
+            PgHotPath.CLAIM,
             {
                 "machine_id": "m",
                 "group": "g",
@@ -247,6 +246,47 @@ def test_postgresql_cached_claim_plan_reads_the_pending_index(
         )
     assert "ix_jobs_pending" in plan, plan
     assert "ix_jobs_user_group_seq" not in plan, plan
+    assert "Seq Scan on jobs" not in plan, plan
+
+
+@pytest.mark.parametrize(
+    "statement", ["HEARTBEAT", "COMPLETE", "FAIL", "RELEASE", "PROGRESS"]
+)
+@pytest.mark.parametrize("analyzed", [False, True], ids=["stale", "analyzed"])
+def test_postgresql_cached_holder_plans_find_the_job_by_id(
+    pg_url: str, statement: str, analyzed: bool
+) -> None:
+    """
+    The plans a server caches for the holder's reports (heartbeat, completion,
+    failure, release, progress) find the job by its id: not by scanning the
+    partial index of running jobs, whose dead entries (one per heartbeat)
+    every report would walk.
+    """
+    import psycopg
+
+    open_store(pg_url).close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        for status, count in (("pending", 3000), ("running", 1000)):
+            conn.execute(
+                "INSERT INTO jobs (id, user_id, status, created, command,"
+                " container_group_id, machine_id) SELECT gen_random_uuid()::text,"
+                " 'u', %s, n, 'x', 'g', 'm' FROM generate_series(1, %s) AS n",
+                (status, count),
+            )
+        if analyzed:
+            conn.execute("ANALYZE jobs")
+        params = {
+            "id": "j",
+            "user_id": "u",
+            "machine_id": "m",
+            "attempt": None,
+            "now": 0,
+            "progress": None,
+            "error": None,
+            **ReputationPolicy().params(),
+        }
+        plan = _generic_plan(conn, getattr(PgHotPath, statement), params)
+    assert "ix_jobs_running" not in plan, plan
     assert "Seq Scan on jobs" not in plan, plan
 
 
