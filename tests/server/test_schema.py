@@ -135,6 +135,17 @@ def test_postgresql_url_spellings_all_mean_psycopg(pg_url: str, scheme: str) -> 
         store.close()
 
 
+def _fill(conn: Any, **counts: int) -> None:
+    """Insert jobs of user ``u`` in group ``g`` (held by ``m``), per status."""
+    for status, count in counts.items():
+        conn.execute(
+            "INSERT INTO jobs (id, user_id, status, created, command,"
+            " container_group_id, machine_id) SELECT gen_random_uuid()::text,"
+            " 'u', %s, n, 'x', 'g', 'm' FROM generate_series(1, %s) AS n",
+            (status, count),
+        )
+
+
 @pytest.mark.parametrize(
     ("completed", "pending"),
     [(20_000, 1), (20_000, 20_000)],
@@ -152,13 +163,7 @@ def test_postgresql_claim_uses_the_partial_indexes_with_many_finished_jobs(
 
     open_store(pg_url).close()
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        for status, count in (("completed", completed), ("pending", pending)):
-            conn.execute(
-                "INSERT INTO jobs (id, user_id, status, created, command,"
-                " container_group_id) SELECT gen_random_uuid()::text, 'u', %s,"
-                " n, 'x', 'g' FROM generate_series(1, %s) AS n",
-                (status, count),
-            )
+        _fill(conn, completed=completed, pending=pending)
         conn.execute("ANALYZE jobs")
         plan = "\n".join(
             row[0]
@@ -224,13 +229,7 @@ def test_postgresql_cached_claim_plan_reads_the_pending_index(
 
     open_store(pg_url).close()
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        for status, count in (("completed", completed), ("pending", pending)):
-            conn.execute(
-                "INSERT INTO jobs (id, user_id, status, created, command,"
-                " container_group_id) SELECT gen_random_uuid()::text, 'u', %s,"
-                " n, 'x', 'g' FROM generate_series(1, %s) AS n",
-                (status, count),
-            )
+        _fill(conn, completed=completed, pending=pending)
         if analyzed:
             conn.execute("ANALYZE jobs")
         plan = _generic_plan(
@@ -266,13 +265,7 @@ def test_postgresql_cached_holder_plans_find_the_job_by_id(
 
     open_store(pg_url).close()
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        for status, count in (("pending", 3000), ("running", 1000)):
-            conn.execute(
-                "INSERT INTO jobs (id, user_id, status, created, command,"
-                " container_group_id, machine_id) SELECT gen_random_uuid()::text,"
-                " 'u', %s, n, 'x', 'g', 'm' FROM generate_series(1, %s) AS n",
-                (status, count),
-            )
+        _fill(conn, pending=3000, running=1000)
         if analyzed:
             conn.execute("ANALYZE jobs")
         params = {
