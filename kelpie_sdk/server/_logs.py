@@ -122,6 +122,26 @@ _UPDATE_ATTEMPT = JOB_LOG_ATTEMPTS.update().where(
     JOB_LOG_ATTEMPTS.c.job_id == sa.bindparam("key_job_id"),
     JOB_LOG_ATTEMPTS.c.attempt == sa.bindparam("key_attempt"),
 )
+#: ``_trim``'s, built once too (an attempt at its bound trims on every
+#: batch): an attempt's oldest rows after a cursor, 16 at a time; its rows
+#: up to one; one row's lines; cutting the front of a row.
+_ATTEMPT_ROWS = (JOB_LOGS.c.job_id == sa.bindparam("job_id")) & (
+    JOB_LOGS.c.attempt == sa.bindparam("attempt")
+)
+_OLDEST_ROWS = (
+    sa.select(JOB_LOGS.c.seq, JOB_LOGS.c.count, JOB_LOGS.c.size)
+    .where(_ATTEMPT_ROWS, JOB_LOGS.c.seq > sa.bindparam("after"))
+    .order_by(JOB_LOGS.c.seq)
+    .limit(16)
+)
+_DELETE_ROWS_UP_TO = JOB_LOGS.delete().where(
+    _ATTEMPT_ROWS, JOB_LOGS.c.seq <= sa.bindparam("upto")
+)
+_ROW_LINES = sa.select(JOB_LOGS.c.skip, JOB_LOGS.c.data).where(
+    JOB_LOGS.c.seq == sa.bindparam("seq")
+)
+_DELETE_ROW = JOB_LOGS.delete().where(JOB_LOGS.c.seq == sa.bindparam("seq"))
+_CUT_ROW = JOB_LOGS.update().where(JOB_LOGS.c.seq == sa.bindparam("key_seq"))
 
 
 class JobLogs:
@@ -236,17 +256,12 @@ class JobLogs:
         Returns:
             (lines deleted, bytes freed).
         """
-        where = (JOB_LOGS.c.job_id == job_id) & (JOB_LOGS.c.attempt == attempt)
+        key = {"job_id": job_id, "attempt": attempt}
         removed = freed = 0
         cut = -1
         partial: int | None = None
         while freed < excess and partial is None:
-            rows = conn.execute(
-                sa.select(JOB_LOGS.c.seq, JOB_LOGS.c.count, JOB_LOGS.c.size)
-                .where(where, JOB_LOGS.c.seq > cut)
-                .order_by(JOB_LOGS.c.seq)
-                .limit(16)
-            ).all()
+            rows = conn.execute(_OLDEST_ROWS, {**key, "after": cut}).all()
             if not rows:
                 break
             for seq, count, size in rows:
@@ -258,13 +273,9 @@ class JobLogs:
                     partial = seq
                     break
         if cut >= 0:
-            conn.execute(JOB_LOGS.delete().where(where, JOB_LOGS.c.seq <= cut))
+            conn.execute(_DELETE_ROWS_UP_TO, {**key, "upto": cut})
         if partial is not None:
-            row = conn.execute(
-                sa.select(JOB_LOGS.c.skip, JOB_LOGS.c.data).where(
-                    JOB_LOGS.c.seq == partial
-                )
-            ).one()
+            row = conn.execute(_ROW_LINES, {"seq": partial}).one()
             data = _decode(row[1])
             drop = 0
             while freed < excess and drop < len(data):
@@ -273,17 +284,17 @@ class JobLogs:
             removed += drop
             rest = data[drop:]
             if not rest:
-                conn.execute(JOB_LOGS.delete().where(JOB_LOGS.c.seq == partial))
+                conn.execute(_DELETE_ROW, {"seq": partial})
                 return removed, freed
             conn.execute(
-                JOB_LOGS.update()
-                .where(JOB_LOGS.c.seq == partial)
-                .values(
-                    skip=row[0] + drop,
-                    count=len(rest),
-                    size=sum(_size(line) for _, _, line in rest),
-                    data=_encode(rest),
-                )
+                _CUT_ROW,
+                {
+                    "key_seq": partial,
+                    "skip": row[0] + drop,
+                    "count": len(rest),
+                    "size": _size_of(rest),
+                    "data": _encode(rest),
+                },
             )
         return removed, freed
 
