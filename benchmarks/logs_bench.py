@@ -47,6 +47,7 @@ from server_bench import (
     GROUP,
     Conn,
     _claim_complete_loop,
+    _cpu_seconds,
     _free_port,
     _run_clients,
     _submit,
@@ -239,12 +240,6 @@ def _ship_loop(
             sent += lines
         stop.wait(max(0.0, 1.0 - (time.perf_counter() - t0)))
     out.put(sent)
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _claim_complete(port: int, jobs: int, clients: int) -> float:

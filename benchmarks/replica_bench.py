@@ -39,7 +39,6 @@ import contextlib
 import os
 import pathlib
 import re
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -59,6 +58,8 @@ from server_bench import (
     GROUP,
     Conn,
     _claim_complete_loop,
+    _cpu_seconds,
+    _free_port,
     _heartbeat_loop,
     _run_clients,
     _submit,
@@ -68,12 +69,6 @@ ADMIN_ID = "00000000-0000-0000-0000-000000000000"
 LATENCY_CLAIMS = 300
 #: The server process on each port (for its CPU time).
 PIDS: dict[int, int] = {}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -127,16 +122,6 @@ def _database(backend: str, pg: str) -> Iterator[str]:
     finally:
         with psycopg.connect(pg, autocommit=True) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux; 0 once it is gone)."""
-    try:
-        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _postgres_cpu() -> float:
