@@ -138,7 +138,9 @@ def _postgres_cpu() -> float:
     return total
 
 
-def _throughput(ports: list[int], jobs: int, clients: int) -> tuple[float, str]:
+def _throughput(
+    ports: list[int], jobs: int, clients: int
+) -> tuple[float, dict[str, float]]:
     """
     claim+complete jobs/s, and where the CPU went per job (ms): the server
     processes, PostgreSQL's processes, the client processes.
@@ -159,11 +161,8 @@ def _throughput(ports: list[int], jobs: int, clients: int) -> tuple[float, str]:
         - mine0.children_user
         - mine0.children_system
     )
-    split = (
-        f"CPU ms per job: servers {servers / done * 1000:.2f}, "
-        f"postgres {pg / done * 1000:.2f}, clients {clients_cpu / done * 1000:.2f}"
-    )
-    return done / elapsed, split
+    split = {"servers": servers, "postgres": pg, "clients": clients_cpu}
+    return done / elapsed, {k: v / done * 1000 for k, v in split.items()}
 
 
 def _heartbeats(ports: list[int], clients: int, seconds: float) -> float:
@@ -417,7 +416,10 @@ def main() -> None:
                 f"{jobs:>6.0f} jobs/s ({jobs / base['jobs/s', 1]:.2f}x), "
                 f"heartbeats {beats:>6.0f}/s ({beats / base['beats/s', 1]:.2f}x)"
             )
-            print(f"  {backend:<10} {n} replica(s): {r['cpu', n]}")
+            print(
+                f"  {backend:<10} {n} replica(s): CPU ms per job: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu", n].items())
+            )
         print(
             f"  {backend:<10} 2 / 1 replicas: claim+complete "
             f"{r['jobs/s', 2] / r['jobs/s', 1]:.2f}x, heartbeats "
