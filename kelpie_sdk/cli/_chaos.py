@@ -174,6 +174,8 @@ class ChaosReport:
         step_s: The mean time of one step, measured.
         wall_s: The run's wall time.
         failures: The checks that failed, one line each.
+        timelines: For each job with a failed check, what each of its attempts
+            did and where, one line each (to tell a fault from a defect).
     """
 
     jobs: int = 0
@@ -188,6 +190,7 @@ class ChaosReport:
     step_s: float = 0.0
     wall_s: float = 0.0
     failures: list[str] = attrs.Factory(list)
+    timelines: list[str] = attrs.Factory(list)
 
     @property
     def goodput(self) -> float:
@@ -231,6 +234,9 @@ class ChaosReport:
         if self.failures:
             lines.append(f"FAILED: {len(self.failures)} check(s) did not hold:")
             lines.extend(f"  - {line}" for line in self.failures)
+            if self.timelines:
+                lines.append("What the attempts of those jobs did:")
+                lines.extend(f"  {line}" for line in self.timelines)
         else:
             lines.append("All checks held.")
         return "\n".join(lines)
@@ -445,6 +451,8 @@ class _Run:
         self.armed: tuple[str, float] | None = None
         self.log: list[str] = []
         self.plan: list[str] = []
+        self.started = time.monotonic()
+        self.wall_started = time.time()
 
     # ---------------------------------------------------------------- setup
 
@@ -500,7 +508,11 @@ class _Run:
         cfg = self.config
         submissions = []
         for spec in self.specs:
-            local = self.root / "local" / spec.name
+            # Relative, so each worker resolves it in its own working directory:
+            # every machine has its own disk, and an attempt that runs on after
+            # its job moved (until its machine learns so) must not write into
+            # the files of the attempt that took over.
+            local = Path("local") / spec.name
             argv = JOB_KINDS[spec.kind].argv(spec.params)
             env = {
                 **spec.params,
@@ -645,6 +657,7 @@ class _Run:
     def run(self) -> ChaosReport:
         cfg = self.config
         self.started = time.monotonic()
+        self.wall_started = time.time()  # the jobs' events carry wall-clock times
         self.cluster.control.mkdir(parents=True, exist_ok=True)
         (self.root / "storage" / _BUCKET).mkdir(parents=True, exist_ok=True)
         self._make_specs()
@@ -778,7 +791,10 @@ class _Run:
             report.retried_failures += job.num_failures
             events = _read_events(spec.events)
             final = job.attempt or 0
+            failed_before = len(report.failures)
             self._check_job(spec, final, events, report, detection_s, step_times)
+            if len(report.failures) > failed_before:
+                report.timelines.extend(_timeline(spec.name, events, self.wall_started))
         report.useful_steps = cfg.steps * len(self.specs)
         report.step_s = sum(step_times) / len(step_times) if step_times else 0.0
         return report
@@ -870,6 +886,35 @@ def _difference(got: str, expected: str) -> str:
     return (
         f"at character {at}: {got[at : at + 16]!r}... != {expected[at : at + 16]!r}..."
     )
+
+
+def _timeline(name: str, events: list[dict[str, Any]], start: float) -> list[str]:
+    """
+    One line per attempt of a job: its machine, and when (seconds into the
+    run) it started, saved, stepped and finished.
+    """
+    lines = []
+    for attempt in sorted({e["a"] for e in events}):
+        mine = [e for e in events if e["a"] == attempt]
+        machines = sorted({str(e.get("m", "")) for e in mine})
+        parts = []
+        for event in mine:
+            kind = event["e"]
+            at = f"{event['t'] - start:.1f}s"
+            if kind == "step":
+                continue  # the saves and the first and last steps tell enough
+            step = f" {event['step']}" if "step" in event else ""
+            parts.append(f"{kind}{step} @{at}")
+        steps = [e for e in mine if e["e"] == "step"]
+        if steps:
+            parts.append(
+                f"steps {steps[0]['step']}-{steps[-1]['step']} "
+                f"@{steps[0]['t'] - start:.1f}-{steps[-1]['t'] - start:.1f}s"
+            )
+        lines.append(
+            f"{name} attempt {attempt} on {', '.join(machines)}: " + "; ".join(parts)
+        )
+    return lines
 
 
 def _read_events(path: Path) -> list[dict[str, Any]]:

@@ -721,6 +721,7 @@ class _Slot:
             self.idle_since = None
             w.set_deletion_cost(self.cfg.index, DELETION_COST_CLAIMED)
             try:
+                self._stop_older_attempts(job)
                 if w.wait_stop(0) or w.draining:
                     self._release_unstarted(job)
                     break
@@ -731,6 +732,38 @@ class _Slot:
                 self.busy = False
                 self.idle_since = time.monotonic()
                 w.set_deletion_cost(self.cfg.index, DELETION_COST_IDLE)
+
+    def _stop_older_attempts(self, job: Job) -> None:
+        """
+        Stop another slot's attempt at the same job and wait for it to end.
+
+        The server hands a job out again once its lease lapses, and after an
+        outage it can hand it to another slot of this very node before the
+        slot that ran it hears, on its next heartbeat, that the job moved.
+        Both attempts would then share the job's ``sync`` directories on this
+        disk, one wiping and overwriting the other's files.
+        """
+        for other in list(self.worker._slots):
+            run = other._run
+            if other is self or run is None or run.job.id != job.id:
+                continue
+            run._mark_lost(
+                f"the server handed the job to slot {self.cfg.index} of this node "
+                f"as attempt {job.attempt}"
+            )
+            # Its process gets the kill grace; its worker thread then ends.
+            deadline = time.monotonic() + self.worker.config.kill_grace_s + 30.0
+            while other._run is run and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if other._run is run:
+                logger.warning(
+                    "job %s: attempt %s on slot %d has not ended; starting attempt "
+                    "%s anyway",
+                    job.id,
+                    run.attempt,
+                    other.cfg.index,
+                    job.attempt,
+                )
 
     def _release_unstarted(self, job: Job) -> None:
         logger.info("job %s: claimed while shutting down; releasing it", job.id)

@@ -61,6 +61,11 @@ def test_fifty_jobs_survive_twenty_faults(tmp_path: Path) -> None:
     lost_max = int(_figure(r"max (\d+)", out))
     assert lost_max <= 3  # the checkpoint interval (--every, default 3)
     assert float(_figure(r"Goodput:\s+([\d.]+)%", out)) > 50
+    # Each machine wrote its jobs' files on its own disk, never into another's.
+    run = tmp_path / "run"
+    assert not (run / "local").exists()
+    machines = {p.parts[-3] for p in run.glob("workers/*/local/job-*")}
+    assert len(machines) > 4  # the 4 first machines and their replacements
 
 
 @pytest.mark.timeout(320)
@@ -366,3 +371,24 @@ def test_checks_catch_corruption_and_a_stale_output(tmp_path: Path) -> None:
     assert "attempt 2 read back a bad checkpoint (corrupt at step 3)" in text
     assert "the stored output is from attempt 2, but attempt 3 completed" in text
     assert "attempts [4] ran after attempt 3 completed" in text
+
+
+def test_a_failed_check_shows_what_each_attempt_of_the_job_did() -> None:
+    """One line per attempt: machine, start, saves, first and last step, done."""
+    from kelpie_sdk.cli._chaos import _timeline
+
+    events = [
+        {"e": "start", "a": 1, "m": "chaos-0-1", "t": 100.0, "step": 0},
+        {"e": "step", "a": 1, "m": "chaos-0-1", "t": 100.2, "step": 1},
+        {"e": "step", "a": 1, "m": "chaos-0-1", "t": 100.6, "step": 3},
+        {"e": "saved", "a": 1, "m": "chaos-0-1", "t": 100.7, "step": 3},
+        {"e": "start", "a": 2, "m": "chaos-1-5", "t": 104.0, "step": 3},
+        {"e": "done", "a": 2, "m": "chaos-1-5", "t": 105.5},
+    ]
+    assert [
+        "job-0003 attempt 1 on chaos-0-1: start 0 @10.0s; saved 3 @10.7s; "
+        "steps 1-3 @10.2-10.6s",
+        "job-0003 attempt 2 on chaos-1-5: start 3 @14.0s; done @15.5s",
+    ] == _timeline("job-0003", events, 90.0)
+    report = ChaosReport(failures=["job-0003: broken"], timelines=["line a"])
+    assert "What the attempts of those jobs did:\n  line a" in report.summary()
