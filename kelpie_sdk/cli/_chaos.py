@@ -451,8 +451,6 @@ class _Run:
         self.armed: tuple[str, float] | None = None
         self.log: list[str] = []
         self.plan: list[str] = []
-        self.started = time.monotonic()
-        self.wall_started = time.time()
 
     # ---------------------------------------------------------------- setup
 
@@ -893,27 +891,25 @@ def _timeline(name: str, events: list[dict[str, Any]], start: float) -> list[str
     One line per attempt of a job: its machine, and when (seconds into the
     run) it started, saved, stepped and finished.
     """
+
+    def label(event: dict[str, Any]) -> str:
+        step = f" {event['step']}" if "step" in event else ""
+        return f"{event['e']}{step} @{event['t'] - start:.1f}s"
+
     lines = []
     for attempt in sorted({e["a"] for e in events}):
         mine = [e for e in events if e["a"] == attempt]
-        machines = sorted({str(e.get("m", "")) for e in mine})
-        parts = []
-        for event in mine:
-            kind = event["e"]
-            at = f"{event['t'] - start:.1f}s"
-            if kind == "step":
-                continue  # the saves and the first and last steps tell enough
-            step = f" {event['step']}" if "step" in event else ""
-            parts.append(f"{kind}{step} @{at}")
+        machines = ", ".join(sorted({str(e.get("m", "")) for e in mine}))
+        # Every event but the steps; of those, the first and the last tell enough.
+        parts = [label(e) for e in mine if e["e"] != "step"]
         steps = [e for e in mine if e["e"] == "step"]
         if steps:
+            first, last = steps[0], steps[-1]
             parts.append(
-                f"steps {steps[0]['step']}-{steps[-1]['step']} "
-                f"@{steps[0]['t'] - start:.1f}-{steps[-1]['t'] - start:.1f}s"
+                f"steps {first['step']}-{last['step']} "
+                f"@{first['t'] - start:.1f}-{last['t'] - start:.1f}s"
             )
-        lines.append(
-            f"{name} attempt {attempt} on {', '.join(machines)}: " + "; ".join(parts)
-        )
+        lines.append(f"{name} attempt {attempt} on {machines}: " + "; ".join(parts))
     return lines
 
 
